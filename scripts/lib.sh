@@ -1,0 +1,33 @@
+# Shared by scripts/run and scripts/test: install what a fresh Debian/Ubuntu machine lacks.
+# Sourced, not executed.
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+have_postgres_server() {
+  command -v initdb >/dev/null 2>&1 && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+
+# PostgreSQL server binaries, for the embedded cluster and the test harness.
+# Debian's package would also create and start a system-wide cluster; Lifeboat runs its
+# own private clusters, so that one is switched off before installing.
+ensure_postgres() {
+  if have_postgres_server; then return 0; fi
+  echo "==> installing PostgreSQL (Debian package postgresql)"
+  as_root mkdir -p /etc/postgresql-common
+  if [ ! -f /etc/postgresql-common/createcluster.conf ]; then
+    echo "create_main_cluster = false" | as_root tee /etc/postgresql-common/createcluster.conf >/dev/null
+  fi
+  apt_install -o Dpkg::Options::=--force-confold postgresql
+}

@@ -1,0 +1,318 @@
+//! Server configuration: a TOML file, `LIFEBOAT_*` environment variables and command-line
+//! flags, loaded once into one validated [`Config`].
+//!
+//! Precedence, highest first: flag, environment variable, file, built-in default.
+//! Every key of the file is shown in `deploy/lifeboat-server.example.toml`; unknown keys
+//! are an error (a typo must not silently fall back to a default).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use lifeboat_shared::Secret;
+use serde::Deserialize;
+
+pub const DEFAULT_DATA_DIR: &str = "./lifeboat-data";
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DB_MAX_CONNECTIONS: usize = 16;
+/// Informational, without the database driver's and migration runner's chatter.
+pub const DEFAULT_LOG: &str = "info,tokio_postgres=warn,refinery_core=warn";
+
+/// Environment variables the server reads; anything else starting with `LIFEBOAT_` is
+/// reported at start as a likely typo.
+pub const KNOWN_ENV: &[&str] = &[
+    "LIFEBOAT_CONFIG",
+    "LIFEBOAT_DATA_DIR",
+    "LIFEBOAT_DATABASE_URL",
+    "LIFEBOAT_HTTP_LISTEN",
+    "LIFEBOAT_STORAGE_BACKEND",
+    "LIFEBOAT_STORAGE_ROOT",
+    "LIFEBOAT_LOG",
+    "LIFEBOAT_LOG_FORMAT",
+    "LIFEBOAT_PG_BINDIR",
+];
+
+/// The `[...]` sections of the configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub database: DatabaseSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default)]
+    pub http: HttpSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// libpq URL of an operator-run PostgreSQL; absent = embedded private cluster.
+    pub url: Option<Secret<String>>,
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    pub backend: Option<StorageBackend>,
+    /// Root directory of the `fs` backend.
+    pub root: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// A `tracing` filter such as `info` or `lifeboat_server=debug,info`.
+    pub level: Option<String>,
+    pub format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Local disk (OpenDAL `fs`).
+    Fs,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Values given as flags or environment variables (clap merges those two).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Configuration file (TOML). Every key is optional; see deploy/lifeboat-server.example.toml.
+    #[arg(long, env = "LIFEBOAT_CONFIG", value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    /// Where the server keeps its state: embedded PostgreSQL, local storage, keys
+    /// [default: ./lifeboat-data].
+    #[arg(long, env = "LIFEBOAT_DATA_DIR", value_name = "DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL to use instead of the embedded one, as a libpq URL
+    /// (postgresql://user:password@host:5432/lifeboat).
+    #[arg(long, env = "LIFEBOAT_DATABASE_URL", value_name = "URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+    /// Address of the HTTP API, /healthz, /readyz and /metrics [default: 127.0.0.1:8080].
+    #[arg(long, env = "LIFEBOAT_HTTP_LISTEN", value_name = "ADDR", global = true)]
+    pub http_listen: Option<SocketAddr>,
+    /// Object storage backend [default: fs].
+    #[arg(long, env = "LIFEBOAT_STORAGE_BACKEND", value_name = "BACKEND", global = true)]
+    pub storage_backend: Option<StorageBackend>,
+    /// Root directory of the fs storage backend [default: <data-dir>/storage].
+    #[arg(long, env = "LIFEBOAT_STORAGE_ROOT", value_name = "DIR", global = true)]
+    pub storage_root: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `lifeboat_server=debug,info` [default: info].
+    #[arg(long, env = "LIFEBOAT_LOG", value_name = "FILTER", global = true)]
+    pub log: Option<String>,
+    /// Log line format [default: text].
+    #[arg(long, env = "LIFEBOAT_LOG_FORMAT", value_name = "FORMAT", global = true)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone)]
+pub enum DatabaseConfig {
+    /// A private cluster in `<data-dir>/postgres`, started and stopped with the server.
+    Embedded,
+    /// An operator-run PostgreSQL.
+    External(Secret<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    Fs { root: PathBuf },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub database: DatabaseConfig,
+    pub db_max_connections: usize,
+    pub storage: StorageConfig,
+    pub http_listen: SocketAddr,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// The file the configuration came from, if any.
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
+    #[error("configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads the file named by `--config`/`LIFEBOAT_CONFIG` (if any) and merges the overrides.
+    pub fn load(overrides: &Overrides) -> Result<Self, ConfigError> {
+        let file = match &overrides.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.clone(), cause })?;
+                Self::parse_file(path, &text)?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(file, overrides)
+    }
+
+    pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            // toml's message names the key and shows the line; keep it on one line.
+            message: e.to_string().trim().replace('\n', " ").replace("  ", " "),
+        })
+    }
+
+    pub fn merge(file: FileConfig, o: &Overrides) -> Result<Self, ConfigError> {
+        let data_dir = o.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        if data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("data_dir must not be empty".into()));
+        }
+        let database = match o.database_url.clone().map(Secret::new).or(file.database.url) {
+            Some(url) if url.expose().trim().is_empty() => {
+                return Err(ConfigError::Invalid("database.url is set but empty".into()));
+            }
+            Some(url) => DatabaseConfig::External(url),
+            None => DatabaseConfig::Embedded,
+        };
+        let db_max_connections = file.database.max_connections.unwrap_or(DEFAULT_DB_MAX_CONNECTIONS);
+        if !(1..=1000).contains(&db_max_connections) {
+            return Err(ConfigError::Invalid(format!(
+                "database.max_connections must be between 1 and 1000, not {db_max_connections}"
+            )));
+        }
+        let backend = o.storage_backend.or(file.storage.backend).unwrap_or(StorageBackend::Fs);
+        let storage = match backend {
+            StorageBackend::Fs => StorageConfig::Fs {
+                root: o.storage_root.clone().or(file.storage.root).unwrap_or_else(|| data_dir.join("storage")),
+            },
+        };
+        let http_listen = match o.http_listen.or(file.http.listen) {
+            Some(addr) => addr,
+            None => {
+                DEFAULT_HTTP_LISTEN.parse().map_err(|e| ConfigError::Invalid(format!("default HTTP address: {e}")))?
+            }
+        };
+        let log_level = o.log.clone().or(file.log.level).unwrap_or_else(|| DEFAULT_LOG.into());
+        let log_format = o.log_format.or(file.log.format).unwrap_or_default();
+        Ok(Self {
+            data_dir,
+            database,
+            db_max_connections,
+            storage,
+            http_listen,
+            log_level,
+            log_format,
+            source: o.config.clone(),
+        })
+    }
+}
+
+/// `LIFEBOAT_*` variables in the environment that no part of the server reads.
+pub fn unknown_env_vars() -> Vec<String> {
+    std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("LIFEBOAT_") && !KNOWN_ENV.contains(&k.as_str()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        Config::parse_file(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn empty_everything_gives_the_embedded_defaults() {
+        let c = Config::merge(FileConfig::default(), &Overrides::default()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("./lifeboat-data"));
+        assert!(matches!(c.database, DatabaseConfig::Embedded));
+        assert_eq!(c.storage, StorageConfig::Fs { root: PathBuf::from("./lifeboat-data/storage") });
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flags_beat_the_file() {
+        let file =
+            parse("data_dir = '/srv/a'\n[http]\nlisten = '0.0.0.0:9000'\n[database]\nurl = 'postgresql://x@db/l'\n")
+                .unwrap();
+        let o = Overrides { data_dir: Some("/srv/b".into()), ..Default::default() };
+        let c = Config::merge(file, &o).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/b"));
+        assert_eq!(c.http_listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.storage, StorageConfig::Fs { root: PathBuf::from("/srv/b/storage") });
+        match c.database {
+            DatabaseConfig::External(url) => assert_eq!(url.expose(), "postgresql://x@db/l"),
+            DatabaseConfig::Embedded => panic!("expected the file's database URL"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse("[http]\nlisten = '127.0.0.1:1'\nlisen = 'x'\n").unwrap_err().to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(err.contains("unknown field `lisen`"), "{err}");
+        let err = parse("[databse]\nurl = 'x'\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `databse`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = parse("[http]\nlisten = 'localhost'\n").unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+        let err = parse("[storage]\nbackend = 'ftp'\n").unwrap_err().to_string();
+        assert!(err.contains("unknown variant `ftp`"), "{err}");
+        let file = parse("[database]\nmax_connections = 0\n").unwrap();
+        let err = Config::merge(file, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("max_connections must be between 1 and 1000"), "{err}");
+    }
+
+    #[test]
+    fn the_database_url_never_shows_in_debug_output() {
+        let file = parse("[database]\nurl = 'postgresql://u:hunter2@db/l'\n").unwrap();
+        let c = Config::merge(file, &Overrides::default()).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_example_config_is_complete_and_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lifeboat-server.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Every key is present, commented out or not: uncomment them all and parse.
+        let uncommented: String = text
+            .lines()
+            .map(|l| l.strip_prefix("# ").filter(|r| r.contains(" = ") || r.starts_with('[')).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file = parse(&uncommented).unwrap();
+        assert!(file.data_dir.is_some());
+        assert!(file.database.url.is_some() && file.database.max_connections.is_some());
+        assert!(file.storage.backend.is_some() && file.storage.root.is_some());
+        assert!(file.http.listen.is_some());
+        assert!(file.log.level.is_some() && file.log.format.is_some());
+    }
+}

@@ -1,0 +1,16 @@
+//! lifeboat-server: the centre of a Lifeboat installation.
+//!
+//! It keeps tenants, agents, devices, backup runs and snapshots in PostgreSQL (an embedded
+//! private cluster by default), snapshot data in object storage through OpenDAL, and
+//! answers HTTP for health, readiness and metrics. See `ARCHITECTURE.md` for the map.
+
+pub mod config;
+pub mod datadir;
+pub mod db;
+pub mod http;
+pub mod metrics;
+pub mod pg;
+pub mod serve;
+pub mod storage;
+pub mod telemetry;
+pub mod testing;

@@ -1,0 +1,166 @@
+//! `lifeboat-server serve`: bring every part up in order, fail early with one clear message,
+//! and take everything down again — the embedded PostgreSQL included — on shutdown.
+//!
+//! Order at start: data directory (created, writable, locked) → HTTP listener bound (a
+//! port in use fails before anything heavy starts) → PostgreSQL (embedded or configured)
+//! → migrations → storage → serving. Shutdown runs the same list backwards.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, DatabaseConfig, StorageConfig};
+use crate::datadir::DataDir;
+use crate::http::AppState;
+use crate::metrics::Metrics;
+use crate::pg::{Cluster, ClusterOptions};
+use crate::{db, storage};
+
+/// Name of the database the server uses inside the embedded cluster.
+pub const EMBEDDED_DB: &str = "lifeboat";
+const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A started server. Stop it with [`Running::stop`].
+#[derive(Debug)]
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The embedded cluster, when no database URL was configured.
+    pub cluster: Option<Arc<Cluster>>,
+    stop_tx: oneshot::Sender<()>,
+    http: JoinHandle<std::io::Result<()>>,
+    pool: deadpool_postgres::Pool,
+    _data_dir: DataDir,
+}
+
+/// Starts everything and returns once the server is serving.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let data_dir = DataDir::open(&config.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
+    let http_addr = listener.local_addr().context("reading the HTTP listener's address")?;
+
+    let (pg_config, cluster) = match &config.database {
+        DatabaseConfig::Embedded => {
+            let opts = ClusterOptions::new(data_dir.path().join("postgres"));
+            let cluster = tokio::task::spawn_blocking(move || Cluster::start(&opts))
+                .await
+                .context("starting the embedded PostgreSQL")?
+                .context("starting the embedded PostgreSQL")?;
+            let admin = db::connect(&cluster.config("postgres"), DB_CONNECT_TIMEOUT).await?;
+            db::ensure_database(&admin, EMBEDDED_DB).await?;
+            (cluster.config(EMBEDDED_DB), Some(Arc::new(cluster)))
+        }
+        DatabaseConfig::External(url) => (db::parse_url(url.expose())?, None),
+    };
+    match bring_up(&config, pg_config, http_addr, listener, data_dir, cluster.clone()).await {
+        Ok(running) => Ok(running),
+        Err(e) => {
+            if let Some(cluster) = cluster {
+                stop_cluster(cluster).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn bring_up(
+    config: &Config,
+    pg_config: tokio_postgres::Config,
+    http_addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    data_dir: DataDir,
+    cluster: Option<Arc<Cluster>>,
+) -> anyhow::Result<Running> {
+    let mut client = db::connect(&pg_config, DB_CONNECT_TIMEOUT).await?;
+    let report = db::migrate(&mut client).await?;
+    drop(client);
+    let pool = db::pool(pg_config.clone(), config.db_max_connections)?;
+
+    let op = storage::operator(&config.storage)?;
+    storage::ping(&op, Duration::from_secs(10)).await.map_err(|e| anyhow::anyhow!("storage is not usable: {e}"))?;
+
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let app = crate::http::router(AppState { db: pool.clone(), storage: op, metrics });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+
+    let StorageConfig::Fs { root } = &config.storage;
+    tracing::info!(
+        http.addr = %http_addr,
+        data_dir = %data_dir.path().display(),
+        database = %match &cluster {
+            Some(c) => format!("embedded ({})", c.root().display()),
+            None => db::describe(&pg_config),
+        },
+        db.schema_version = report.current.unwrap_or(0),
+        storage = %format!("fs {}", root.display()),
+        "lifeboat-server is ready: http://{http_addr}/readyz, /metrics"
+    );
+    Ok(Running {
+        http_addr,
+        data_dir: data_dir.path().to_path_buf(),
+        cluster,
+        stop_tx,
+        http,
+        pool,
+        _data_dir: data_dir,
+    })
+}
+
+impl Running {
+    /// Stops serving, closes the pool and stops the embedded PostgreSQL.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop_tx.send(());
+        let served = self.http.await;
+        self.pool.close();
+        if let Some(cluster) = self.cluster {
+            stop_cluster(cluster).await;
+        }
+        served.context("HTTP server task")?.context("HTTP server")?;
+        tracing::info!("lifeboat-server stopped");
+        Ok(())
+    }
+}
+
+async fn stop_cluster(cluster: Arc<Cluster>) {
+    let stopped = tokio::task::spawn_blocking(move || match Arc::try_unwrap(cluster) {
+        Ok(cluster) => cluster.stop(),
+        // Still shared: its last owner's drop stops it.
+        Err(_) => Ok(()),
+    })
+    .await;
+    match stopped {
+        Ok(Ok(())) => tracing::info!("embedded PostgreSQL stopped"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "embedded PostgreSQL did not stop cleanly"),
+        Err(e) => tracing::warn!(error = %e, "stopping the embedded PostgreSQL"),
+    }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,48 @@
+//! Object storage through Apache OpenDAL: local disk by default.
+//!
+//! Everything the server stores — packs, snapshot manifests, wrapped keys — goes through
+//! one [`opendal::Operator`], so a backend is a configuration choice, not a code path.
+
+use std::time::Duration;
+
+use crate::config::StorageConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage backend {backend}: {cause}")]
+    Backend { backend: &'static str, cause: opendal::Error },
+    #[error("storage root {path}: {cause}")]
+    Root { path: std::path::PathBuf, cause: std::io::Error },
+}
+
+/// Builds the operator for `config`, creating a local root directory if needed.
+pub fn operator(config: &StorageConfig) -> Result<opendal::Operator, StorageError> {
+    match config {
+        StorageConfig::Fs { root } => {
+            std::fs::create_dir_all(root).map_err(|cause| StorageError::Root { path: root.clone(), cause })?;
+            let root = std::fs::canonicalize(root).map_err(|cause| StorageError::Root { path: root.clone(), cause })?;
+            let builder = opendal::services::Fs::default().root(&root.to_string_lossy());
+            let op = opendal::Operator::new(builder).map_err(|cause| StorageError::Backend { backend: "fs", cause })?;
+            Ok(op)
+        }
+    }
+}
+
+/// Object written and read back by the readiness check.
+pub const PROBE_PATH: &str = "health/ready-probe";
+
+/// The readiness check: storage is ready when it takes a write and gives it back.
+/// Writes one small object (always the same one), bounded in time.
+pub async fn ping(op: &opendal::Operator, timeout: Duration) -> Result<(), String> {
+    let probe = async {
+        let body = format!("lifeboat-server {} ready-probe", std::process::id());
+        op.write(PROBE_PATH, body.clone()).await.map_err(|e| format!("writing {PROBE_PATH}: {e}"))?;
+        let back = op.read(PROBE_PATH).await.map_err(|e| format!("reading {PROBE_PATH}: {e}"))?;
+        if back.to_vec() == body.as_bytes() {
+            Ok(())
+        } else {
+            Err(format!("{PROBE_PATH} read back different bytes than were written"))
+        }
+    };
+    tokio::time::timeout(timeout, probe).await.map_err(|_| format!("no answer within {timeout:?}"))?
+}

@@ -1,0 +1,99 @@
+//! Schema migrations: applied once, recorded, safe when several servers start at once.
+
+use std::time::Duration;
+
+use lifeboat_server::db::{self, MIGRATION_TABLE};
+use lifeboat_server::testing::{cluster, test_db};
+
+#[tokio::test]
+async fn the_template_database_has_the_whole_schema() {
+    let Some(tdb) = test_db().await else { return };
+    let client = tdb.client().await;
+    let tables: Vec<String> = client
+        .query("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tables, ["agents", "backup_runs", "devices", MIGRATION_TABLE, "snapshots", "tenants"]);
+    let versions: Vec<i32> = client
+        .query(&format!("SELECT version FROM {MIGRATION_TABLE} ORDER BY version"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known: Vec<i32> = db::known_migrations().iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, known);
+    assert_eq!(known.first(), Some(&1));
+}
+
+#[tokio::test]
+async fn migrating_again_applies_nothing() {
+    let Some(tdb) = test_db().await else { return };
+    let mut client = tdb.client().await;
+    let report = db::migrate(&mut client).await.unwrap();
+    assert!(report.applied.is_empty(), "{report:?}");
+    assert_eq!(report.current, db::known_migrations().last().map(|(v, _)| *v));
+}
+
+#[tokio::test]
+async fn concurrent_servers_migrate_an_empty_database_exactly_once() {
+    let Some(cluster) = cluster() else { return };
+    let admin = db::connect(&cluster.config("postgres"), Duration::from_secs(10)).await.unwrap();
+    let name = format!("empty_{}", std::process::id());
+    db::ensure_database(&admin, &name).await.unwrap();
+    let config = cluster.config(&name);
+
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let config = config.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = db::connect(&config, Duration::from_secs(10)).await.unwrap();
+            db::migrate(&mut client).await.unwrap()
+        }));
+    }
+    let mut applied = Vec::new();
+    for t in tasks {
+        applied.push(t.await.unwrap().applied);
+    }
+    let known: Vec<i32> = db::known_migrations().iter().map(|(v, _)| *v).collect();
+    assert_eq!(applied.iter().filter(|a| !a.is_empty()).count(), 1, "{applied:?}");
+    assert!(applied.contains(&known), "{applied:?}");
+
+    let client = db::connect(&config, Duration::from_secs(10)).await.unwrap();
+    let rows: i64 = client.query_one(&format!("SELECT count(*) FROM {MIGRATION_TABLE}"), &[]).await.unwrap().get(0);
+    assert_eq!(rows, known.len() as i64);
+}
+
+#[tokio::test]
+async fn a_database_whose_applied_migration_differs_is_refused() {
+    let Some(tdb) = test_db().await else { return };
+    let mut client = tdb.client().await;
+    client.execute(&format!("UPDATE {MIGRATION_TABLE} SET checksum = '1' WHERE version = 1"), &[]).await.unwrap();
+    let err = db::migrate(&mut client).await.unwrap_err().to_string();
+    assert!(err.contains("migrating the database schema"), "{err}");
+    assert!(err.contains("applied migration V1__initial is different"), "{err}");
+    // The lock was released: another migrate call does not hang.
+    let again = tokio::time::timeout(Duration::from_secs(10), db::migrate(&mut client)).await;
+    assert!(again.is_ok(), "advisory lock still held");
+}
+
+#[tokio::test]
+async fn the_schema_refuses_rows_that_break_its_rules() {
+    let Some(tdb) = test_db().await else { return };
+    let client = tdb.client().await;
+    let bad_name = client.execute("INSERT INTO tenants (name) VALUES ('Has Spaces')", &[]).await;
+    assert!(bad_name.is_err());
+    client.execute("INSERT INTO tenants (name) VALUES ('acme')", &[]).await.unwrap();
+    let dup = client.execute("INSERT INTO tenants (name) VALUES ('acme')", &[]).await;
+    assert!(dup.is_err());
+    let bad_state = client
+        .execute(
+            "INSERT INTO devices (tenant_id, udid, state) SELECT id, '00008030-001A2B3C4D5E6F70', 'sleeping' FROM tenants",
+            &[],
+        )
+        .await;
+    assert!(bad_state.is_err());
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: real lifeboat-server processes on the embedded defaults.
+
+// Test code: an unwrap is an assertion, and its panic message is the failure report.
+#![allow(clippy::unwrap_used)]
+
+mod server_lifecycle;
