@@ -173,7 +173,9 @@ fn as_root_a_directory_postgres_cannot_reach_is_named() {
     if !nix::unistd::geteuid().is_root() || !have_postgres() {
         return; // only root hands PostgreSQL to another user
     }
-    let private = tempfile::tempdir().unwrap(); // mode 0700, owned by root
+    use std::os::unix::fs::PermissionsExt as _;
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap(); // like /root
     let err = Cluster::start(&fast(&private.path().join("pg"))).unwrap_err();
     match &err {
         ClusterError::Unreachable { user, path } => {
