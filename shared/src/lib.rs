@@ -1,9 +1,14 @@
-//! What the Lifeboat agent and server agree on, with no I/O: identifiers, secrets,
-//! and (as they land) the wire protocol, chunk, pack and manifest formats.
+//! What the Lifeboat agent and server agree on, with no I/O: identifiers, secrets, the
+//! chunk, pack and manifest formats (and, as it lands, the wire protocol).
 //!
 //! Invariant: nothing in this crate touches sockets, files, clocks or randomness;
-//! callers pass those in. See `ARCHITECTURE.md`.
+//! callers pass those in (nonces, times, readers). See `ARCHITECTURE.md`.
 
+pub mod chunk;
+pub mod format;
+pub mod ids;
+pub mod manifest;
+pub mod pack;
 pub mod secret;
 
 pub use secret::Secret;

@@ -1,0 +1,343 @@
+//! Chunks: content-defined chunking, keyed chunk ids, and the encrypted blob format.
+//!
+//! A chunk's id is the keyed BLAKE3 of its plaintext under the tenant's id key, so ids
+//! reveal nothing to storage or to other tenants, and dedup stays within a tenant.
+//! A blob is the chunk compressed with zstd when that helps, then sealed with AES-256-GCM
+//! under the tenant's data key, with the chunk id (and the compression byte) as associated
+//! data: a blob moved to another id, or with its compression flag flipped, fails to open.
+//!
+//! Blob layout (`docs/format.md`): `version u8 | compression u8 | nonce [12] | ciphertext | tag [16]`.
+//! Nonces are random (96 bits), supplied by the caller: this crate has no randomness.
+
+use std::fmt;
+
+use ring::aead;
+
+use crate::format::{BLOB_VERSION, CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, MAX_BLOB_BYTES, NONCE_BYTES};
+use crate::ids::ChunkId;
+
+/// The tenant's key for chunk ids (BLAKE3 key mode), and the chunker's gear seed.
+#[derive(Clone)]
+pub struct IdKey([u8; 32]);
+
+/// The tenant's key for sealing blobs and manifests (AES-256-GCM).
+pub struct DataKey {
+    key: aead::LessSafeKey,
+}
+
+impl IdKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The id of a chunk with this plaintext.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.0, plaintext).as_bytes())
+    }
+
+    /// Seed for the chunker's gear table, so that chunk boundaries — and so chunk sizes,
+    /// which storage can see — depend on a tenant secret, not on content alone.
+    pub fn chunker_seed(&self) -> u64 {
+        let h = blake3::keyed_hash(&self.0, b"lifeboat chunker gear seed v1");
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&h.as_bytes()[..8]);
+        u64::from_le_bytes(seed)
+    }
+}
+
+impl DataKey {
+    pub fn from_bytes(bytes: &[u8; 32]) -> Self {
+        // Invariant: AES-256-GCM takes exactly 32 key bytes, which the type guarantees.
+        let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, bytes).expect("32-byte AES-256 key");
+        Self { key: aead::LessSafeKey::new(unbound) }
+    }
+
+    /// Seals `plaintext` in place into `out` (`out` is cleared first), with `aad` authenticated.
+    pub fn seal_into(&self, nonce: [u8; NONCE_BYTES], aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        let mut body = out.split_off(start);
+        // Invariant: ring fails sealing only for inputs over ~64 GiB; callers pass at most a chunk.
+        self.key
+            .seal_in_place_append_tag(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(aad), &mut body)
+            .expect("AES-GCM input within size limits");
+        out.extend_from_slice(&body);
+    }
+
+    /// Opens a sealed `ciphertext || tag`; `None` if it was not sealed under this key and `aad`.
+    pub fn open(&self, nonce: [u8; NONCE_BYTES], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = sealed.to_vec();
+        let plain =
+            self.key.open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(aad), &mut buf).ok()?;
+        let n = plain.len();
+        buf.truncate(n);
+        Some(buf)
+    }
+}
+
+impl fmt::Debug for IdKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdKey(***)")
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey(***)")
+    }
+}
+
+/// Content-defined chunk boundaries of `data` (FastCDC 2020), with the tenant's gear seed.
+/// Data shorter than the minimum chunk size is one chunk; empty data has no chunks.
+pub fn boundaries(data: &[u8], seed: u64) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    fastcdc::v2020::FastCDC::with_level_and_seed(
+        data,
+        CHUNK_MIN_BYTES as usize,
+        CHUNK_AVG_BYTES as usize,
+        CHUNK_MAX_BYTES as usize,
+        fastcdc::v2020::Normalization::Level1,
+        seed,
+    )
+    .map(|c| c.offset..c.offset + c.length)
+}
+
+/// A streaming chunker over any reader (a file being backed up): yields owned chunks of at
+/// most [`CHUNK_MAX_BYTES`], holding no more than one maximal chunk in memory.
+pub fn stream_chunks<R: std::io::Read>(reader: R, seed: u64) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
+    fastcdc::v2020::StreamCDC::with_level_and_seed(
+        reader,
+        CHUNK_MIN_BYTES as usize,
+        CHUNK_AVG_BYTES as usize,
+        CHUNK_MAX_BYTES as usize,
+        fastcdc::v2020::Normalization::Level1,
+        seed,
+    )
+    .map(|r| r.map(|c| c.data).map_err(std::io::Error::other))
+}
+
+/// How a blob's plaintext was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Compression {
+    None = 0,
+    Zstd = 1,
+}
+
+/// zstd level for chunks: fast, and most phone data (photos, videos) does not compress anyway.
+pub const ZSTD_LEVEL: i32 = 3;
+/// A chunk is stored compressed only if that saves at least 1/32 of it.
+const WORTH_IT_DIVISOR: usize = 32;
+/// Chunks larger than this are first tested on a sample, so incompressible media costs
+/// one small compression attempt instead of a full one.
+const SAMPLE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob too short ({0} bytes)")]
+    Truncated(usize),
+    #[error("blob is {0} bytes, over the {MAX_BLOB_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("blob format version {0} is not supported (this build reads version {BLOB_VERSION})")]
+    UnknownVersion(u8),
+    #[error("blob compression {0} is not known")]
+    UnknownCompression(u8),
+    #[error("blob does not open with this tenant's key for chunk {0}: wrong key, wrong id, or damaged")]
+    Unauthentic(ChunkId),
+    #[error("blob for chunk {0} does not decompress: {1}")]
+    Decompress(ChunkId, String),
+    #[error("blob for chunk {id} holds data whose id is {actual}")]
+    WrongContent { id: ChunkId, actual: ChunkId },
+}
+
+fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
+    zstd::bulk::compress(data, ZSTD_LEVEL).ok()
+}
+
+/// Compresses when it pays: `(Compression, bytes to seal)`.
+pub fn compress(plaintext: &[u8]) -> (Compression, Option<Vec<u8>>) {
+    let worth_it = |raw: usize, packed: usize| packed + raw / WORTH_IT_DIVISOR < raw;
+    if plaintext.len() > 2 * SAMPLE_BYTES {
+        let mid = plaintext.len() / 2 - SAMPLE_BYTES / 2;
+        let sample = &plaintext[mid..mid + SAMPLE_BYTES];
+        match zstd_compress(sample) {
+            Some(c) if worth_it(sample.len(), c.len()) => {}
+            _ => return (Compression::None, None),
+        }
+    }
+    match zstd_compress(plaintext) {
+        Some(c) if worth_it(plaintext.len(), c.len()) => (Compression::Zstd, Some(c)),
+        _ => (Compression::None, None),
+    }
+}
+
+fn blob_aad(id: &ChunkId, compression: u8) -> [u8; 34] {
+    let mut aad = [0u8; 34];
+    aad[0] = BLOB_VERSION;
+    aad[1] = compression;
+    aad[2..].copy_from_slice(id.as_bytes());
+    aad
+}
+
+/// Compresses (when it helps) and seals one chunk into a blob.
+pub fn seal_chunk(key: &DataKey, id: &ChunkId, plaintext: &[u8], nonce: [u8; NONCE_BYTES]) -> Vec<u8> {
+    let (compression, packed) = compress(plaintext);
+    let body = packed.as_deref().unwrap_or(plaintext);
+    let mut out = Vec::with_capacity(2 + NONCE_BYTES + body.len() + crate::format::TAG_BYTES);
+    out.push(BLOB_VERSION);
+    out.push(compression as u8);
+    out.extend_from_slice(&nonce);
+    key.seal_into(nonce, &blob_aad(id, compression as u8), body, &mut out);
+    out
+}
+
+/// Opens a blob and returns the chunk's plaintext. Does not check the id; see [`open_and_verify`].
+pub fn open_chunk(key: &DataKey, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, BlobError> {
+    if blob.len() > MAX_BLOB_BYTES {
+        return Err(BlobError::TooLarge(blob.len()));
+    }
+    if blob.len() < 2 + NONCE_BYTES + crate::format::TAG_BYTES {
+        return Err(BlobError::Truncated(blob.len()));
+    }
+    if blob[0] != BLOB_VERSION {
+        return Err(BlobError::UnknownVersion(blob[0]));
+    }
+    let compression = match blob[1] {
+        0 => Compression::None,
+        1 => Compression::Zstd,
+        other => return Err(BlobError::UnknownCompression(other)),
+    };
+    let mut nonce = [0u8; NONCE_BYTES];
+    nonce.copy_from_slice(&blob[2..2 + NONCE_BYTES]);
+    let body = key.open(nonce, &blob_aad(id, blob[1]), &blob[2 + NONCE_BYTES..]).ok_or(BlobError::Unauthentic(*id))?;
+    match compression {
+        Compression::None => Ok(body),
+        Compression::Zstd => zstd::bulk::decompress(&body, CHUNK_MAX_BYTES as usize)
+            .map_err(|e| BlobError::Decompress(*id, e.to_string())),
+    }
+}
+
+/// Opens a blob and checks that its plaintext really has id `id`: what the server does
+/// with every new chunk before indexing it, and every restore with every chunk.
+pub fn open_and_verify(data: &DataKey, ids: &IdKey, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, BlobError> {
+    let plain = open_chunk(data, id, blob)?;
+    let actual = ids.chunk_id(&plain);
+    if actual != *id {
+        return Err(BlobError::WrongContent { id: *id, actual });
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (DataKey, IdKey) {
+        (DataKey::from_bytes(&[7; 32]), IdKey::from_bytes([9; 32]))
+    }
+
+    /// Deterministic incompressible bytes (xorshift).
+    fn noise(len: usize, mut s: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sealed_chunk_opens_to_the_same_bytes_and_only_under_its_id() {
+        let (dk, ik) = keys();
+        for data in [b"small".to_vec(), vec![b'a'; 300_000], noise(1_000_000, 1)] {
+            let id = ik.chunk_id(&data);
+            let blob = seal_chunk(&dk, &id, &data, [1; 12]);
+            assert_eq!(open_and_verify(&dk, &ik, &id, &blob).unwrap(), data);
+            let other = ik.chunk_id(b"other");
+            assert_eq!(open_chunk(&dk, &other, &blob), Err(BlobError::Unauthentic(other)));
+        }
+    }
+
+    #[test]
+    fn compressible_chunks_shrink_and_media_is_stored_raw() {
+        let (dk, ik) = keys();
+        let text = vec![b'x'; 500_000];
+        let blob = seal_chunk(&dk, &ik.chunk_id(&text), &text, [0; 12]);
+        assert_eq!(blob[1], Compression::Zstd as u8);
+        assert!(blob.len() < 10_000);
+        let photo = noise(500_000, 3);
+        let blob = seal_chunk(&dk, &ik.chunk_id(&photo), &photo, [0; 12]);
+        assert_eq!(blob[1], Compression::None as u8);
+        assert_eq!(blob.len(), photo.len() + 2 + 12 + 16);
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let (dk, ik) = keys();
+        let data = noise(1000, 5);
+        let id = ik.chunk_id(&data);
+        let blob = seal_chunk(&dk, &id, &data, [2; 12]);
+        for i in [0, 1, 5, 20, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[i] ^= 1;
+            assert!(open_chunk(&dk, &id, &bad).is_err(), "flipping byte {i} went unnoticed");
+        }
+        assert_eq!(open_chunk(&dk, &id, &blob[..10]), Err(BlobError::Truncated(10)));
+        let wrong_key = DataKey::from_bytes(&[8; 32]);
+        assert_eq!(open_chunk(&wrong_key, &id, &blob), Err(BlobError::Unauthentic(id)));
+    }
+
+    #[test]
+    fn content_under_a_false_id_is_caught_by_verification() {
+        // A hostile agent seals real data under someone else's chunk id.
+        let (dk, ik) = keys();
+        let claimed = ik.chunk_id(b"the real chunk");
+        let blob = seal_chunk(&dk, &claimed, b"poison", [3; 12]);
+        let err = open_and_verify(&dk, &ik, &claimed, &blob).unwrap_err();
+        assert_eq!(err, BlobError::WrongContent { id: claimed, actual: ik.chunk_id(b"poison") });
+    }
+
+    #[test]
+    fn ids_depend_on_the_tenant_key() {
+        let a = IdKey::from_bytes([1; 32]);
+        let b = IdKey::from_bytes([2; 32]);
+        assert_ne!(a.chunk_id(b"same"), b.chunk_id(b"same"));
+        assert_ne!(a.chunker_seed(), b.chunker_seed());
+        assert_eq!(format!("{a:?}"), "IdKey(***)");
+    }
+
+    #[test]
+    fn chunking_is_bounded_and_stable_under_an_insertion() {
+        let data = noise(8 << 20, 11);
+        let seed = IdKey::from_bytes([4; 32]).chunker_seed();
+        let chunks: Vec<_> = boundaries(&data, seed).collect();
+        assert_eq!(chunks.first().map(|r| r.start), Some(0));
+        assert_eq!(chunks.last().map(|r| r.end), Some(data.len()));
+        for r in &chunks[..chunks.len() - 1] {
+            assert!(r.len() >= CHUNK_MIN_BYTES as usize && r.len() <= CHUNK_MAX_BYTES as usize, "{r:?}");
+        }
+        // Insert 100 bytes near the start: later chunks are found again unchanged.
+        let mut edited = data[..1000].to_vec();
+        edited.extend_from_slice(&[0u8; 100]);
+        edited.extend_from_slice(&data[1000..]);
+        let before: std::collections::HashSet<&[u8]> = chunks.iter().map(|r| &data[r.clone()]).collect();
+        let after: Vec<&[u8]> = boundaries(&edited, seed).map(|r| &edited[r]).collect();
+        let shared = after.iter().filter(|c| before.contains(*c)).count();
+        assert!(shared + 2 >= after.len(), "only {shared} of {} chunks survived an insertion", after.len());
+        // Streaming gives the same chunks as slicing.
+        let streamed: Vec<Vec<u8>> = stream_chunks(&data[..], seed).map(Result::unwrap).collect();
+        let sliced: Vec<Vec<u8>> = chunks.iter().map(|r| data[r.clone()].to_vec()).collect();
+        assert_eq!(streamed, sliced);
+    }
+
+    #[test]
+    fn small_data_is_one_chunk_and_empty_data_none() {
+        assert_eq!(boundaries(b"tiny", 0).collect::<Vec<_>>(), vec![0..4]);
+        assert_eq!(boundaries(b"", 0).count(), 0);
+    }
+}

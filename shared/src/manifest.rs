@@ -1,0 +1,199 @@
+//! The snapshot manifest: one encrypted, compressed object per snapshot listing every file
+//! of the backup directory with its chunks, plus the device's metadata.
+//!
+//! Object layout (`docs/format.md`):
+//! `"LBMF" | version u8 | nonce [12] | AES-256-GCM(zstd(postcard(Manifest)))`, with
+//! `"LBMF" | version | snapshot id (16 bytes)` as associated data, so a manifest cannot be
+//! passed off as another snapshot's.
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::DataKey;
+use crate::format::{MANIFEST_MAGIC, MANIFEST_VERSION, MAX_MANIFEST_BYTES, NONCE_BYTES, TAG_BYTES};
+use crate::ids::{ChunkId, SnapshotId, Udid};
+
+/// The device a snapshot was taken from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub udid: Udid,
+    pub name: String,
+    /// e.g. `iPhone15,2`
+    pub product_type: String,
+    pub ios_version: String,
+}
+
+/// One chunk of a file, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    pub length: u32,
+}
+
+/// One regular file of the backup directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the backup directory, `/`-separated (`Manifest.db`, `3d/3d0d7e5f…`).
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_unix_seconds: i64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub snapshot: SnapshotId,
+    pub device: DeviceInfo,
+    pub created_unix_ms: i64,
+    /// Sorted by path, unique.
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("not a Lifeboat manifest (bad magic)")]
+    BadMagic,
+    #[error("manifest format version {0} is not supported (this build reads version {MANIFEST_VERSION})")]
+    UnknownVersion(u8),
+    #[error("manifest does not open with this tenant's key for snapshot {0}: wrong key, wrong snapshot, or damaged")]
+    Unauthentic(SnapshotId),
+    #[error("manifest is damaged: {0}")]
+    Corrupt(String),
+    #[error("manifest is invalid: {0}")]
+    Invalid(String),
+}
+
+impl Manifest {
+    /// Checks what a reader relies on: sorted unique safe paths, chunk lengths adding up.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let mut prev: Option<&str> = None;
+        for f in &self.files {
+            if !is_safe_relative_path(&f.path) {
+                return Err(ManifestError::Invalid(format!("unsafe path {:?}", f.path)));
+            }
+            if prev.is_some_and(|p| p >= f.path.as_str()) {
+                return Err(ManifestError::Invalid(format!("paths not sorted and unique at {:?}", f.path)));
+            }
+            prev = Some(&f.path);
+            let sum: u64 = f.chunks.iter().map(|c| u64::from(c.length)).sum();
+            if sum != f.size {
+                return Err(ManifestError::Invalid(format!("{}: chunks add up to {sum}, size is {}", f.path, f.size)));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn logical_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Encodes, compresses and seals. `nonce` must be random.
+    pub fn seal(&self, key: &DataKey, nonce: [u8; NONCE_BYTES]) -> Result<Vec<u8>, ManifestError> {
+        self.validate()?;
+        let plain = postcard::to_stdvec(self).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        let packed = zstd::bulk::compress(&plain, 3).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        let mut out = Vec::with_capacity(5 + NONCE_BYTES + packed.len() + TAG_BYTES);
+        out.extend_from_slice(&MANIFEST_MAGIC);
+        out.push(MANIFEST_VERSION);
+        out.extend_from_slice(&nonce);
+        key.seal_into(nonce, &aad(&self.snapshot), &packed, &mut out);
+        Ok(out)
+    }
+
+    /// Opens a sealed manifest of snapshot `snapshot` and validates it.
+    pub fn open(key: &DataKey, snapshot: &SnapshotId, object: &[u8]) -> Result<Self, ManifestError> {
+        if object.len() < 5 + NONCE_BYTES + TAG_BYTES || object[..4] != MANIFEST_MAGIC {
+            return Err(ManifestError::BadMagic);
+        }
+        if object[4] != MANIFEST_VERSION {
+            return Err(ManifestError::UnknownVersion(object[4]));
+        }
+        let mut nonce = [0u8; NONCE_BYTES];
+        nonce.copy_from_slice(&object[5..5 + NONCE_BYTES]);
+        let packed =
+            key.open(nonce, &aad(snapshot), &object[5 + NONCE_BYTES..]).ok_or(ManifestError::Unauthentic(*snapshot))?;
+        let plain =
+            zstd::bulk::decompress(&packed, MAX_MANIFEST_BYTES).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        let m: Manifest = postcard::from_bytes(&plain).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        if m.snapshot != *snapshot {
+            return Err(ManifestError::Unauthentic(*snapshot));
+        }
+        m.validate()?;
+        Ok(m)
+    }
+}
+
+fn aad(snapshot: &SnapshotId) -> [u8; 21] {
+    let mut a = [0u8; 21];
+    a[..4].copy_from_slice(&MANIFEST_MAGIC);
+    a[4] = MANIFEST_VERSION;
+    a[5..].copy_from_slice(snapshot.0.as_bytes());
+    a
+}
+
+/// A relative path that cannot escape the directory it is restored into.
+pub fn is_safe_relative_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\0')
+        && !p.contains('\\')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            snapshot: SnapshotId(uuid::Uuid::from_bytes([5; 16])),
+            device: DeviceInfo {
+                udid: "00008030-001A2B3C4D5E6F70".parse().unwrap(),
+                name: "Alice's iPhone".into(),
+                product_type: "iPhone15,2".into(),
+                ios_version: "17.5".into(),
+            },
+            created_unix_ms: 1_700_000_000_000,
+            files: vec![
+                FileEntry {
+                    path: "Manifest.db".into(),
+                    size: 3,
+                    mode: 0o644,
+                    mtime_unix_seconds: 1,
+                    chunks: vec![ChunkRef { id: ChunkId([1; 32]), length: 3 }],
+                },
+                FileEntry { path: "ab/abcdef".into(), size: 0, mode: 0o644, mtime_unix_seconds: 2, chunks: vec![] },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_sealed_manifest_opens_only_as_its_own_snapshot() {
+        let key = DataKey::from_bytes(&[1; 32]);
+        let m = sample();
+        let sealed = m.seal(&key, [4; 12]).unwrap();
+        assert_eq!(Manifest::open(&key, &m.snapshot, &sealed).unwrap(), m);
+        let other = SnapshotId(uuid::Uuid::from_bytes([6; 16]));
+        assert_eq!(Manifest::open(&key, &other, &sealed), Err(ManifestError::Unauthentic(other)));
+        let mut bad = sealed.clone();
+        bad[4] = 2;
+        assert_eq!(Manifest::open(&key, &m.snapshot, &bad), Err(ManifestError::UnknownVersion(2)));
+        assert_eq!(Manifest::open(&key, &m.snapshot, b"junk"), Err(ManifestError::BadMagic));
+    }
+
+    #[test]
+    fn unsafe_or_inconsistent_manifests_are_refused() {
+        let key = DataKey::from_bytes(&[1; 32]);
+        for path in ["../etc/passwd", "/abs", "a//b", "a/./b", "", "a\\b"] {
+            let mut m = sample();
+            m.files[1].path = path.into();
+            assert!(matches!(m.seal(&key, [0; 12]), Err(ManifestError::Invalid(_))), "{path:?}");
+        }
+        let mut m = sample();
+        m.files[0].size = 4;
+        assert!(matches!(m.validate(), Err(ManifestError::Invalid(_))));
+        let mut m = sample();
+        m.files.swap(0, 1);
+        assert!(matches!(m.validate(), Err(ManifestError::Invalid(_))));
+    }
+}
