@@ -23,6 +23,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "LIFEBOAT_CONFIG",
     "LIFEBOAT_DATA_DIR",
     "LIFEBOAT_DATABASE_URL",
+    "LIFEBOAT_MASTER_KEY_FILE",
     "LIFEBOAT_HTTP_LISTEN",
     "LIFEBOAT_STORAGE_BACKEND",
     "LIFEBOAT_STORAGE_ROOT",
@@ -36,6 +37,7 @@ pub const KNOWN_ENV: &[&str] = &[
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
+    pub master_key_file: Option<PathBuf>,
     #[serde(default)]
     pub database: DatabaseSection,
     #[serde(default)]
@@ -103,6 +105,10 @@ pub struct Overrides {
     /// [default: ./lifeboat-data].
     #[arg(long, env = "LIFEBOAT_DATA_DIR", value_name = "DIR", global = true)]
     pub data_dir: Option<PathBuf>,
+    /// File holding the master key that wraps every tenant's keys; generated on first start
+    /// if missing [default: <data-dir>/master.key]. Back it up: without it nothing restores.
+    #[arg(long, env = "LIFEBOAT_MASTER_KEY_FILE", value_name = "FILE", global = true)]
+    pub master_key_file: Option<PathBuf>,
     /// PostgreSQL to use instead of the embedded one, as a libpq URL
     /// (postgresql://user:password@host:5432/lifeboat).
     #[arg(long, env = "LIFEBOAT_DATABASE_URL", value_name = "URL", hide_env_values = true, global = true)]
@@ -142,6 +148,7 @@ pub enum StorageConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
+    pub master_key_file: PathBuf,
     pub database: DatabaseConfig,
     pub db_max_connections: usize,
     pub storage: StorageConfig,
@@ -214,10 +221,13 @@ impl Config {
                 DEFAULT_HTTP_LISTEN.parse().map_err(|e| ConfigError::Invalid(format!("default HTTP address: {e}")))?
             }
         };
+        let master_key_file =
+            o.master_key_file.clone().or(file.master_key_file).unwrap_or_else(|| data_dir.join("master.key"));
         let log_level = o.log.clone().or(file.log.level).unwrap_or_else(|| DEFAULT_LOG.into());
         let log_format = o.log_format.or(file.log.format).unwrap_or_default();
         Ok(Self {
             data_dir,
+            master_key_file,
             database,
             db_max_connections,
             storage,
@@ -309,7 +319,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let file = parse(&uncommented).unwrap();
-        assert!(file.data_dir.is_some());
+        assert!(file.data_dir.is_some() && file.master_key_file.is_some());
         assert!(file.database.url.is_some() && file.database.max_connections.is_some());
         assert!(file.storage.backend.is_some() && file.storage.root.is_some());
         assert!(file.http.listen.is_some());

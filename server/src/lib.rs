@@ -4,13 +4,16 @@
 //! private cluster by default), snapshot data in object storage through OpenDAL, and
 //! answers HTTP for health, readiness and metrics. See `ARCHITECTURE.md` for the map.
 
+pub mod admin;
 pub mod config;
 pub mod datadir;
 pub mod db;
 pub mod http;
+pub mod keys;
 pub mod metrics;
 pub mod pg;
 pub mod serve;
 pub mod storage;
 pub mod telemetry;
+pub mod tenants;
 pub mod testing;

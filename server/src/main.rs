@@ -4,8 +4,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use lifeboat_server::admin::{self, AdminDb};
 use lifeboat_server::config::{self, Config, Overrides};
-use lifeboat_server::{serve, telemetry};
+use lifeboat_server::{serve, telemetry, tenants};
 
 /// Lifeboat server: fleet backup for company iPhones.
 ///
@@ -31,6 +32,26 @@ enum Command {
     Serve,
     /// Print the effective configuration (secrets hidden) and exit.
     Config,
+    /// Manage tenants (organisations). Works whether or not the server is running.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Create a tenant with fresh keys: lowercase letters, digits, '.', '_' or '-'.
+    Create {
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tenants.
+    List {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +76,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{config:#?}");
             Ok(())
         }
+        Command::Tenant(cmd) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(tenant(&config, cmd))
+        }
         Command::Serve => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async {
@@ -65,4 +90,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
+    let master = admin::master_key(config)?;
+    let mut db = AdminDb::open(config).await?;
+    let result = match cmd {
+        TenantCommand::Create { name, json } => tenants::create(&mut db.client, &master, &name).await.map(|t| {
+            if json {
+                println!("{}", serde_json::json!({"id": t.id, "name": t.name}));
+            } else {
+                println!("created tenant {} ({})", t.name, t.id);
+            }
+        }),
+        TenantCommand::List { json } => tenants::list(&db.client).await.map(|list| {
+            if json {
+                println!("{}", serde_json::json!(list));
+            } else {
+                println!("{:<36}  NAME", "ID");
+                for t in list {
+                    println!("{}  {}", t.id, t.name);
+                }
+            }
+        }),
+    };
+    db.close().await;
+    Ok(result?)
 }

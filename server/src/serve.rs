@@ -45,6 +45,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
     let http_addr = listener.local_addr().context("reading the HTTP listener's address")?;
+    let _master = crate::admin::master_key(&config)?;
 
     let (pg_config, cluster) = match &config.database {
         DatabaseConfig::Embedded => {

@@ -9,4 +9,4 @@ mod bindir;
 mod cluster;
 
 pub use bindir::{BinDir, BinDirError};
-pub use cluster::{Cluster, ClusterError, ClusterOptions, Durability};
+pub use cluster::{Cluster, ClusterError, ClusterOptions, Durability, SUPERUSER};

@@ -8,3 +8,4 @@ mod cli;
 mod http;
 mod migrations;
 mod pg_cluster;
+mod tenants;

@@ -16,7 +16,31 @@ async fn the_template_database_has_the_whole_schema() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(tables, ["agents", "backup_runs", "devices", MIGRATION_TABLE, "snapshots", "tenants"]);
+    assert_eq!(
+        tables,
+        [
+            "agents",
+            "backup_runs",
+            "chunks",
+            "chunks_p0",
+            "chunks_p1",
+            "chunks_p2",
+            "chunks_p3",
+            "chunks_p4",
+            "chunks_p5",
+            "chunks_p6",
+            "chunks_p7",
+            "devices",
+            "enrollment_tokens",
+            MIGRATION_TABLE,
+            "packs",
+            "server_secrets",
+            "snapshots",
+            "tenant_keys",
+            "tenants",
+            "users",
+        ]
+    );
     let versions: Vec<i32> = client
         .query(&format!("SELECT version FROM {MIGRATION_TABLE} ORDER BY version"), &[])
         .await

@@ -3,4 +3,5 @@
 // Test code: an unwrap is an assertion, and its panic message is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod operator_cli;
 mod server_lifecycle;

@@ -1,0 +1,87 @@
+//! Database access for the operator subcommands (`tenant create`, …).
+//!
+//! They work whether or not the server is running: with a configured database URL they
+//! connect to it; with the embedded cluster they connect to the running server's
+//! PostgreSQL if the data directory is locked by it, or else start the cluster
+//! themselves for the length of the command.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::config::{Config, DatabaseConfig};
+use crate::datadir::{DataDir, DataDirError};
+use crate::db;
+use crate::keys::MasterKey;
+use crate::pg::{Cluster, ClusterOptions};
+use crate::serve::EMBEDDED_DB;
+
+/// A database connection for one command, and what must be stopped afterwards.
+#[derive(Debug)]
+pub struct AdminDb {
+    pub client: tokio_postgres::Client,
+    owned: Option<(Cluster, DataDir)>,
+}
+
+impl AdminDb {
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        let timeout = Duration::from_secs(10);
+        match &config.database {
+            DatabaseConfig::External(url) => {
+                let mut client = db::connect(&db::parse_url(url.expose())?, timeout).await?;
+                db::migrate(&mut client).await?;
+                Ok(Self { client, owned: None })
+            }
+            DatabaseConfig::Embedded => match DataDir::open(&config.data_dir) {
+                Ok(dd) => {
+                    let opts = ClusterOptions::new(dd.path().join("postgres"));
+                    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&opts))
+                        .await
+                        .context("starting the embedded PostgreSQL")??;
+                    let admin = db::connect(&cluster.config("postgres"), timeout).await?;
+                    db::ensure_database(&admin, EMBEDDED_DB).await?;
+                    let mut client = db::connect(&cluster.config(EMBEDDED_DB), timeout).await?;
+                    db::migrate(&mut client).await?;
+                    Ok(Self { client, owned: Some((cluster, dd)) })
+                }
+                Err(DataDirError::InUse { .. }) => {
+                    // The server is running: use its PostgreSQL. postmaster.pid line 5 is the socket directory.
+                    let data = std::fs::canonicalize(&config.data_dir)?.join("postgres");
+                    let pidfile = data.join("data/postmaster.pid");
+                    let text = std::fs::read_to_string(&pidfile)
+                        .with_context(|| format!("the server is running but {} is unreadable", pidfile.display()))?;
+                    let socket_dir = text.lines().nth(4).unwrap_or_default().trim().to_string();
+                    let mut c = tokio_postgres::Config::new();
+                    c.host_path(socket_dir).port(5432).user(crate::pg::SUPERUSER).dbname(EMBEDDED_DB);
+                    Ok(Self { client: db::connect(&c, timeout).await?, owned: None })
+                }
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+
+    /// Stops the cluster if this command started it.
+    pub async fn close(self) {
+        drop(self.client);
+        if let Some((cluster, dd)) = self.owned {
+            let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
+            drop(dd);
+        }
+    }
+}
+
+/// Loads the master key, creating it (with a loud note) if it is missing.
+pub fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
+    if let Some(parent) = config.master_key_file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let (key, created) = MasterKey::load_or_create(&config.master_key_file)?;
+    if created {
+        tracing::warn!(
+            master_key.file = %config.master_key_file.display(),
+            master_key.id = key.id(),
+            "generated a new master key: BACK IT UP, apart from the data directory; without it no snapshot can be restored"
+        );
+    }
+    Ok(key)
+}

@@ -1,0 +1,246 @@
+//! Keys: the server's master key, and each tenant's id and data keys wrapped by it.
+//!
+//! The master key is 32 random bytes, hex in a file (`<data-dir>/master.key` by default,
+//! mode 0600). The embedded default generates it at first start and says loudly to back
+//! it up: without it, no tenant key — and so no snapshot — can be opened. Production
+//! points `master_key_file` at a file from a secret store.
+//!
+//! Wrapped key = `nonce [12] | AES-256-GCM(master, key) | tag [16]`, associated data
+//! `"lifeboat wrap v1" | purpose | subject`, so a wrapped key cannot be moved to another
+//! tenant or purpose.
+
+use std::fmt;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use lifeboat_shared::chunk::{DataKey, IdKey};
+use lifeboat_shared::format::NONCE_BYTES;
+use lifeboat_shared::ids::TenantId;
+use ring::aead;
+use ring::rand::{SecureRandom as _, SystemRandom};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("master key file {path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error("master key file {0} must hold exactly 64 hex digits")]
+    Malformed(PathBuf),
+    #[error("master key file {path} is readable by others (mode {mode:o}); run `chmod 600 {path}`")]
+    TooOpen { path: PathBuf, mode: u32 },
+    #[error(
+        "{what} was wrapped by master key {stored}, but the configured master key is {ours}; \
+         configure the master key this database was created with"
+    )]
+    WrongMasterKey { what: String, stored: String, ours: String },
+    #[error("{0} does not unwrap with the master key: damaged or tampered")]
+    Unwrap(String),
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// Fills `buf` from the operating system's CSPRNG.
+pub fn random(buf: &mut [u8]) -> Result<(), KeyError> {
+    SystemRandom::new().fill(buf).map_err(|_| KeyError::Random)
+}
+
+pub fn random_32() -> Result<[u8; 32], KeyError> {
+    let mut b = [0u8; 32];
+    random(&mut b)?;
+    Ok(b)
+}
+
+pub fn nonce() -> Result<[u8; NONCE_BYTES], KeyError> {
+    let mut n = [0u8; NONCE_BYTES];
+    random(&mut n)?;
+    Ok(n)
+}
+
+pub struct MasterKey {
+    key: aead::LessSafeKey,
+    id: String,
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MasterKey({}: ***)", self.id)
+    }
+}
+
+impl MasterKey {
+    fn from_bytes(bytes: &[u8; 32]) -> Self {
+        let id = blake3::hash(bytes).as_bytes()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        // Invariant: 32 bytes is the AES-256 key size.
+        let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, bytes).expect("32-byte key");
+        Self { key: aead::LessSafeKey::new(unbound), id }
+    }
+
+    /// Loads the master key from `path`, creating it if it does not exist.
+    /// Returns whether it was created (the caller tells the operator to back it up).
+    pub fn load_or_create(path: &Path) -> Result<(Self, bool), KeyError> {
+        let io = |cause| KeyError::Io { path: path.to_path_buf(), cause };
+        match std::fs::metadata(path) {
+            Ok(_) => Ok((Self::load(path)?, false)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let bytes = random_32()?;
+                let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                let mut f =
+                    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
+                f.write_all(format!("{hex}\n").as_bytes()).and_then(|()| f.sync_all()).map_err(io)?;
+                Ok((Self::from_bytes(&bytes), true))
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let io = |cause| KeyError::Io { path: path.to_path_buf(), cause };
+        let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::TooOpen { path: path.to_path_buf(), mode });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        let text = text.trim();
+        if text.len() != 64 {
+            return Err(KeyError::Malformed(path.to_path_buf()));
+        }
+        let mut bytes = [0u8; 32];
+        for (i, pair) in text.as_bytes().chunks_exact(2).enumerate() {
+            let s = std::str::from_utf8(pair).map_err(|_| KeyError::Malformed(path.to_path_buf()))?;
+            bytes[i] = u8::from_str_radix(s, 16).map_err(|_| KeyError::Malformed(path.to_path_buf()))?;
+        }
+        Ok(Self::from_bytes(&bytes))
+    }
+
+    /// Short, public identifier of this key (first 8 bytes of its BLAKE3).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn aad(purpose: &str, subject: &[u8]) -> Vec<u8> {
+        let mut a = b"lifeboat wrap v1|".to_vec();
+        a.extend_from_slice(purpose.as_bytes());
+        a.push(b'|');
+        a.extend_from_slice(subject);
+        a
+    }
+
+    pub fn wrap(&self, purpose: &str, subject: &[u8], secret: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let n = nonce()?;
+        let mut body = secret.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(n),
+                aead::Aad::from(Self::aad(purpose, subject)),
+                &mut body,
+            )
+            .map_err(|_| KeyError::Random)?;
+        let mut out = n.to_vec();
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    pub fn unwrap(&self, purpose: &str, subject: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let what = || format!("{purpose} of {}", String::from_utf8_lossy(subject));
+        if wrapped.len() < NONCE_BYTES {
+            return Err(KeyError::Unwrap(what()));
+        }
+        let mut n = [0u8; NONCE_BYTES];
+        n.copy_from_slice(&wrapped[..NONCE_BYTES]);
+        let mut body = wrapped[NONCE_BYTES..].to_vec();
+        let plain = self
+            .key
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(n),
+                aead::Aad::from(Self::aad(purpose, subject)),
+                &mut body,
+            )
+            .map_err(|_| KeyError::Unwrap(what()))?;
+        Ok(plain.to_vec())
+    }
+
+    fn unwrap_32(&self, purpose: &str, subject: &[u8], wrapped: &[u8]) -> Result<[u8; 32], KeyError> {
+        let v = self.unwrap(purpose, subject, wrapped)?;
+        v.try_into().map_err(|_| KeyError::Unwrap(format!("{purpose} of {}", String::from_utf8_lossy(subject))))
+    }
+}
+
+/// A tenant's unwrapped keys.
+#[derive(Debug)]
+pub struct TenantKeys {
+    pub tenant: TenantId,
+    pub id: IdKey,
+    pub data: DataKey,
+}
+
+impl TenantKeys {
+    /// New random keys for `tenant`, and their wrapped forms (id key, data key).
+    pub fn generate(master: &MasterKey, tenant: TenantId) -> Result<(Self, Vec<u8>, Vec<u8>), KeyError> {
+        let (id, data) = (random_32()?, random_32()?);
+        let subject = tenant.to_string();
+        let id_w = master.wrap("tenant id key", subject.as_bytes(), &id)?;
+        let data_w = master.wrap("tenant data key", subject.as_bytes(), &data)?;
+        Ok((Self { tenant, id: IdKey::from_bytes(id), data: DataKey::from_bytes(&data) }, id_w, data_w))
+    }
+
+    /// Unwraps keys stored for `tenant` (checking they were wrapped by this master key).
+    pub fn unwrap(
+        master: &MasterKey,
+        tenant: TenantId,
+        master_key_id: &str,
+        id_w: &[u8],
+        data_w: &[u8],
+    ) -> Result<Self, KeyError> {
+        if master_key_id != master.id() {
+            return Err(KeyError::WrongMasterKey {
+                what: format!("tenant {tenant}'s keys"),
+                stored: master_key_id.to_string(),
+                ours: master.id().to_string(),
+            });
+        }
+        let subject = tenant.to_string();
+        let id = master.unwrap_32("tenant id key", subject.as_bytes(), id_w)?;
+        let data = master.unwrap_32("tenant data key", subject.as_bytes(), data_w)?;
+        Ok(Self { tenant, id: IdKey::from_bytes(id), data: DataKey::from_bytes(&data) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn master_key_files_are_created_private_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        let (a, created) = MasterKey::load_or_create(&path).unwrap();
+        assert!(created);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let (b, created) = MasterKey::load_or_create(&path).unwrap();
+        assert!(!created);
+        assert_eq!(a.id(), b.id());
+        assert_eq!(format!("{a:?}"), format!("MasterKey({}: ***)", a.id()));
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(MasterKey::load(&path), Err(KeyError::TooOpen { mode: 0o644, .. })));
+        std::fs::write(&path, "abc\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(MasterKey::load(&path), Err(KeyError::Malformed(_))));
+    }
+
+    #[test]
+    fn wrapped_tenant_keys_unwrap_only_for_their_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let (master, _) = MasterKey::load_or_create(&dir.path().join("m")).unwrap();
+        let t1 = TenantId(uuid::Uuid::from_bytes([1; 16]));
+        let t2 = TenantId(uuid::Uuid::from_bytes([2; 16]));
+        let (keys, id_w, data_w) = TenantKeys::generate(&master, t1).unwrap();
+        let back = TenantKeys::unwrap(&master, t1, master.id(), &id_w, &data_w).unwrap();
+        assert_eq!(back.id.chunk_id(b"x"), keys.id.chunk_id(b"x"));
+        assert!(matches!(TenantKeys::unwrap(&master, t2, master.id(), &id_w, &data_w), Err(KeyError::Unwrap(_))));
+        assert!(matches!(
+            TenantKeys::unwrap(&master, t1, "0000000000000000", &id_w, &data_w),
+            Err(KeyError::WrongMasterKey { .. })
+        ));
+    }
+}
