@@ -80,3 +80,8 @@ CREATE TABLE chunks_p4 PARTITION OF chunks FOR VALUES WITH (MODULUS 8, REMAINDER
 CREATE TABLE chunks_p5 PARTITION OF chunks FOR VALUES WITH (MODULUS 8, REMAINDER 5);
 CREATE TABLE chunks_p6 PARTITION OF chunks FOR VALUES WITH (MODULUS 8, REMAINDER 6);
 CREATE TABLE chunks_p7 PARTITION OF chunks FOR VALUES WITH (MODULUS 8, REMAINDER 7);
+
+-- The id a run's snapshot will have once committed: fixed when the run opens, so the
+-- agent can seal the manifest for it and a resumed run keeps it.
+ALTER TABLE backup_runs ADD COLUMN snapshot_id uuid NOT NULL DEFAULT gen_random_uuid();
+CREATE UNIQUE INDEX backup_runs_snapshot ON backup_runs (tenant_id, snapshot_id);

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 pub const DEFAULT_DATA_DIR: &str = "./lifeboat-data";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_QUIC_LISTEN: &str = "0.0.0.0:4433";
 pub const DEFAULT_DB_MAX_CONNECTIONS: usize = 16;
 /// Informational, without the database driver's and migration runner's chatter.
 pub const DEFAULT_LOG: &str = "info,tokio_postgres=warn,refinery_core=warn";
@@ -25,6 +26,8 @@ pub const KNOWN_ENV: &[&str] = &[
     "LIFEBOAT_DATABASE_URL",
     "LIFEBOAT_MASTER_KEY_FILE",
     "LIFEBOAT_HTTP_LISTEN",
+    "LIFEBOAT_QUIC_LISTEN",
+    "LIFEBOAT_QUIC_ADVERTISE",
     "LIFEBOAT_STORAGE_BACKEND",
     "LIFEBOAT_STORAGE_ROOT",
     "LIFEBOAT_LOG",
@@ -44,6 +47,8 @@ pub struct FileConfig {
     pub storage: StorageSection,
     #[serde(default)]
     pub http: HttpSection,
+    #[serde(default)]
+    pub quic: QuicSection,
     #[serde(default)]
     pub log: LogSection,
 }
@@ -68,6 +73,14 @@ pub struct StorageSection {
 #[serde(deny_unknown_fields)]
 pub struct HttpSection {
     pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicSection {
+    pub listen: Option<SocketAddr>,
+    /// `host:port` agents use to reach this endpoint; written into enrolment tokens.
+    pub advertise: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +129,13 @@ pub struct Overrides {
     /// Address of the HTTP API, /healthz, /readyz and /metrics [default: 127.0.0.1:8080].
     #[arg(long, env = "LIFEBOAT_HTTP_LISTEN", value_name = "ADDR", global = true)]
     pub http_listen: Option<SocketAddr>,
+    /// UDP address of the QUIC endpoint agents connect to [default: 0.0.0.0:4433].
+    #[arg(long, env = "LIFEBOAT_QUIC_LISTEN", value_name = "ADDR", global = true)]
+    pub quic_listen: Option<SocketAddr>,
+    /// host:port agents use to reach the QUIC endpoint, written into enrolment tokens
+    /// [default: the listen address, with 127.0.0.1 for an unspecified IP].
+    #[arg(long, env = "LIFEBOAT_QUIC_ADVERTISE", value_name = "HOST:PORT", global = true)]
+    pub quic_advertise: Option<String>,
     /// Object storage backend [default: fs].
     #[arg(long, env = "LIFEBOAT_STORAGE_BACKEND", value_name = "BACKEND", global = true)]
     pub storage_backend: Option<StorageBackend>,
@@ -153,6 +173,9 @@ pub struct Config {
     pub db_max_connections: usize,
     pub storage: StorageConfig,
     pub http_listen: SocketAddr,
+    pub quic_listen: SocketAddr,
+    /// `host:port` for enrolment tokens.
+    pub quic_advertise: String,
     pub log_level: String,
     pub log_format: LogFormat,
     /// The file the configuration came from, if any.
@@ -221,6 +244,18 @@ impl Config {
                 DEFAULT_HTTP_LISTEN.parse().map_err(|e| ConfigError::Invalid(format!("default HTTP address: {e}")))?
             }
         };
+        let quic_listen = match o.quic_listen.or(file.quic.listen) {
+            Some(addr) => addr,
+            None => {
+                DEFAULT_QUIC_LISTEN.parse().map_err(|e| ConfigError::Invalid(format!("default QUIC address: {e}")))?
+            }
+        };
+        let quic_advertise = match o.quic_advertise.clone().or(file.quic.advertise) {
+            Some(a) if a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => a,
+            Some(a) => return Err(ConfigError::Invalid(format!("quic.advertise {a:?} is not host:port"))),
+            None if quic_listen.ip().is_unspecified() => format!("127.0.0.1:{}", quic_listen.port()),
+            None => quic_listen.to_string(),
+        };
         let master_key_file =
             o.master_key_file.clone().or(file.master_key_file).unwrap_or_else(|| data_dir.join("master.key"));
         let log_level = o.log.clone().or(file.log.level).unwrap_or_else(|| DEFAULT_LOG.into());
@@ -232,6 +267,8 @@ impl Config {
             db_max_connections,
             storage,
             http_listen,
+            quic_listen,
+            quic_advertise,
             log_level,
             log_format,
             source: o.config.clone(),
@@ -263,6 +300,8 @@ mod tests {
         assert_eq!(c.storage, StorageConfig::Fs { root: PathBuf::from("./lifeboat-data/storage") });
         assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.quic_listen.to_string(), "0.0.0.0:4433");
+        assert_eq!(c.quic_advertise, "127.0.0.1:4433");
     }
 
     #[test]
@@ -323,6 +362,7 @@ mod tests {
         assert!(file.database.url.is_some() && file.database.max_connections.is_some());
         assert!(file.storage.backend.is_some() && file.storage.root.is_some());
         assert!(file.http.listen.is_some());
+        assert!(file.quic.listen.is_some() && file.quic.advertise.is_some());
         assert!(file.log.level.is_some() && file.log.format.is_some());
     }
 }

@@ -171,6 +171,7 @@ pub struct TenantKeys {
     pub tenant: TenantId,
     pub id: IdKey,
     pub data: DataKey,
+    data_bytes: [u8; 32],
 }
 
 impl TenantKeys {
@@ -180,7 +181,11 @@ impl TenantKeys {
         let subject = tenant.to_string();
         let id_w = master.wrap("tenant id key", subject.as_bytes(), &id)?;
         let data_w = master.wrap("tenant data key", subject.as_bytes(), &data)?;
-        Ok((Self { tenant, id: IdKey::from_bytes(id), data: DataKey::from_bytes(&data) }, id_w, data_w))
+        Ok((
+            Self { tenant, id: IdKey::from_bytes(id), data: DataKey::from_bytes(&data), data_bytes: data },
+            id_w,
+            data_w,
+        ))
     }
 
     /// Unwraps keys stored for `tenant` (checking they were wrapped by this master key).
@@ -201,7 +206,12 @@ impl TenantKeys {
         let subject = tenant.to_string();
         let id = master.unwrap_32("tenant id key", subject.as_bytes(), id_w)?;
         let data = master.unwrap_32("tenant data key", subject.as_bytes(), data_w)?;
-        Ok(Self { tenant, id: IdKey::from_bytes(id), data: DataKey::from_bytes(&data) })
+        Ok(Self { tenant, id: IdKey::from_bytes(id), data: DataKey::from_bytes(&data), data_bytes: data })
+    }
+
+    /// The raw data key, only to hand it to an enrolling agent over TLS.
+    pub fn data_bytes(&self) -> [u8; 32] {
+        self.data_bytes
     }
 }
 

@@ -5,15 +5,19 @@
 //! answers HTTP for health, readiness and metrics. See `ARCHITECTURE.md` for the map.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod datadir;
 pub mod db;
 pub mod http;
+pub mod ingest;
 pub mod keys;
 pub mod metrics;
 pub mod pg;
+pub mod quic;
 pub mod serve;
 pub mod storage;
 pub mod telemetry;
 pub mod tenants;
 pub mod testing;
+pub mod tls;

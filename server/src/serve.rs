@@ -11,14 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, DatabaseConfig, StorageConfig};
 use crate::datadir::DataDir;
 use crate::http::AppState;
+use crate::ingest::Hub;
 use crate::metrics::Metrics;
 use crate::pg::{Cluster, ClusterOptions};
+use crate::tls::Identity;
 use crate::{db, storage};
 
 /// Name of the database the server uses inside the embedded cluster.
@@ -29,11 +31,16 @@ const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Running {
     pub http_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    /// SHA-256 of the QUIC certificate, which agents pin.
+    pub cert_fingerprint: [u8; 32],
     pub data_dir: PathBuf,
     /// The embedded cluster, when no database URL was configured.
     pub cluster: Option<Arc<Cluster>>,
-    stop_tx: oneshot::Sender<()>,
+    pub hub: Arc<Hub>,
+    stop_tx: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
+    quic: JoinHandle<()>,
     pool: deadpool_postgres::Pool,
     _data_dir: DataDir,
 }
@@ -45,7 +52,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
     let http_addr = listener.local_addr().context("reading the HTTP listener's address")?;
-    let _master = crate::admin::master_key(&config)?;
+    let identity = Identity::load_or_create(&data_dir.path().join("quic"))?;
+    crate::tls::install_default_provider();
+    let endpoint = quinn::Endpoint::server(identity.quic_server_config()?, config.quic_listen)
+        .with_context(|| format!("cannot listen for QUIC on {}", config.quic_listen))?;
+    let master = Arc::new(crate::admin::master_key(&config)?);
 
     let (pg_config, cluster) = match &config.database {
         DatabaseConfig::Embedded => {
@@ -60,7 +71,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         DatabaseConfig::External(url) => (db::parse_url(url.expose())?, None),
     };
-    match bring_up(&config, pg_config, http_addr, listener, data_dir, cluster.clone()).await {
+    let sockets = Sockets { http_addr, listener, endpoint, fingerprint: identity.fingerprint };
+    match bring_up(&config, pg_config, sockets, data_dir, cluster.clone(), master).await {
         Ok(running) => Ok(running),
         Err(e) => {
             if let Some(cluster) = cluster {
@@ -71,16 +83,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
 }
 
+/// What was bound before the heavy parts started.
+struct Sockets {
+    http_addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    endpoint: quinn::Endpoint,
+    fingerprint: [u8; 32],
+}
+
 async fn bring_up(
     config: &Config,
     pg_config: tokio_postgres::Config,
-    http_addr: SocketAddr,
-    listener: tokio::net::TcpListener,
+    sockets: Sockets,
     data_dir: DataDir,
     cluster: Option<Arc<Cluster>>,
+    master: Arc<crate::keys::MasterKey>,
 ) -> anyhow::Result<Running> {
+    let Sockets { http_addr, listener, endpoint, fingerprint } = sockets;
+    let quic_addr = endpoint.local_addr().context("reading the QUIC endpoint's address")?;
     let mut client = db::connect(&pg_config, DB_CONNECT_TIMEOUT).await?;
     let report = db::migrate(&mut client).await?;
+    let signer = crate::auth::Signer::load_or_create(&client, &master).await?;
     drop(client);
     let pool = db::pool(pg_config.clone(), config.db_max_connections)?;
 
@@ -88,19 +111,22 @@ async fn bring_up(
     storage::ping(&op, Duration::from_secs(10)).await.map_err(|e| anyhow::anyhow!("storage is not usable: {e}"))?;
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let hub = Arc::new(Hub::new(pool.clone(), op.clone(), master, signer, metrics.clone()));
     let app = crate::http::router(AppState { db: pool.clone(), storage: op, metrics });
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let http = tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stopped()).into_future());
+    let quic = tokio::spawn(crate::quic::serve(endpoint, hub.clone(), stopped()));
 
     let StorageConfig::Fs { root } = &config.storage;
     tracing::info!(
         http.addr = %http_addr,
+        quic.addr = %quic_addr,
         data_dir = %data_dir.path().display(),
         database = %match &cluster {
             Some(c) => format!("embedded ({})", c.root().display()),
@@ -112,10 +138,14 @@ async fn bring_up(
     );
     Ok(Running {
         http_addr,
+        quic_addr,
+        cert_fingerprint: fingerprint,
         data_dir: data_dir.path().to_path_buf(),
         cluster,
+        hub,
         stop_tx,
         http,
+        quic,
         pool,
         _data_dir: data_dir,
     })
@@ -124,8 +154,9 @@ async fn bring_up(
 impl Running {
     /// Stops serving, closes the pool and stops the embedded PostgreSQL.
     pub async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop_tx.send(());
+        let _ = self.stop_tx.send(true);
         let served = self.http.await;
+        let _ = self.quic.await;
         self.pool.close();
         if let Some(cluster) = self.cluster {
             stop_cluster(cluster).await;

@@ -21,7 +21,12 @@ pub fn operator(config: &StorageConfig) -> Result<opendal::Operator, StorageErro
         StorageConfig::Fs { root } => {
             std::fs::create_dir_all(root).map_err(|cause| StorageError::Root { path: root.clone(), cause })?;
             let root = std::fs::canonicalize(root).map_err(|cause| StorageError::Root { path: root.clone(), cause })?;
-            let builder = opendal::services::Fs::default().root(&root.to_string_lossy());
+            // Objects are written to a temporary file and renamed into place, so a crash never
+            // leaves a partial object under a final name.
+            let tmp = root.join(".tmp");
+            std::fs::create_dir_all(&tmp).map_err(|cause| StorageError::Root { path: tmp.clone(), cause })?;
+            let builder =
+                opendal::services::Fs::default().root(&root.to_string_lossy()).atomic_write_dir(&tmp.to_string_lossy());
             let op = opendal::Operator::new(builder).map_err(|cause| StorageError::Backend { backend: "fs", cause })?;
             Ok(op)
         }
@@ -45,4 +50,15 @@ pub async fn ping(op: &opendal::Operator, timeout: Duration) -> Result<(), Strin
         }
     };
     tokio::time::timeout(timeout, probe).await.map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+/// Where a pack lives: `tenants/<tenant>/packs/<xx>/<pack id>`.
+pub fn pack_path(tenant: &lifeboat_shared::ids::TenantId, pack: &lifeboat_shared::ids::PackId) -> String {
+    let hex = pack.to_string();
+    format!("tenants/{tenant}/packs/{}/{hex}", &hex[..2])
+}
+
+/// Where a snapshot's manifest lives: `tenants/<tenant>/snapshots/<snapshot id>`.
+pub fn manifest_path(tenant: &lifeboat_shared::ids::TenantId, snapshot: &lifeboat_shared::ids::SnapshotId) -> String {
+    format!("tenants/{tenant}/snapshots/{snapshot}")
 }

@@ -10,5 +10,6 @@ pub mod ids;
 pub mod manifest;
 pub mod pack;
 pub mod secret;
+pub mod wire;
 
 pub use secret::Secret;

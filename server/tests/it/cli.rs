@@ -11,7 +11,7 @@ fn server(args: &[&str], data_dir: &Path) -> Output {
             cmd.env_remove(k);
         }
     }
-    cmd.arg("--data-dir").arg(data_dir).args(args).output().unwrap()
+    cmd.arg("--data-dir").arg(data_dir).args(["--quic-listen", "127.0.0.1:0"]).args(args).output().unwrap()
 }
 
 /// The one `error:` line, after checking the exit status.

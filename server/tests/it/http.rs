@@ -9,6 +9,7 @@ fn config(url: String, data_dir: &std::path::Path) -> Config {
         data_dir: Some(data_dir.to_path_buf()),
         database_url: Some(url),
         http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        quic_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Default::default()
     };
     Config::merge(FileConfig::default(), &o).unwrap()

@@ -25,6 +25,7 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct ServerProcess {
     pub child: Child,
     pub http_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
     pub data_dir: PathBuf,
     logs: mpsc::Receiver<serde_json::Value>,
 }
@@ -38,13 +39,21 @@ impl ServerProcess {
                 cmd.env_remove(k);
             }
         }
-        cmd.args(["--log-format", "json", "--http-listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra_args)
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "--log-format",
+            "json",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra_args)
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let stderr = child.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?;
         let (tx, logs) = mpsc::channel();
@@ -56,9 +65,11 @@ impl ServerProcess {
                 }
             }
         });
-        let mut server = Self { child, http_addr: "0.0.0.0:0".parse()?, data_dir: data_dir.to_path_buf(), logs };
+        let unset: SocketAddr = "0.0.0.0:0".parse()?;
+        let mut server = Self { child, http_addr: unset, quic_addr: unset, data_dir: data_dir.to_path_buf(), logs };
         let ready = server.wait_log(Duration::from_secs(60), |v| v.get("http.addr").is_some())?;
         server.http_addr = ready["http.addr"].as_str().unwrap_or_default().parse()?;
+        server.quic_addr = ready["quic.addr"].as_str().unwrap_or_default().parse()?;
         Ok(server)
     }
 

@@ -1,0 +1,744 @@
+//! What an authenticated agent can ask of the server: register devices, report their
+//! state, open backup runs under a lease, find out which chunks are missing, upload
+//! chunks, commit a snapshot, end a run, and fetch snapshots back for restore.
+//!
+//! Invariants:
+//! - Every query is scoped to the session's tenant; an agent reaches only its tenant's
+//!   devices, runs, snapshots and chunks, and only its own runs.
+//! - A new chunk is decrypted and re-hashed before anything of it is stored; a chunk
+//!   whose content does not match its id is refused.
+//! - Write order: pack object durable → pack and chunk rows; manifest object durable →
+//!   one transaction that inserts the snapshot and marks the run succeeded. A crash at
+//!   any point leaves at most unreferenced objects, never a visible partial snapshot.
+//!   (Chunk rows are written as packs are flushed, not at commit, so an interrupted run
+//!   resumes without re-sending what reached a durable pack.)
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_io::{AsyncRead, AsyncWrite};
+use lifeboat_shared::chunk::open_and_verify;
+use lifeboat_shared::ids::{AgentId, ChunkId, PackId, RunId, SnapshotId, TenantId, Udid};
+use lifeboat_shared::manifest::{DeviceInfo, Manifest};
+use lifeboat_shared::pack::PackBuilder;
+use lifeboat_shared::wire::{
+    self, BYTES_PART, Data, DeviceState, ErrorCode, MAX_CONTROL_FRAME_BYTES, MAX_DATA_FRAME_BYTES, MAX_IDS_PER_REQUEST,
+    Request, Response, RunEnd,
+};
+
+use crate::keys::{MasterKey, TenantKeys};
+use crate::metrics::Metrics;
+use crate::{storage, tenants};
+
+/// Largest sealed manifest accepted in a commit.
+pub const MAX_SEALED_MANIFEST_BYTES: usize = 256 * 1024 * 1024;
+
+/// An authenticated agent connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Session {
+    pub agent: AgentId,
+    pub tenant: TenantId,
+}
+
+/// A refusal sent to the agent as [`Response::Error`].
+#[derive(Debug)]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    /// A server-side failure: logged here with its cause, reported to the agent without it.
+    fn internal(what: &str, e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "{what}");
+        Self::new(ErrorCode::Internal, format!("{what} failed on the server; retry later"))
+    }
+}
+
+impl From<tokio_postgres::Error> for Rejection {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::internal("a database query", e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Rejection {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::internal("getting a database connection", e)
+    }
+}
+
+impl From<wire::FrameError> for Rejection {
+    fn from(e: wire::FrameError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+type Reply = Result<(), Rejection>;
+
+/// Chunks of one run that are verified but not yet in a durable, indexed pack.
+#[derive(Debug)]
+struct RunBuffer {
+    tenant: TenantId,
+    pack: PackBuilder,
+    /// Everything not yet indexed: in `pack`, or in a pack being flushed.
+    pending: HashSet<ChunkId>,
+    plain_len: HashMap<ChunkId, u32>,
+    uploaded_plain_bytes: u64,
+}
+
+/// Shared state of all agent connections of this server process.
+#[derive(Debug)]
+pub struct Hub {
+    pub db: deadpool_postgres::Pool,
+    pub storage: opendal::Operator,
+    pub master: Arc<MasterKey>,
+    pub signer: crate::auth::Signer,
+    pub metrics: Arc<Metrics>,
+    pub pack_target_bytes: usize,
+    pub lease: Duration,
+    runs: Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<RunBuffer>>>>,
+    keys: Mutex<HashMap<TenantId, Arc<TenantKeys>>>,
+}
+
+/// A row of `backup_runs` this session may use.
+struct RunRow {
+    udid: String,
+    snapshot: SnapshotId,
+}
+
+fn valid_reason(r: &str) -> bool {
+    (1..=64).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain maps in a consistent state.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Hub {
+    pub fn new(
+        db: deadpool_postgres::Pool,
+        storage: opendal::Operator,
+        master: Arc<MasterKey>,
+        signer: crate::auth::Signer,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            db,
+            storage,
+            master,
+            signer,
+            metrics,
+            pack_target_bytes: 32 * 1024 * 1024,
+            lease: Duration::from_secs(600),
+            runs: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn tenant_keys(&self, tenant: TenantId) -> Result<Arc<TenantKeys>, Rejection> {
+        if let Some(k) = lock(&self.keys).get(&tenant) {
+            return Ok(k.clone());
+        }
+        let client = self.db.get().await?;
+        let keys = Arc::new(
+            tenants::keys(&client, &self.master, tenant)
+                .await
+                .map_err(|e| Rejection::internal("loading tenant keys", e))?,
+        );
+        lock(&self.keys).insert(tenant, keys.clone());
+        Ok(keys)
+    }
+
+    /// Serves one request stream: reads the request, answers it. Refusals become
+    /// [`Response::Error`]; the stream is finished either way.
+    pub async fn serve_stream<R, W>(&self, s: Session, mut recv: R, mut send: W)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let result = match wire::expect_frame::<Request, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await {
+            Ok(req) => self.dispatch(s, req, &mut recv, &mut send).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(r) = result {
+            tracing::debug!(agent.id = %s.agent, code = ?r.code, message = %r.message, "request refused");
+            let _ = wire::write_frame(&mut send, &Response::Error { code: r.code, message: r.message }).await;
+        }
+    }
+
+    async fn dispatch<R, W>(&self, s: Session, req: Request, recv: &mut R, send: &mut W) -> Reply
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        match req {
+            Request::RegisterDevice { device, serial_number } => {
+                self.register_device(s, &device, serial_number).await?;
+                ok(send).await
+            }
+            Request::ReportState { udid, state, message } => {
+                self.report_state(s, &udid, state, message).await?;
+                ok(send).await
+            }
+            Request::OpenRun { udid, resume } => {
+                let resp = self.open_run(s, &udid, resume).await?;
+                respond(send, &resp).await
+            }
+            Request::MissingChunks { run, ids } => {
+                let missing = self.missing_chunks(s, run, ids).await?;
+                respond(send, &Response::Missing { ids: missing }).await
+            }
+            Request::PutChunks { run } => {
+                let resp = self.put_chunks(s, run, recv).await?;
+                respond(send, &resp).await
+            }
+            Request::Commit { run, snapshot } => {
+                let resp = self.commit(s, run, snapshot, recv).await?;
+                respond(send, &resp).await
+            }
+            Request::EndRun { run, end } => {
+                self.end_run(s, run, end).await?;
+                ok(send).await
+            }
+            Request::LatestSnapshot { udid } => {
+                let resp = self.latest_snapshot(s, &udid).await?;
+                respond(send, &resp).await
+            }
+            Request::GetManifest { snapshot } => self.get_manifest(s, snapshot, send).await,
+            Request::GetChunks { ids } => self.get_chunks(s, ids, send).await,
+        }
+    }
+
+    async fn register_device(&self, s: Session, d: &DeviceInfo, serial: Option<String>) -> Reply {
+        let client = self.db.get().await?;
+        client
+            .execute(
+                "INSERT INTO devices (tenant_id, udid, name, product_type, ios_version, serial_number, last_agent_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (tenant_id, udid) DO UPDATE SET name = EXCLUDED.name, product_type = EXCLUDED.product_type, \
+                 ios_version = EXCLUDED.ios_version, serial_number = COALESCE(EXCLUDED.serial_number, devices.serial_number), \
+                 last_agent_id = EXCLUDED.last_agent_id, last_seen_at = now()",
+                &[&s.tenant.0, &d.udid.as_str(), &d.name, &d.product_type, &d.ios_version, &serial, &s.agent.0],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn report_state(&self, s: Session, udid: &Udid, state: DeviceState, message: Option<String>) -> Reply {
+        let client = self.db.get().await?;
+        let n = client
+            .execute(
+                "UPDATE devices SET state_changed_at = CASE WHEN state <> $3 THEN now() ELSE state_changed_at END, \
+                 state = $3, last_seen_at = now(), last_agent_id = $4 WHERE tenant_id = $1 AND udid = $2",
+                &[&s.tenant.0, &udid.as_str(), &state.as_str(), &s.agent.0],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Rejection::new(ErrorCode::NotFound, format!("device {udid} is not registered")));
+        }
+        if let Some(m) = message {
+            tracing::info!(device.udid = %udid, device.state = state.as_str(), message = %m, "device state");
+        }
+        Ok(())
+    }
+
+    async fn open_run(&self, s: Session, udid: &Udid, resume: Option<RunId>) -> Result<Response, Rejection> {
+        let lease = self.lease.as_secs_f64();
+        let lease_seconds = self.lease.as_secs() as u32;
+        let mut client = self.db.get().await?;
+        if let Some(run) = resume {
+            let row = self.check_run(&client, s, run).await?;
+            if row.udid != udid.as_str() {
+                return Err(Rejection::new(ErrorCode::Forbidden, format!("run {run} is not for device {udid}")));
+            }
+            return Ok(Response::RunOpened { run, snapshot: row.snapshot, lease_seconds });
+        }
+        let tx = client.transaction().await?;
+        let current = tx
+            .query_opt(
+                "SELECT id, agent_id, lease_expires_at < now() FROM backup_runs \
+                 WHERE tenant_id = $1 AND udid = $2 AND status = 'running' FOR UPDATE",
+                &[&s.tenant.0, &udid.as_str()],
+            )
+            .await?;
+        if let Some(row) = current {
+            let (old, holder, expired): (uuid::Uuid, uuid::Uuid, bool) = (row.get(0), row.get(1), row.get(2));
+            let reason = if expired {
+                "lease-expired"
+            } else if holder == s.agent.0 {
+                "superseded"
+            } else {
+                return Err(Rejection::new(
+                    ErrorCode::LeaseHeld,
+                    format!("device {udid} is being backed up by another agent (run {old})"),
+                ));
+            };
+            tx.execute(
+                "UPDATE backup_runs SET status = 'failed', reason = $3, message = 'a new run replaced it', \
+                 finished_at = now() WHERE tenant_id = $1 AND id = $2",
+                &[&s.tenant.0, &old, &reason],
+            )
+            .await?;
+            self.metrics.backup_runs.with_label_values(&["failed", reason]).inc();
+            self.discard_buffer(RunId(old)).await;
+        }
+        let row = match tx
+            .query_one(
+                "INSERT INTO backup_runs (tenant_id, udid, agent_id, lease_expires_at) \
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4)) RETURNING id, snapshot_id",
+                &[&s.tenant.0, &udid.as_str(), &s.agent.0, &lease],
+            )
+            .await
+        {
+            Ok(row) => row,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
+                return Err(Rejection::new(ErrorCode::NotFound, format!("device {udid} is not registered")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tx.commit().await?;
+        Ok(Response::RunOpened { run: RunId(row.get(0)), snapshot: SnapshotId(row.get(1)), lease_seconds })
+    }
+
+    /// The run, if it is this agent's, of this tenant, and still running; renews its lease.
+    async fn check_run(&self, client: &tokio_postgres::Client, s: Session, run: RunId) -> Result<RunRow, Rejection> {
+        let row = client
+            .query_opt(
+                "UPDATE backup_runs SET lease_expires_at = greatest(lease_expires_at, now() + make_interval(secs => $3)) \
+                 WHERE tenant_id = $1 AND id = $2 RETURNING agent_id, status, udid, snapshot_id",
+                &[&s.tenant.0, &run.0, &self.lease.as_secs_f64()],
+            )
+            .await?
+            .ok_or_else(|| Rejection::new(ErrorCode::NotFound, format!("no run {run}")))?;
+        let agent: uuid::Uuid = row.get(0);
+        let status: String = row.get(1);
+        if agent != s.agent.0 {
+            return Err(Rejection::new(ErrorCode::Forbidden, format!("run {run} belongs to another agent")));
+        }
+        if status != "running" {
+            return Err(Rejection::new(ErrorCode::LeaseLost, format!("run {run} is {status}")));
+        }
+        Ok(RunRow { udid: row.get(2), snapshot: SnapshotId(row.get(3)) })
+    }
+
+    fn buffer(&self, run: RunId, tenant: TenantId) -> Arc<tokio::sync::Mutex<RunBuffer>> {
+        lock(&self.runs)
+            .entry(run)
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(RunBuffer {
+                    tenant,
+                    pack: PackBuilder::new(),
+                    pending: HashSet::new(),
+                    plain_len: HashMap::new(),
+                    uploaded_plain_bytes: 0,
+                }))
+            })
+            .clone()
+    }
+
+    async fn discard_buffer(&self, run: RunId) {
+        let buf = lock(&self.runs).remove(&run);
+        if let Some(buf) = buf
+            && let Err(r) = self.flush(&buf).await
+        {
+            tracing::warn!(run.id = %run, error = %r.message, "flushing a replaced run's chunks");
+        }
+    }
+
+    async fn missing_chunks(&self, s: Session, run: RunId, ids: Vec<ChunkId>) -> Result<Vec<ChunkId>, Rejection> {
+        if ids.len() > MAX_IDS_PER_REQUEST {
+            return Err(Rejection::new(ErrorCode::TooLarge, format!("at most {MAX_IDS_PER_REQUEST} ids per request")));
+        }
+        let client = self.db.get().await?;
+        self.check_run(&client, s, run).await?;
+        let raw: Vec<&[u8]> = ids.iter().map(|i| &i.0[..]).collect();
+        let present: HashSet<Vec<u8>> = client
+            .query("SELECT id FROM chunks WHERE tenant_id = $1 AND id = ANY($2)", &[&s.tenant.0, &raw])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let buf = self.buffer(run, s.tenant);
+        let buf = buf.lock().await;
+        let mut seen = HashSet::new();
+        Ok(ids
+            .into_iter()
+            .filter(|id| !present.contains(&id.0[..]) && !buf.pending.contains(id) && seen.insert(*id))
+            .collect())
+    }
+
+    async fn put_chunks<R: AsyncRead + Unpin>(
+        &self,
+        s: Session,
+        run: RunId,
+        recv: &mut R,
+    ) -> Result<Response, Rejection> {
+        {
+            let client = self.db.get().await?;
+            self.check_run(&client, s, run).await?;
+        }
+        let keys = self.tenant_keys(s.tenant).await?;
+        let buf = self.buffer(run, s.tenant);
+        let (mut chunks, mut new_chunks, mut new_bytes) = (0u32, 0u32, 0u64);
+        loop {
+            match wire::expect_frame::<Data, _>(recv, MAX_DATA_FRAME_BYTES).await? {
+                Data::End => break,
+                Data::Blob { id, blob } => {
+                    chunks += 1;
+                    self.metrics.ingest_received_bytes.inc_by(blob.len() as u64);
+                    let plain = match open_and_verify(&keys.data, &keys.id, &id, &blob) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            self.metrics.ingest_rejected_chunks.inc();
+                            tracing::warn!(agent.id = %s.agent, run.id = %run, chunk.id = %id, error = %e, "refused a chunk");
+                            return Err(Rejection::new(ErrorCode::ChunkMismatch, format!("chunk {id} refused: {e}")));
+                        }
+                    };
+                    let full = {
+                        let mut b = buf.lock().await;
+                        if b.pending.insert(id) {
+                            b.pack.push(id, &blob);
+                            b.plain_len.insert(id, plain.len() as u32);
+                            b.uploaded_plain_bytes += plain.len() as u64;
+                            new_chunks += 1;
+                            new_bytes += blob.len() as u64;
+                        }
+                        b.pack.len() >= self.pack_target_bytes
+                    };
+                    if full {
+                        self.flush(&buf).await?;
+                    }
+                }
+                Data::Bytes(_) => return Err(Rejection::new(ErrorCode::Malformed, "expected chunk blobs")),
+            }
+        }
+        Ok(Response::Stored { chunks, new_chunks, new_bytes })
+    }
+
+    /// Writes the buffer's pack (if any) to storage, then indexes it.
+    async fn flush(&self, buf: &tokio::sync::Mutex<RunBuffer>) -> Reply {
+        let (tenant, pack, lens) = {
+            let mut b = buf.lock().await;
+            if b.pack.is_empty() {
+                return Ok(());
+            }
+            let pack = std::mem::take(&mut b.pack);
+            let lens: Vec<u32> = pack.entries().iter().map(|e| b.plain_len.get(&e.id).copied().unwrap_or(0)).collect();
+            (b.tenant, pack, lens)
+        };
+        let (pack_id, bytes, entries) = pack.finish();
+        let size = bytes.len() as i64;
+        self.storage
+            .write(&storage::pack_path(&tenant, &pack_id), bytes)
+            .await
+            .map_err(|e| Rejection::internal("writing a pack to storage", e))?;
+        self.metrics.ingest_stored_bytes.inc_by(size as u64);
+        self.index_pack(tenant, pack_id, size, &entries, &lens).await?;
+        let mut b = buf.lock().await;
+        for e in &entries {
+            b.pending.remove(&e.id);
+            b.plain_len.remove(&e.id);
+        }
+        Ok(())
+    }
+
+    async fn index_pack(
+        &self,
+        tenant: TenantId,
+        pack: PackId,
+        size: i64,
+        entries: &[lifeboat_shared::pack::PackEntry],
+        plain_lens: &[u32],
+    ) -> Reply {
+        let mut client = self.db.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO packs (tenant_id, id, size_bytes, blob_count) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            &[&tenant.0, &&pack.0[..], &size, &(entries.len() as i32)],
+        )
+        .await?;
+        let ids: Vec<&[u8]> = entries.iter().map(|e| &e.id.0[..]).collect();
+        let offsets: Vec<i64> = entries.iter().map(|e| e.offset as i64).collect();
+        let lengths: Vec<i32> = entries.iter().map(|e| e.length as i32).collect();
+        let plains: Vec<i32> = plain_lens.iter().map(|l| *l as i32).collect();
+        tx.execute(
+            "INSERT INTO chunks (tenant_id, id, pack_id, offset_bytes, length_bytes, plain_bytes) \
+             SELECT $1, u.id, $2, u.off, u.len, u.plain FROM unnest($3::bytea[], $4::bigint[], $5::int[], $6::int[]) \
+             AS u(id, off, len, plain) ON CONFLICT DO NOTHING",
+            &[&tenant.0, &&pack.0[..], &ids, &offsets, &lengths, &plains],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn commit<R: AsyncRead + Unpin>(
+        &self,
+        s: Session,
+        run: RunId,
+        snapshot: SnapshotId,
+        recv: &mut R,
+    ) -> Result<Response, Rejection> {
+        let row = {
+            let client = self.db.get().await?;
+            self.check_run(&client, s, run).await?
+        };
+        if row.snapshot != snapshot {
+            return Err(Rejection::new(ErrorCode::Malformed, format!("run {run} commits snapshot {}", row.snapshot)));
+        }
+        let sealed = read_bytes(recv, MAX_SEALED_MANIFEST_BYTES).await?;
+        let buf = self.buffer(run, s.tenant);
+        self.flush(&buf).await?;
+        let keys = self.tenant_keys(s.tenant).await?;
+        let manifest = Manifest::open(&keys.data, &snapshot, &sealed)
+            .map_err(|e| Rejection::new(ErrorCode::Malformed, format!("manifest refused: {e}")))?;
+        if manifest.device.udid.as_str() != row.udid {
+            return Err(Rejection::new(ErrorCode::Malformed, "manifest is for another device than the run"));
+        }
+        let ids: Vec<ChunkId> = {
+            let mut set = HashSet::new();
+            manifest.files.iter().flat_map(|f| f.chunks.iter().map(|c| c.id)).filter(|id| set.insert(*id)).collect()
+        };
+        let mut missing = 0usize;
+        let mut first_missing = None;
+        let client = self.db.get().await?;
+        for batch in ids.chunks(MAX_IDS_PER_REQUEST) {
+            let raw: Vec<&[u8]> = batch.iter().map(|i| &i.0[..]).collect();
+            let present: HashSet<Vec<u8>> = client
+                .query("SELECT id FROM chunks WHERE tenant_id = $1 AND id = ANY($2)", &[&s.tenant.0, &raw])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for id in batch.iter().filter(|id| !present.contains(&id.0[..])) {
+                missing += 1;
+                first_missing.get_or_insert(*id);
+            }
+        }
+        drop(client);
+        if let Some(first) = first_missing {
+            return Err(Rejection::new(
+                ErrorCode::MissingChunks,
+                format!(
+                    "{missing} chunks the manifest references are not stored (first: {first}); upload them and commit again"
+                ),
+            ));
+        }
+
+        let path = storage::manifest_path(&s.tenant, &snapshot);
+        let sealed_len = sealed.len() as u64;
+        self.storage.write(&path, sealed).await.map_err(|e| Rejection::internal("writing a manifest to storage", e))?;
+        self.metrics.ingest_stored_bytes.inc_by(sealed_len);
+
+        let files = manifest.files.len() as i64;
+        let logical = manifest.logical_bytes() as i64;
+        let mut client = self.db.get().await?;
+        let tx = client.transaction().await?;
+        let updated = tx
+            .execute(
+                "UPDATE backup_runs SET status = 'succeeded', finished_at = now(), files_total = $4, bytes_total = $5 \
+                 WHERE tenant_id = $1 AND id = $2 AND agent_id = $3 AND status = 'running'",
+                &[&s.tenant.0, &run.0, &s.agent.0, &files, &logical],
+            )
+            .await?;
+        if updated != 1 {
+            return Err(Rejection::new(ErrorCode::LeaseLost, format!("run {run} is no longer running")));
+        }
+        tx.execute(
+            "INSERT INTO snapshots (tenant_id, id, udid, run_id, manifest_key, ios_version, product_type, file_count, logical_bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &s.tenant.0,
+                &snapshot.0,
+                &row.udid,
+                &run.0,
+                &path,
+                &manifest.device.ios_version,
+                &manifest.device.product_type,
+                &files,
+                &logical,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+
+        let uploaded = lock(&self.runs).remove(&run);
+        let uploaded = match uploaded {
+            Some(b) => b.lock().await.uploaded_plain_bytes,
+            None => 0,
+        };
+        self.metrics.ingest_deduplicated_bytes.inc_by((logical as u64).saturating_sub(uploaded));
+        self.metrics.backup_runs.with_label_values(&["succeeded", ""]).inc();
+        tracing::info!(agent.id = %s.agent, run.id = %run, snapshot.id = %snapshot, device.udid = %row.udid,
+            files, logical_bytes = logical, "committed snapshot");
+        Ok(Response::Committed { snapshot, files: files as u64, logical_bytes: logical as u64 })
+    }
+
+    async fn end_run(&self, s: Session, run: RunId, end: RunEnd) -> Reply {
+        let (status, reason, message) = match &end {
+            RunEnd::Failed { reason, message } => ("failed", reason.as_str(), message.as_str()),
+            RunEnd::Cancelled { reason } => ("cancelled", reason.as_str(), ""),
+        };
+        if !valid_reason(reason) || message.len() > 4096 {
+            return Err(Rejection::new(ErrorCode::Malformed, "reason must be a code like device-disconnected"));
+        }
+        {
+            let client = self.db.get().await?;
+            self.check_run(&client, s, run).await?;
+        }
+        // Chunks this run already verified stay useful for the next run of the device.
+        let buf = lock(&self.runs).remove(&run);
+        if let Some(buf) = buf {
+            self.flush(&buf).await?;
+        }
+        let client = self.db.get().await?;
+        client
+            .execute(
+                "UPDATE backup_runs SET status = $4, reason = $5, message = nullif($6, ''), finished_at = now() \
+                 WHERE tenant_id = $1 AND id = $2 AND agent_id = $3 AND status = 'running'",
+                &[&s.tenant.0, &run.0, &s.agent.0, &status, &reason, &message],
+            )
+            .await?;
+        self.metrics.backup_runs.with_label_values(&[status, reason]).inc();
+        tracing::info!(agent.id = %s.agent, run.id = %run, run.status = status, run.reason = reason, "run ended");
+        Ok(())
+    }
+
+    async fn latest_snapshot(&self, s: Session, udid: &Udid) -> Result<Response, Rejection> {
+        let client = self.db.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT s.id, coalesce(d.name, ''), coalesce(s.product_type, ''), coalesce(s.ios_version, ''), \
+                 (extract(epoch FROM s.committed_at) * 1000)::bigint \
+                 FROM snapshots s JOIN devices d ON d.tenant_id = s.tenant_id AND d.udid = s.udid \
+                 WHERE s.tenant_id = $1 AND s.udid = $2 ORDER BY s.committed_at DESC LIMIT 1",
+                &[&s.tenant.0, &udid.as_str()],
+            )
+            .await?
+            .ok_or_else(|| Rejection::new(ErrorCode::NotFound, format!("device {udid} has no snapshot")))?;
+        Ok(Response::Snapshot {
+            snapshot: SnapshotId(row.get(0)),
+            device: DeviceInfo {
+                udid: udid.clone(),
+                name: row.get(1),
+                product_type: row.get(2),
+                ios_version: row.get(3),
+            },
+            created_unix_ms: row.get(4),
+        })
+    }
+
+    async fn get_manifest<W: AsyncWrite + Unpin>(&self, s: Session, snapshot: SnapshotId, send: &mut W) -> Reply {
+        let client = self.db.get().await?;
+        let key: String = client
+            .query_opt(
+                "SELECT manifest_key FROM snapshots WHERE tenant_id = $1 AND id = $2",
+                &[&s.tenant.0, &snapshot.0],
+            )
+            .await?
+            .ok_or_else(|| Rejection::new(ErrorCode::NotFound, format!("no snapshot {snapshot}")))?
+            .get(0);
+        drop(client);
+        let bytes = self.storage.read(&key).await.map_err(|e| Rejection::internal("reading a manifest", e))?.to_vec();
+        respond(send, &Response::Manifest { snapshot, bytes: bytes.len() as u64 }).await?;
+        for part in bytes.chunks(BYTES_PART) {
+            wire::write_frame(send, &Data::Bytes(part.to_vec())).await?;
+        }
+        wire::write_frame(send, &Data::End).await?;
+        Ok(())
+    }
+
+    async fn get_chunks<W: AsyncWrite + Unpin>(&self, s: Session, ids: Vec<ChunkId>, send: &mut W) -> Reply {
+        if ids.len() > MAX_IDS_PER_REQUEST {
+            return Err(Rejection::new(ErrorCode::TooLarge, format!("at most {MAX_IDS_PER_REQUEST} ids per request")));
+        }
+        let unique: HashSet<ChunkId> = ids.iter().copied().collect();
+        let raw: Vec<&[u8]> = unique.iter().map(|i| &i.0[..]).collect();
+        let client = self.db.get().await?;
+        let mut rows: Vec<(Vec<u8>, Vec<u8>, i64, i32)> = client
+            .query(
+                "SELECT id, pack_id, offset_bytes, length_bytes FROM chunks WHERE tenant_id = $1 AND id = ANY($2)",
+                &[&s.tenant.0, &raw],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        drop(client);
+        if rows.len() != unique.len() {
+            return Err(Rejection::new(
+                ErrorCode::NotFound,
+                format!("{} of the {} chunks asked for are not stored", unique.len() - rows.len(), unique.len()),
+            ));
+        }
+        respond(send, &Response::Ok).await?;
+        rows.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
+        for group in rows.chunk_by(|a, b| a.1 == b.1) {
+            let pack = PackId(
+                group[0]
+                    .1
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Rejection::internal("reading the chunk index", "bad pack id"))?,
+            );
+            let path = storage::pack_path(&s.tenant, &pack);
+            // One ranged read per run of neighbouring blobs in the same pack.
+            for run in group.chunk_by(|a, b| b.2 - (a.2 + i64::from(a.3)) < 1024 * 1024) {
+                let start = run[0].2 as u64;
+                let end = run.iter().map(|r| r.2 as u64 + r.3 as u64).max().unwrap_or(start);
+                let bytes = self
+                    .storage
+                    .read_with(&path)
+                    .range(start..end)
+                    .await
+                    .map_err(|e| Rejection::internal("reading a pack", e))?
+                    .to_vec();
+                for (id, _, off, len) in run {
+                    let at = (*off as u64 - start) as usize;
+                    let blob = bytes
+                        .get(at..at + *len as usize)
+                        .ok_or_else(|| Rejection::internal("reading a pack", "short read"))?;
+                    let id = ChunkId(
+                        id.as_slice()
+                            .try_into()
+                            .map_err(|_| Rejection::internal("reading the chunk index", "bad id"))?,
+                    );
+                    wire::write_frame(send, &Data::Blob { id, blob: blob.to_vec() }).await?;
+                }
+            }
+        }
+        wire::write_frame(send, &Data::End).await?;
+        Ok(())
+    }
+}
+
+async fn respond<W: AsyncWrite + Unpin>(send: &mut W, r: &Response) -> Reply {
+    wire::write_frame(send, r).await.map_err(Into::into)
+}
+
+async fn ok<W: AsyncWrite + Unpin>(send: &mut W) -> Reply {
+    respond(send, &Response::Ok).await
+}
+
+/// Reads [`Data::Bytes`] parts until [`Data::End`], at most `max` bytes in all.
+pub async fn read_bytes<R: AsyncRead + Unpin>(recv: &mut R, max: usize) -> Result<Vec<u8>, Rejection> {
+    let mut out = Vec::new();
+    loop {
+        match wire::expect_frame::<Data, _>(recv, MAX_DATA_FRAME_BYTES).await? {
+            Data::End => return Ok(out),
+            Data::Bytes(part) => {
+                if out.len() + part.len() > max {
+                    return Err(Rejection::new(ErrorCode::TooLarge, format!("more than {max} bytes")));
+                }
+                out.extend_from_slice(&part);
+            }
+            Data::Blob { .. } => return Err(Rejection::new(ErrorCode::Malformed, "expected bytes, got a chunk")),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The server's QUIC/TLS identity: a certificate generated at first start (kept in the
+//! data directory) whose SHA-256 fingerprint enrolment tokens carry, so agents pin it.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_shared::wire::ALPN;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error("generating the server certificate: {0}")]
+    Generate(String),
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The certificate and key, and the fingerprint agents pin.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cert: CertificateDer<'static>,
+    key: Arc<PrivatePkcs8KeyDer<'static>>,
+    pub fingerprint: [u8; 32],
+}
+
+/// SHA-256 of a certificate's DER, as pinned by agents.
+pub fn fingerprint(cert: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, cert);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// The process-wide rustls crypto provider: ring, for everything that uses rustls.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs ring as the process default (a no-op if already installed).
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Identity {
+    /// Loads `<dir>/cert.der` and `<dir>/key.der`, generating them on first use.
+    pub fn load_or_create(dir: &Path) -> Result<Self, TlsError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |cause| TlsError::Io { path, cause }
+        };
+        let (cert_path, key_path) = (dir.join("cert.der"), dir.join("key.der"));
+        if !cert_path.exists() || !key_path.exists() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), hostname()];
+            let ck = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&key_path)
+                .map_err(io(&key_path))?;
+            f.write_all(&ck.signing_key.serialize_der()).and_then(|()| f.sync_all()).map_err(io(&key_path))?;
+            std::fs::write(&cert_path, ck.cert.der()).map_err(io(&cert_path))?;
+            tracing::info!(tls.cert = %cert_path.display(), "generated the server's QUIC certificate");
+        }
+        let cert = CertificateDer::from(std::fs::read(&cert_path).map_err(io(&cert_path))?);
+        let key = PrivatePkcs8KeyDer::from(std::fs::read(&key_path).map_err(io(&key_path))?);
+        let fingerprint = fingerprint(&cert);
+        Ok(Self { cert, key: Arc::new(key), fingerprint })
+    }
+
+    /// The QUIC server configuration: TLS 1.3, ALPN `lifeboat/1`, windows sized for bulk upload.
+    pub fn quic_server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let key = PrivateKeyDer::Pkcs8(self.key.clone_key());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(Arc::new(transport()));
+        Ok(config)
+    }
+}
+
+/// Transport parameters both sides use: generous windows for throughput on fast links,
+/// a bounded number of concurrent streams per connection.
+pub fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(64u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((16u32 * 1024 * 1024).into())
+        .receive_window((64u32 * 1024 * 1024).into())
+        .send_window(64 * 1024 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(10)));
+    if let Ok(idle) = Duration::from_secs(60).try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+}

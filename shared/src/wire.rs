@@ -1,0 +1,433 @@
+//! The agent ↔ server wire protocol, version 1 (`docs/protocol.md`).
+//!
+//! QUIC (ALPN `lifeboat/1`); every message is a frame: `length u32be | postcard payload`,
+//! with a hard size limit checked before the payload is read. The first bidirectional
+//! stream of a connection carries [`Hello`] → [`Welcome`]; after a welcome, each request
+//! opens its own bidirectional stream: one [`Request`] frame, then (for uploads) [`Data`]
+//! frames ending in [`Data::End`]; the server answers with [`Response`] frames (and
+//! [`Data`] frames for downloads).
+//!
+//! No I/O here: frames are read from and written to any `futures_io` stream the caller
+//! passes (QUIC streams in the agent and server, [`MemStream`] in tests).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_io::{AsyncRead, AsyncWrite};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::format::MAX_BLOB_BYTES;
+use crate::ids::{AgentId, ChunkId, RunId, SnapshotId, TenantId, Udid};
+use crate::manifest::DeviceInfo;
+
+/// QUIC/TLS application protocol name.
+pub const ALPN: &[u8] = b"lifeboat/1";
+/// Versions of this protocol that this build speaks, newest last.
+pub const VERSIONS: &[u16] = &[1];
+/// Largest control frame (hello, requests, responses).
+pub const MAX_CONTROL_FRAME_BYTES: usize = 1024 * 1024;
+/// Largest data frame: one blob, or one part of a byte stream, plus framing.
+pub const MAX_DATA_FRAME_BYTES: usize = MAX_BLOB_BYTES + 1024;
+/// Part size of byte streams (manifests).
+pub const BYTES_PART: usize = 1024 * 1024;
+/// Most chunk ids in one missing-chunks query or one download request.
+pub const MAX_IDS_PER_REQUEST: usize = 16_384;
+
+/// A refusal or failure a peer can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// No protocol version in common.
+    UnsupportedVersion,
+    /// Token or credential unknown, forged, or for another server.
+    BadCredential,
+    /// Token expired.
+    Expired,
+    /// Enrolment token already used.
+    AlreadyUsed,
+    /// The agent was revoked.
+    Revoked,
+    /// Not allowed for this agent (another tenant's device, snapshot or run).
+    Forbidden,
+    NotFound,
+    /// Another agent holds the device's backup lease.
+    LeaseHeld,
+    /// The run's lease expired or the run is finished.
+    LeaseLost,
+    /// A frame that does not decode, or a request that breaks the rules.
+    Malformed,
+    /// A frame over the size limit.
+    TooLarge,
+    /// A chunk whose content does not match its id; nothing of it was stored.
+    ChunkMismatch,
+    /// A commit references chunks the server does not hold.
+    MissingChunks,
+    /// The server failed; retrying later may help.
+    Internal,
+}
+
+/// How the agent proves who it is in [`Hello`]. `Debug` hides every secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Auth {
+    /// First contact: the secret of a one-time enrolment token.
+    Enroll {
+        #[serde(with = "serde_bytes")]
+        token_secret: Vec<u8>,
+        hostname: String,
+        agent_version: String,
+    },
+    /// A short-lived access token (JWT).
+    Access { token: String },
+    /// The agent's long-lived refresh secret, to get a new access token.
+    Refresh {
+        agent: AgentId,
+        #[serde(with = "serde_bytes")]
+        secret: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Enroll { hostname, agent_version, .. } => f
+                .debug_struct("Enroll")
+                .field("token_secret", &"***")
+                .field("hostname", hostname)
+                .field("agent_version", agent_version)
+                .finish(),
+            Self::Access { .. } => f.debug_struct("Access").field("token", &"***").finish(),
+            Self::Refresh { agent, .. } => {
+                f.debug_struct("Refresh").field("agent", agent).field("secret", &"***").finish()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub versions: Vec<u16>,
+    pub auth: Auth,
+}
+
+/// What the agent keeps after enrolling (sent once, over TLS).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    #[serde(with = "serde_bytes")]
+    pub refresh_secret: Vec<u8>,
+    pub id_key: [u8; 32],
+    pub data_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Enrolled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Enrolled(***)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Welcome {
+    Accepted {
+        version: u16,
+        agent: AgentId,
+        tenant: TenantId,
+        access_token: String,
+        access_expires_in_seconds: u32,
+        enrolled: Option<Enrolled>,
+    },
+    Refused {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Device states the agent reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Idle,
+    BackingUp,
+    NeedsTrust,
+    NeedsPasscode,
+    Failing,
+}
+
+impl DeviceState {
+    /// The name used in the database, the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::BackingUp => "backing-up",
+            Self::NeedsTrust => "needs-trust",
+            Self::NeedsPasscode => "needs-passcode",
+            Self::Failing => "failing",
+        }
+    }
+}
+
+/// How a run ended, when it did not commit a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunEnd {
+    Failed { reason: String, message: String },
+    Cancelled { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    RegisterDevice {
+        device: DeviceInfo,
+        serial_number: Option<String>,
+    },
+    ReportState {
+        udid: Udid,
+        state: DeviceState,
+        message: Option<String>,
+    },
+    /// Open (or, with `resume`, re-open) a backup run: takes the device's lease.
+    OpenRun {
+        udid: Udid,
+        resume: Option<RunId>,
+    },
+    /// Which of these does the server lack?
+    MissingChunks {
+        run: RunId,
+        ids: Vec<ChunkId>,
+    },
+    /// Followed by [`Data::Blob`] frames and [`Data::End`].
+    PutChunks {
+        run: RunId,
+    },
+    /// Followed by the sealed manifest as [`Data::Bytes`] parts and [`Data::End`].
+    Commit {
+        run: RunId,
+        snapshot: SnapshotId,
+    },
+    EndRun {
+        run: RunId,
+        end: RunEnd,
+    },
+    LatestSnapshot {
+        udid: Udid,
+    },
+    /// Answered by [`Response::Manifest`], then [`Data::Bytes`] parts and [`Data::End`].
+    GetManifest {
+        snapshot: SnapshotId,
+    },
+    /// Answered by [`Data::Blob`] frames and [`Data::End`].
+    GetChunks {
+        ids: Vec<ChunkId>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Data {
+    Blob {
+        id: ChunkId,
+        #[serde(with = "serde_bytes")]
+        blob: Vec<u8>,
+    },
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+    End,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    RunOpened { run: RunId, snapshot: SnapshotId, lease_seconds: u32 },
+    Missing { ids: Vec<ChunkId> },
+    Stored { chunks: u32, new_chunks: u32, new_bytes: u64 },
+    Committed { snapshot: SnapshotId, files: u64, logical_bytes: u64 },
+    Snapshot { snapshot: SnapshotId, device: DeviceInfo, created_unix_ms: i64 },
+    Manifest { snapshot: SnapshotId, bytes: u64 },
+    Error { code: ErrorCode, message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is over the {1}-byte limit")]
+    TooLarge(usize, usize),
+    #[error("frame does not decode: {0}")]
+    Malformed(String),
+    #[error("stream ended inside a frame")]
+    Truncated,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FrameError {
+    /// The code to tell the peer about a frame it sent.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TooLarge(..) => ErrorCode::TooLarge,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Invariant: serialising our own types into a Vec cannot fail.
+    let mut frame = postcard::to_extend(msg, vec![0u8; 4]).expect("postcard into Vec");
+    let len = (frame.len() - 4) as u32;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    frame
+}
+
+/// Decodes one frame's payload.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Fills `buf` from `r`; `Ok(false)` if the stream ended cleanly before the first byte.
+pub async fn read_exact_or_eof<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<bool, FrameError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *r).poll_read(cx, &mut buf[filled..])).await?;
+        if n == 0 {
+            return if filled == 0 { Ok(false) } else { Err(FrameError::Truncated) };
+        }
+        filled += n;
+    }
+    Ok(true)
+}
+
+async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, mut buf: &[u8]) -> Result<(), FrameError> {
+    while !buf.is_empty() {
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *w).poll_write(cx, buf)).await?;
+        if n == 0 {
+            return Err(FrameError::Io(std::io::ErrorKind::WriteZero.into()));
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Reads one frame of at most `max` bytes; `None` at a clean end of stream.
+pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    if !read_exact_or_eof(r, &mut len).await? {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge(len, max));
+    }
+    let mut payload = vec![0u8; len];
+    if !read_exact_or_eof(r, &mut payload).await? && len > 0 {
+        return Err(FrameError::Truncated);
+    }
+    decode(&payload).map(Some)
+}
+
+/// Reads one frame that must be there.
+pub async fn expect_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<T, FrameError> {
+    read_frame(r, max).await?.ok_or(FrameError::Truncated)
+}
+
+/// Writes one frame.
+pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    write_all(w, &encode(msg)).await
+}
+
+/// Picks the newest version both sides speak.
+pub fn negotiate(offered: &[u16]) -> Option<u16> {
+    VERSIONS.iter().rev().find(|v| offered.contains(v)).copied()
+}
+
+/// An in-memory stream, for protocol tests of both sides without sockets.
+#[derive(Debug, Default)]
+pub struct MemStream {
+    pub buf: Vec<u8>,
+    pub pos: usize,
+}
+
+impl AsyncRead for MemStream {
+    fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, out: &mut [u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let n = out.len().min(this.buf.len() - this.pos);
+        out[..n].copy_from_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl AsyncWrite for MemStream {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.get_mut().buf.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        // The futures here never pend: poll once with a no-op waker.
+        let mut f = std::pin::pin!(f);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match f.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => v,
+            Poll::Pending => panic!("MemStream futures never pend"),
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut s = MemStream::default();
+        let hello = Hello { versions: vec![1], auth: Auth::Access { token: "t".into() } };
+        let data = Data::Blob { id: ChunkId([7; 32]), blob: vec![1, 2, 3] };
+        block_on(write_frame(&mut s, &hello)).unwrap();
+        block_on(write_frame(&mut s, &data)).unwrap();
+        assert_eq!(block_on(read_frame::<Hello, _>(&mut s, MAX_CONTROL_FRAME_BYTES)).unwrap(), Some(hello));
+        assert_eq!(block_on(read_frame::<Data, _>(&mut s, MAX_DATA_FRAME_BYTES)).unwrap(), Some(data));
+        assert_eq!(block_on(read_frame::<Data, _>(&mut s, MAX_DATA_FRAME_BYTES)).unwrap(), None);
+    }
+
+    #[test]
+    fn oversized_malformed_and_truncated_frames_are_errors() {
+        let mut s = MemStream { buf: (u32::MAX).to_be_bytes().to_vec(), pos: 0 };
+        let err = block_on(read_frame::<Hello, _>(&mut s, MAX_CONTROL_FRAME_BYTES)).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(_, MAX_CONTROL_FRAME_BYTES)));
+        assert_eq!(err.code(), ErrorCode::TooLarge);
+
+        let mut s = MemStream { buf: vec![0, 0, 0, 3, 0xff, 0xff, 0xff], pos: 0 };
+        let err = block_on(read_frame::<Hello, _>(&mut s, MAX_CONTROL_FRAME_BYTES)).unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+
+        let mut s = MemStream { buf: vec![0, 0, 0, 9, 1], pos: 0 };
+        let err = block_on(read_frame::<Hello, _>(&mut s, MAX_CONTROL_FRAME_BYTES)).unwrap_err();
+        assert!(matches!(err, FrameError::Truncated), "{err}");
+        let mut s = MemStream { buf: vec![0, 0], pos: 0 };
+        let err = block_on(read_frame::<Hello, _>(&mut s, MAX_CONTROL_FRAME_BYTES)).unwrap_err();
+        assert!(matches!(err, FrameError::Truncated), "{err}");
+    }
+
+    #[test]
+    fn versions_are_negotiated_or_refused() {
+        assert_eq!(negotiate(&[1]), Some(1));
+        assert_eq!(negotiate(&[1, 2, 3]), Some(1));
+        assert_eq!(negotiate(&[2]), None);
+        assert_eq!(negotiate(&[]), None);
+    }
+
+    #[test]
+    fn the_enrolment_secret_never_prints() {
+        let e = Enrolled { refresh_secret: vec![1; 32], id_key: [2; 32], data_key: [3; 32] };
+        assert_eq!(format!("{e:?}"), "Enrolled(***)");
+        let h = Hello {
+            versions: vec![1],
+            auth: Auth::Enroll { token_secret: vec![42; 32], hostname: "ws1".into(), agent_version: "0.1".into() },
+        };
+        assert!(!format!("{h:?}").contains("42"), "{h:?}");
+        let a = Auth::Access { token: "eyJhbGciOi.secret".into() };
+        assert!(!format!("{a:?}").contains("secret"));
+    }
+}
