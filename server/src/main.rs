@@ -35,6 +35,52 @@ enum Command {
     /// Manage tenants (organisations). Works whether or not the server is running.
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Create agent enrolment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage enrolled agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a one-time enrolment token for `lifeboat-agent enroll`. It carries the
+    /// server's address (quic.advertise) and certificate fingerprint.
+    Create {
+        /// Tenant the agent will belong to.
+        #[arg(long)]
+        tenant: String,
+        /// How long the token stays valid: a number with s, m, h or d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        expires: std::time::Duration,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Revoke an agent: it is refused from its next connection on.
+    Revoke { id: lifeboat_shared::ids::AgentId },
+}
+
+/// `90s`, `30m`, `24h`, `7d`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30m, 24h or 7d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?} is not a duration like 30m, 24h or 7d")),
+    };
+    if secs == 0 || secs > 365 * 86400 {
+        return Err(format!("{s:?}: a token must expire within 1 s to 365 d"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +126,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(tenant(&config, cmd))
         }
+        Command::Token(TokenCommand::Create { tenant, expires, json }) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(token_create(&config, &tenant, expires, json))
+        }
+        Command::Agent(AgentCommand::Revoke { id }) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let db = AdminDb::open(&config).await?;
+                let result = lifeboat_server::auth::revoke(&db.client, id).await;
+                db.close().await;
+                anyhow::ensure!(result?, "no active agent {id}");
+                println!("revoked agent {id}");
+                Ok(())
+            })
+        }
         Command::Serve => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async {
@@ -116,4 +177,39 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
     };
     db.close().await;
     Ok(result?)
+}
+
+async fn token_create(config: &Config, tenant: &str, expires: std::time::Duration, json: bool) -> anyhow::Result<()> {
+    let identity = lifeboat_server::tls::Identity::load_or_create(&config.data_dir.join("quic"))?;
+    let db = AdminDb::open(config).await?;
+    let result = async {
+        let t = tenants::by_name(&db.client, tenant).await?;
+        let token = lifeboat_server::auth::create_enroll_token(
+            &db.client,
+            t.id,
+            expires,
+            config.quic_advertise.clone(),
+            identity.fingerprint,
+        )
+        .await?;
+        anyhow::Ok((t, token))
+    }
+    .await;
+    db.close().await;
+    let (t, token) = result?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"token": token.encode(), "tenant": t.name, "server": token.server, "expires_in_seconds": expires.as_secs()})
+        );
+    } else {
+        println!("{}", token.encode());
+        eprintln!(
+            "one-time enrolment token for tenant {} at {}, valid for {} s: run `lifeboat-agent enroll <token>` on the workstation",
+            t.name,
+            token.server,
+            expires.as_secs()
+        );
+    }
+    Ok(())
 }

@@ -163,3 +163,50 @@ pub fn tempdir() -> tempfile::TempDir {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod tempdir");
     dir
 }
+
+/// Writes a deterministic tree of `files` files adding up to about `total_bytes`:
+/// mostly small files (some compressible, some not) and a few large incompressible ones,
+/// as in an iPhone backup directory (`xx/<40 hex>` names).
+pub fn make_tree(root: &Path, files: usize, total_bytes: usize, seed: u64) -> std::io::Result<()> {
+    let mut s = seed | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let large = (files / 20).max(1);
+    let small_total = total_bytes / 5;
+    let large_each = (total_bytes - small_total) / large;
+    for i in 0..files {
+        let name = format!("{:040x}", u128::from(next()) << 64 | u128::from(next()));
+        let dir = root.join(&name[..2]);
+        std::fs::create_dir_all(&dir)?;
+        let len = if i < large { large_each } else { (next() as usize % (2 * small_total / (files - large))).max(1) };
+        let mut data = Vec::with_capacity(len + 8);
+        if i % 3 == 0 && i >= large {
+            while data.len() < len {
+                data.extend_from_slice(format!("row {} of file {i}; ", next() % 1000).as_bytes());
+            }
+        } else {
+            while data.len() < len {
+                data.extend_from_slice(&next().to_le_bytes());
+            }
+        }
+        data.truncate(len);
+        std::fs::write(dir.join(&name[2..]), &data)?;
+    }
+    Ok(())
+}
+
+/// Every file under `root` with its bytes, by relative path.
+pub fn read_tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    lifeboat_agent::transfer::list_files(root)
+        .expect("listing a tree")
+        .into_iter()
+        .map(|rel| {
+            let bytes = std::fs::read(root.join(&rel)).expect("reading a file");
+            (rel, bytes)
+        })
+        .collect()
+}

@@ -3,5 +3,6 @@
 // Test code: an unwrap is an assertion, and its panic message is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod ingest;
 mod operator_cli;
 mod server_lifecycle;

@@ -1,0 +1,273 @@
+//! The agent's side of the wire protocol: a QUIC connection to the server that pins the
+//! server's certificate fingerprint, authenticates in the hello, and runs one request per
+//! bidirectional stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lifeboat_shared::ids::{AgentId, ChunkId, RunId, SnapshotId, TenantId};
+use lifeboat_shared::wire::{
+    self, ALPN, Auth, BYTES_PART, Data, Enrolled, ErrorCode, Hello, MAX_CONTROL_FRAME_BYTES, MAX_DATA_FRAME_BYTES,
+    Request, Response, VERSIONS, Welcome,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the server at {addr}: {message}")]
+    Connect { addr: String, message: String },
+    #[error("the server refused: {message} ({code:?})")]
+    Refused { code: ErrorCode, message: String },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Frame(#[from] wire::FrameError),
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+}
+
+impl ClientError {
+    /// The server's refusal code, if this is a refusal.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn refused(r: Response) -> ClientError {
+    match r {
+        Response::Error { code, message } => ClientError::Refused { code, message },
+        other => ClientError::Protocol(format!("unexpected response {other:?}")),
+    }
+}
+
+/// Accepts exactly one server certificate: the one whose SHA-256 the enrolment token
+/// named. TLS 1.3 handshake signatures are still verified with it.
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let d = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
+        if d.as_ref() == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General("server certificate does not match the pinned fingerprint".into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What the server said when it accepted the connection.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub version: u16,
+    pub agent: AgentId,
+    pub tenant: TenantId,
+    pub access_token: String,
+    pub enrolled: Option<Enrolled>,
+}
+
+/// A QUIC connection to `server` that checks its certificate against `fingerprint`, before
+/// any hello (tests use it to send what a well-behaved agent would not).
+pub async fn connect_raw(
+    server: &str,
+    fingerprint: [u8; 32],
+) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
+    let connect_err = |message: String| ClientError::Connect { addr: server.to_string(), message };
+    let addr: SocketAddr = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| connect_err(e.to_string()))?
+        .next()
+        .ok_or_else(|| connect_err("no address".into()))?;
+    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .map_err(|e: std::net::AddrParseError| connect_err(e.to_string()))?;
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+    endpoint.set_default_client_config(client_config(fingerprint)?);
+    let conn = endpoint
+        .connect(addr, "lifeboat")
+        .map_err(|e| connect_err(e.to_string()))?
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    Ok((endpoint, conn))
+}
+
+/// An authenticated connection to a Lifeboat server.
+#[derive(Debug)]
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    pub accepted: Accepted,
+}
+
+fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedCert { fingerprint, provider: provider.clone() });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window((16u32 * 1024 * 1024).into())
+        .receive_window((64u32 * 1024 * 1024).into())
+        .send_window(64 * 1024 * 1024)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+impl Client {
+    /// Connects to `server` (`host:port`), checks its certificate against `fingerprint`,
+    /// and authenticates with `auth`.
+    pub async fn connect(server: &str, fingerprint: [u8; 32], auth: Auth) -> Result<Self, ClientError> {
+        let (endpoint, conn) = connect_raw(server, fingerprint).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        wire::write_frame(&mut send, &Hello { versions: VERSIONS.to_vec(), auth }).await?;
+        let _ = send.finish();
+        let welcome: Welcome = wire::expect_frame(&mut recv, MAX_CONTROL_FRAME_BYTES).await?;
+        match welcome {
+            Welcome::Accepted { version, agent, tenant, access_token, enrolled, .. } => {
+                Ok(Self { endpoint, conn, accepted: Accepted { version, agent, tenant, access_token, enrolled } })
+            }
+            Welcome::Refused { code, message } => Err(ClientError::Refused { code, message }),
+        }
+    }
+
+    /// Bytes this connection has put on the wire (UDP payloads), for transfer accounting.
+    pub fn bytes_sent(&self) -> u64 {
+        self.conn.stats().udp_tx.bytes
+    }
+
+    /// Sends one request and reads its response.
+    pub async fn request(&self, req: &Request) -> Result<Response, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        wire::write_frame(&mut send, req).await?;
+        let _ = send.finish();
+        let resp: Response = wire::expect_frame(&mut recv, MAX_CONTROL_FRAME_BYTES).await?;
+        match resp {
+            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// Uploads blobs on one stream.
+    pub async fn put_chunks(&self, run: RunId, blobs: &[(ChunkId, Vec<u8>)]) -> Result<Response, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        wire::write_frame(&mut send, &Request::PutChunks { run }).await?;
+        for (id, blob) in blobs {
+            wire::write_frame(&mut send, &Data::Blob { id: *id, blob: blob.clone() }).await?;
+        }
+        wire::write_frame(&mut send, &Data::End).await?;
+        let _ = send.finish();
+        match wire::expect_frame::<Response, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await? {
+            r @ Response::Stored { .. } => Ok(r),
+            other => Err(refused(other)),
+        }
+    }
+
+    /// Commits a run's snapshot with its sealed manifest.
+    pub async fn commit(&self, run: RunId, snapshot: SnapshotId, sealed: &[u8]) -> Result<Response, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        wire::write_frame(&mut send, &Request::Commit { run, snapshot }).await?;
+        for part in sealed.chunks(BYTES_PART) {
+            wire::write_frame(&mut send, &Data::Bytes(part.to_vec())).await?;
+        }
+        wire::write_frame(&mut send, &Data::End).await?;
+        let _ = send.finish();
+        match wire::expect_frame::<Response, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await? {
+            r @ Response::Committed { .. } => Ok(r),
+            other => Err(refused(other)),
+        }
+    }
+
+    /// A snapshot's sealed manifest.
+    pub async fn get_manifest(&self, snapshot: SnapshotId) -> Result<Vec<u8>, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        wire::write_frame(&mut send, &Request::GetManifest { snapshot }).await?;
+        let _ = send.finish();
+        let bytes = match wire::expect_frame::<Response, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await? {
+            Response::Manifest { bytes, .. } => bytes,
+            other => return Err(refused(other)),
+        };
+        let mut out = Vec::with_capacity(bytes.min(1 << 30) as usize);
+        loop {
+            match wire::expect_frame::<Data, _>(&mut recv, MAX_DATA_FRAME_BYTES).await? {
+                Data::Bytes(part) => out.extend_from_slice(&part),
+                Data::End => break,
+                Data::Blob { .. } => return Err(ClientError::Protocol("a chunk inside a manifest".into())),
+            }
+        }
+        if out.len() as u64 != bytes {
+            return Err(ClientError::Protocol(format!("manifest of {} bytes announced as {bytes}", out.len())));
+        }
+        Ok(out)
+    }
+
+    /// Blobs of the given chunks (not yet verified: the caller opens and verifies them).
+    pub async fn get_chunks(&self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        wire::write_frame(&mut send, &Request::GetChunks { ids: ids.to_vec() }).await?;
+        let _ = send.finish();
+        match wire::expect_frame::<Response, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await? {
+            Response::Ok => {}
+            other => return Err(refused(other)),
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        loop {
+            match wire::expect_frame::<Data, _>(&mut recv, MAX_DATA_FRAME_BYTES).await? {
+                Data::Blob { id, blob } => out.push((id, blob)),
+                Data::End => break,
+                Data::Bytes(_) => return Err(ClientError::Protocol("bytes inside a chunk download".into())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Closes the connection and waits until the server has seen everything.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}

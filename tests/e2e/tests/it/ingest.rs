@@ -1,0 +1,341 @@
+//! The server's ingest and restore paths through a real QUIC connection on loopback,
+//! a real PostgreSQL and real local-disk storage, driven by the agent's client library.
+
+use std::time::Duration;
+
+use lifeboat_agent::client::{Client, ClientError};
+use lifeboat_agent::transfer::{self, Keys, now_unix_ms};
+use lifeboat_server::config::{Config, FileConfig, Overrides};
+use lifeboat_server::serve::{self, Running};
+use lifeboat_server::testing::{TestDb, test_db};
+use lifeboat_server::{auth, tenants};
+use lifeboat_shared::chunk::seal_chunk;
+use lifeboat_shared::ids::{RunId, SnapshotId, TenantId};
+use lifeboat_shared::manifest::DeviceInfo;
+use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
+
+use lifeboat_e2e::{make_tree, read_tree};
+
+pub struct Fixture {
+    pub server: Running,
+    pub db: TestDb,
+    pub _dir: tempfile::TempDir,
+}
+
+pub async fn start_server() -> Option<Fixture> {
+    let db = test_db().await?;
+    let dir = tempfile::tempdir().unwrap();
+    let o = Overrides {
+        data_dir: Some(dir.path().join("data")),
+        database_url: Some(db.url.clone()),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        quic_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let server = serve::start(Config::merge(FileConfig::default(), &o).unwrap()).await.unwrap();
+    Some(Fixture { server, db, _dir: dir })
+}
+
+impl Fixture {
+    pub async fn tenant(&self, name: &str) -> TenantId {
+        let mut client = self.db.client().await;
+        tenants::create(&mut client, &self.server.hub.master, name).await.unwrap().id
+    }
+
+    pub async fn token(&self, tenant: TenantId, ttl: Duration) -> Vec<u8> {
+        let client = self.db.client().await;
+        let addr = self.server.quic_addr.to_string();
+        auth::create_enroll_token(&client, tenant, ttl, addr, self.server.cert_fingerprint)
+            .await
+            .unwrap()
+            .secret
+            .to_vec()
+    }
+
+    pub async fn connect(&self, auth: Auth) -> Result<Client, ClientError> {
+        Client::connect(&self.server.quic_addr.to_string(), self.server.cert_fingerprint, auth).await
+    }
+
+    /// Enrols a new agent of `tenant`; returns its connection and keys.
+    pub async fn enrolled_agent(&self, tenant: TenantId) -> (Client, Keys) {
+        let secret = self.token(tenant, Duration::from_secs(3600)).await;
+        let client = self
+            .connect(Auth::Enroll { token_secret: secret, hostname: "ws-1".into(), agent_version: "test".into() })
+            .await
+            .unwrap();
+        let e = client.accepted.enrolled.clone().unwrap();
+        (client, Keys::from_bytes(e.id_key, e.data_key))
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db.client().await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+}
+
+pub fn device(udid: &str) -> DeviceInfo {
+    DeviceInfo {
+        udid: udid.parse().unwrap(),
+        name: "Alice's iPhone".into(),
+        product_type: "iPhone15,2".into(),
+        ios_version: "17.5".into(),
+    }
+}
+
+pub async fn open_run(client: &Client, dev: &DeviceInfo) -> (RunId, SnapshotId) {
+    client.request(&Request::RegisterDevice { device: dev.clone(), serial_number: None }).await.unwrap();
+    match client.request(&Request::OpenRun { udid: dev.udid.clone(), resume: None }).await.unwrap() {
+        Response::RunOpened { run, snapshot, .. } => (run, snapshot),
+        other => panic!("{other:?}"),
+    }
+}
+
+const UDID: &str = "00008030-001A2B3C4D5E6F70";
+
+#[tokio::test]
+async fn a_snapshot_round_trips_byte_identical_and_a_second_upload_sends_almost_nothing() {
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let tree = tempfile::tempdir().unwrap();
+    make_tree(tree.path(), 1000, 50 << 20, 7).unwrap();
+    let dev = device(UDID);
+
+    let (run, snapshot) = open_run(&client, &dev).await;
+    let before = client.bytes_sent();
+    let (report, committed) =
+        transfer::upload_dir(&client, &keys, run, snapshot, dev.clone(), tree.path(), now_unix_ms()).await.unwrap();
+    let first_bytes = client.bytes_sent() - before;
+    assert_eq!(report.files, 1000);
+    assert!(report.logical_bytes >= 50 << 20, "{report:?}");
+    assert_eq!(committed, Response::Committed { snapshot, files: 1000, logical_bytes: report.logical_bytes });
+
+    let out = tempfile::tempdir().unwrap();
+    transfer::download_snapshot(&client, &keys, snapshot, &out.path().join("restored")).await.unwrap();
+    assert!(read_tree(tree.path()) == read_tree(&out.path().join("restored")), "restored tree differs");
+
+    let (run2, snapshot2) = open_run(&client, &dev).await;
+    let before = client.bytes_sent();
+    let (report2, _) =
+        transfer::upload_dir(&client, &keys, run2, snapshot2, dev.clone(), tree.path(), now_unix_ms()).await.unwrap();
+    let second_bytes = client.bytes_sent() - before;
+    assert_eq!(report2.chunks_sent, 0, "{report2:?}");
+    assert!(
+        (second_bytes as f64) < 0.02 * first_bytes as f64,
+        "second upload sent {second_bytes} bytes, first {first_bytes}"
+    );
+    assert_eq!(fx.count("SELECT count(*) FROM snapshots").await, 2);
+    assert_eq!(fx.count("SELECT count(*) FROM backup_runs WHERE status = 'succeeded'").await, 2);
+    fx.server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_chunk_whose_content_does_not_match_its_id_is_refused_and_nothing_is_indexed() {
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let (run, _) = open_run(&client, &device(UDID)).await;
+    let claimed = keys.id.chunk_id(b"the real contacts database");
+    let poison = seal_chunk(&keys.data, &claimed, b"something else entirely", [9; 12]);
+    let err = client.put_chunks(run, &[(claimed, poison)]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ChunkMismatch), "{err}");
+    assert!(err.to_string().contains(&claimed.to_string()), "{err}");
+    // Nothing of it reaches storage or the index, even after the run ends.
+    client
+        .request(&Request::EndRun {
+            run,
+            end: lifeboat_shared::wire::RunEnd::Failed { reason: "test".into(), message: String::new() },
+        })
+        .await
+        .unwrap();
+    assert_eq!(fx.count("SELECT count(*) FROM chunks").await, 0);
+    assert_eq!(fx.count("SELECT count(*) FROM packs").await, 0);
+    fx.server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_commit_that_references_missing_chunks_is_refused_and_shows_no_snapshot() {
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let dev = device(UDID);
+    let (run, snapshot) = open_run(&client, &dev).await;
+    let id = keys.id.chunk_id(b"never uploaded");
+    let manifest = lifeboat_shared::manifest::Manifest {
+        snapshot,
+        device: dev,
+        created_unix_ms: 0,
+        files: vec![lifeboat_shared::manifest::FileEntry {
+            path: "Manifest.db".into(),
+            size: 14,
+            mode: 0o644,
+            mtime_unix_seconds: 0,
+            chunks: vec![lifeboat_shared::manifest::ChunkRef { id, length: 14 }],
+        }],
+    };
+    let sealed = manifest.seal(&keys.data, [1; 12]).unwrap();
+    let err = client.commit(run, snapshot, &sealed).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MissingChunks), "{err}");
+    assert_eq!(fx.count("SELECT count(*) FROM snapshots").await, 0);
+    assert_eq!(fx.count("SELECT count(*) FROM backup_runs WHERE status = 'running'").await, 1);
+    fx.server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn tenants_see_nothing_of_each_other_and_do_not_share_chunks() {
+    let Some(fx) = start_server().await else { return };
+    let (a, b) = (fx.tenant("acme").await, fx.tenant("globex").await);
+    let (ca, ka) = fx.enrolled_agent(a).await;
+    let (cb, kb) = fx.enrolled_agent(b).await;
+    let tree = tempfile::tempdir().unwrap();
+    make_tree(tree.path(), 20, 2 << 20, 3).unwrap();
+    let dev = device(UDID);
+
+    let (run_a, snap_a) = open_run(&ca, &dev).await;
+    transfer::upload_dir(&ca, &ka, run_a, snap_a, dev.clone(), tree.path(), 0).await.unwrap();
+
+    // B cannot see A's snapshot, its manifest, its chunks, or reuse A's run.
+    let latest = cb.request(&Request::LatestSnapshot { udid: dev.udid.clone() }).await.unwrap_err();
+    assert_eq!(latest.code(), Some(ErrorCode::NotFound));
+    assert_eq!(cb.get_manifest(snap_a).await.unwrap_err().code(), Some(ErrorCode::NotFound));
+    let a_ids: Vec<_> = transfer::list_files(tree.path())
+        .unwrap()
+        .iter()
+        .map(|p| ka.id.chunk_id(&std::fs::read(tree.path().join(p)).unwrap()))
+        .take(3)
+        .collect();
+    assert_eq!(cb.get_chunks(&a_ids).await.unwrap_err().code(), Some(ErrorCode::NotFound));
+    let resume = cb.request(&Request::OpenRun { udid: dev.udid.clone(), resume: Some(run_a) }).await.unwrap_err();
+    assert_eq!(resume.code(), Some(ErrorCode::NotFound));
+
+    // The same UDID in B is B's own device; the same bytes are stored again for B.
+    let (run_b, snap_b) = open_run(&cb, &dev).await;
+    let (report_b, _) = transfer::upload_dir(&cb, &kb, run_b, snap_b, dev.clone(), tree.path(), 0).await.unwrap();
+    assert_eq!(report_b.chunks_sent, report_b.chunks, "no cross-tenant dedup");
+    let per_tenant = fx.count("SELECT count(DISTINCT tenant_id) FROM chunks").await;
+    assert_eq!(per_tenant, 2);
+    assert_eq!(fx.count("SELECT count(*) FROM devices").await, 2);
+    fx.server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_credentials_are_refused_with_a_reason() {
+    let Some(fx) = start_server().await else { return };
+    let (a, b) = (fx.tenant("acme").await, fx.tenant("globex").await);
+    let enroll =
+        |secret: Vec<u8>| Auth::Enroll { token_secret: secret, hostname: "ws".into(), agent_version: "t".into() };
+
+    let forged = fx.connect(enroll(vec![7; 32])).await.unwrap_err();
+    assert_eq!(forged.code(), Some(ErrorCode::BadCredential), "{forged}");
+
+    let expired = fx.token(a, Duration::from_millis(1)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let err = fx.connect(enroll(expired)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Expired), "{err}");
+
+    let once = fx.token(a, Duration::from_secs(60)).await;
+    let client = fx.connect(enroll(once.clone())).await.unwrap();
+    let agent = client.accepted.agent;
+    let refresh = client.accepted.enrolled.clone().unwrap().refresh_secret;
+    let err = fx.connect(enroll(once)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AlreadyUsed), "{err}");
+
+    // Access tokens: a good one works; one naming another tenant or signed elsewhere does not.
+    let good = client.accepted.access_token.clone();
+    fx.connect(Auth::Access { token: good.clone() }).await.unwrap();
+    let wrong_tenant = fx.server.hub.signer.issue(agent, b).unwrap();
+    let err = fx.connect(Auth::Access { token: wrong_tenant }).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadCredential), "{err}");
+    // Change one character in the middle of the signature (the last one may only carry padding bits).
+    let mut tampered = good.clone().into_bytes();
+    let at = good.rfind('.').unwrap() + 20;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let err = fx.connect(Auth::Access { token: tampered }).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadCredential), "{err}");
+
+    // Revoked: access and refresh both refused.
+    let db = fx.db.client().await;
+    assert!(auth::revoke(&db, agent).await.unwrap());
+    let err = fx.connect(Auth::Access { token: good }).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Revoked), "{err}");
+    let err = fx.connect(Auth::Refresh { agent, secret: refresh }).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Revoked), "{err}");
+    fx.server.stop().await.unwrap();
+}
+
+/// Sends raw bytes as the hello; returns the welcome.
+async fn raw_hello(fx: &Fixture, bytes: &[u8]) -> lifeboat_shared::wire::Welcome {
+    let (_ep, conn) = lifeboat_agent::client::connect_raw(&fx.server.quic_addr.to_string(), fx.server.cert_fingerprint)
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    let _ = send.finish();
+    lifeboat_shared::wire::expect_frame(&mut recv, 1 << 20).await.unwrap()
+}
+
+fn refused_with(w: lifeboat_shared::wire::Welcome) -> ErrorCode {
+    match w {
+        lifeboat_shared::wire::Welcome::Refused { code, .. } => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn malformed_oversized_and_unknown_version_frames_are_refused() {
+    use lifeboat_shared::wire::{Data, Hello, encode};
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+
+    let future = encode(&Hello { versions: vec![99], auth: Auth::Access { token: "x".into() } });
+    assert_eq!(refused_with(raw_hello(&fx, &future).await), ErrorCode::UnsupportedVersion);
+    assert_eq!(refused_with(raw_hello(&fx, &u32::MAX.to_be_bytes()).await), ErrorCode::TooLarge);
+    assert_eq!(refused_with(raw_hello(&fx, &[0, 0, 0, 3, 0xff, 0xfe, 0xfd]).await), ErrorCode::Malformed);
+
+    // After a good hello: a garbage request, and an oversized chunk frame, are refused and store nothing.
+    let (client, _keys) = fx.enrolled_agent(tenant).await;
+    let (run, _) = open_run(&client, &device(UDID)).await;
+    let (_ep, conn) = lifeboat_agent::client::connect_raw(&fx.server.quic_addr.to_string(), fx.server.cert_fingerprint)
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = Hello { versions: vec![1], auth: Auth::Access { token: client.accepted.access_token.clone() } };
+    send.write_all(&encode(&hello)).await.unwrap();
+    let _ = send.finish();
+    let welcome: lifeboat_shared::wire::Welcome =
+        lifeboat_shared::wire::expect_frame(&mut recv, 1 << 20).await.unwrap();
+    assert!(matches!(welcome, lifeboat_shared::wire::Welcome::Accepted { .. }), "{welcome:?}");
+
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 2, 0xee, 0xee]).await.unwrap();
+    let _ = send.finish();
+    let resp: Response = lifeboat_shared::wire::expect_frame(&mut recv, 1 << 20).await.unwrap();
+    assert!(matches!(resp, Response::Error { code: ErrorCode::Malformed, .. }), "{resp:?}");
+
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode(&Request::PutChunks { run })).await.unwrap();
+    send.write_all(&(64u32 << 20).to_be_bytes()).await.unwrap();
+    let resp: Response = lifeboat_shared::wire::expect_frame(&mut recv, 1 << 20).await.unwrap();
+    assert!(matches!(resp, Response::Error { code: ErrorCode::TooLarge, .. }), "{resp:?}");
+    drop(send);
+
+    // A data frame where a request belongs.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode(&Data::End)).await.unwrap();
+    let _ = send.finish();
+    let resp: Response = lifeboat_shared::wire::expect_frame(&mut recv, 1 << 20).await.unwrap();
+    assert!(matches!(resp, Response::Error { code: ErrorCode::Malformed, .. }), "{resp:?}");
+
+    assert_eq!(fx.count("SELECT count(*) FROM chunks").await, 0);
+    assert_eq!(fx.count("SELECT count(*) FROM packs").await, 0);
+    // The server still serves the well-behaved agent.
+    client
+        .request(&Request::ReportState {
+            udid: UDID.parse().unwrap(),
+            state: lifeboat_shared::wire::DeviceState::Idle,
+            message: None,
+        })
+        .await
+        .unwrap();
+    fx.server.stop().await.unwrap();
+}
