@@ -189,9 +189,10 @@ pub fn make_tree(root: &Path, files: usize, total_bytes: usize, seed: u64) -> st
                 data.extend_from_slice(format!("row {} of file {i}; ", next() % 1000).as_bytes());
             }
         } else {
-            while data.len() < len {
-                data.extend_from_slice(&next().to_le_bytes());
-            }
+            // Incompressible bytes from BLAKE3's output stream (an optimised dependency:
+            // fast even in debug builds).
+            data.resize(len, 0);
+            blake3::Hasher::new().update(&next().to_le_bytes()).finalize_xof().fill(&mut data);
         }
         data.truncate(len);
         std::fs::write(dir.join(&name[2..]), &data)?;
@@ -209,4 +210,27 @@ pub fn read_tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
             (rel, bytes)
         })
         .collect()
+}
+
+/// A connection to the embedded PostgreSQL of a server process running on `data_dir`.
+pub async fn embedded_db(data_dir: &Path) -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config.host_path(data_dir.join("postgres")).port(5432).user("lifeboat").dbname("lifeboat");
+    lifeboat_server::db::connect(&config, Duration::from_secs(10)).await.expect("connecting to the embedded database")
+}
+
+/// Runs `lifeboat-server --data-dir DIR ARGS…`; returns (success, stdout, stderr).
+pub fn server_cli(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("lifeboat-server"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--quic-listen", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .expect("running lifeboat-server");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -106,7 +106,7 @@ async fn a_snapshot_round_trips_byte_identical_and_a_second_upload_sends_almost_
         transfer::upload_dir(&client, &keys, run, snapshot, dev.clone(), tree.path(), now_unix_ms()).await.unwrap();
     let first_bytes = client.bytes_sent() - before;
     assert_eq!(report.files, 1000);
-    assert!(report.logical_bytes >= 50 << 20, "{report:?}");
+    assert!(report.logical_bytes >= 50_000_000, "{report:?}");
     assert_eq!(committed, Response::Committed { snapshot, files: 1000, logical_bytes: report.logical_bytes });
 
     let out = tempfile::tempdir().unwrap();

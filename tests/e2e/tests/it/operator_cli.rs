@@ -1,18 +1,8 @@
 //! The operator subcommands, with the server stopped (they start the embedded PostgreSQL
 //! themselves) and with it running (they use its PostgreSQL).
 
-use std::process::Command;
-
-use lifeboat_e2e::{ServerProcess, bin, skip_or_fail, tempdir};
-
-fn cli(data: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin("lifeboat-server")).arg("--data-dir").arg(data).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use lifeboat_e2e::server_cli as cli;
+use lifeboat_e2e::{ServerProcess, skip_or_fail, tempdir};
 
 #[test]
 fn tenants_are_created_and_listed_with_or_without_a_running_server() {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use lifeboat_e2e::{ServerProcess, eventually, http_get, postgres_processes_under, skip_or_fail, tempdir};
+use lifeboat_e2e::{ServerProcess, embedded_db, eventually, http_get, postgres_processes_under, skip_or_fail, tempdir};
 use nix::sys::signal::Signal;
 
 fn have_postgres() -> bool {
@@ -15,12 +15,6 @@ fn have_postgres() -> bool {
             false
         }
     }
-}
-
-async fn embedded_db(data_dir: &std::path::Path) -> tokio_postgres::Client {
-    let mut config = tokio_postgres::Config::new();
-    config.host_path(data_dir.join("postgres")).port(5432).user("lifeboat").dbname("lifeboat");
-    lifeboat_server::db::connect(&config, Duration::from_secs(10)).await.unwrap()
 }
 
 #[tokio::test]
