@@ -22,6 +22,7 @@ pub struct AppState {
     pub db: deadpool_postgres::Pool,
     pub storage: opendal::Operator,
     pub metrics: Arc<Metrics>,
+    pub hub: Arc<crate::ingest::Hub>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -29,8 +30,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), record_latency))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::api::router(state.hub.clone()))
+        .layer(axum::middleware::from_fn_with_state(state, record_latency))
 }
 
 /// Alive: the process answers. Says nothing about dependencies (that is `/readyz`).

@@ -27,6 +27,7 @@ use lifeboat_shared::wire::{
     Request, Response, RunEnd,
 };
 
+use crate::chunkstore::{self, ChunkStoreError};
 use crate::keys::{MasterKey, TenantKeys};
 use crate::metrics::Metrics;
 use crate::{storage, tenants};
@@ -658,59 +659,20 @@ impl Hub {
         if ids.len() > MAX_IDS_PER_REQUEST {
             return Err(Rejection::new(ErrorCode::TooLarge, format!("at most {MAX_IDS_PER_REQUEST} ids per request")));
         }
-        let unique: HashSet<ChunkId> = ids.iter().copied().collect();
-        let raw: Vec<&[u8]> = unique.iter().map(|i| &i.0[..]).collect();
         let client = self.db.get().await?;
-        let mut rows: Vec<(Vec<u8>, Vec<u8>, i64, i32)> = client
-            .query(
-                "SELECT id, pack_id, offset_bytes, length_bytes FROM chunks WHERE tenant_id = $1 AND id = ANY($2)",
-                &[&s.tenant.0, &raw],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect();
+        let locations = match chunkstore::locate(&client, s.tenant, &ids).await {
+            Ok(l) => l,
+            Err(e @ ChunkStoreError::Missing { .. }) => return Err(Rejection::new(ErrorCode::NotFound, e.to_string())),
+            Err(e) => return Err(Rejection::internal("locating chunks", e)),
+        };
         drop(client);
-        if rows.len() != unique.len() {
-            return Err(Rejection::new(
-                ErrorCode::NotFound,
-                format!("{} of the {} chunks asked for are not stored", unique.len() - rows.len(), unique.len()),
-            ));
-        }
         respond(send, &Response::Ok).await?;
-        rows.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
-        for group in rows.chunk_by(|a, b| a.1 == b.1) {
-            let pack = PackId(
-                group[0]
-                    .1
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| Rejection::internal("reading the chunk index", "bad pack id"))?,
-            );
-            let path = storage::pack_path(&s.tenant, &pack);
-            // One ranged read per run of neighbouring blobs in the same pack.
-            for run in group.chunk_by(|a, b| b.2 - (a.2 + i64::from(a.3)) < 1024 * 1024) {
-                let start = run[0].2 as u64;
-                let end = run.iter().map(|r| r.2 as u64 + r.3 as u64).max().unwrap_or(start);
-                let bytes = self
-                    .storage
-                    .read_with(&path)
-                    .range(start..end)
-                    .await
-                    .map_err(|e| Rejection::internal("reading a pack", e))?
-                    .to_vec();
-                for (id, _, off, len) in run {
-                    let at = (*off as u64 - start) as usize;
-                    let blob = bytes
-                        .get(at..at + *len as usize)
-                        .ok_or_else(|| Rejection::internal("reading a pack", "short read"))?;
-                    let id = ChunkId(
-                        id.as_slice()
-                            .try_into()
-                            .map_err(|_| Rejection::internal("reading the chunk index", "bad id"))?,
-                    );
-                    wire::write_frame(send, &Data::Blob { id, blob: blob.to_vec() }).await?;
-                }
+        for group in chunkstore::read_groups(&locations) {
+            let blobs = chunkstore::read_group(&self.storage, s.tenant, group)
+                .await
+                .map_err(|e| Rejection::internal("reading a pack", e))?;
+            for (id, blob) in blobs {
+                wire::write_frame(send, &Data::Blob { id, blob }).await?;
             }
         }
         wire::write_frame(send, &Data::End).await?;

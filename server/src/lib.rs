@@ -5,7 +5,9 @@
 //! answers HTTP for health, readiness and metrics. See `ARCHITECTURE.md` for the map.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
+pub mod chunkstore;
 pub mod config;
 pub mod datadir;
 pub mod db;
@@ -21,3 +23,4 @@ pub mod telemetry;
 pub mod tenants;
 pub mod testing;
 pub mod tls;
+pub mod users;

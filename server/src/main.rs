@@ -41,6 +41,27 @@ enum Command {
     /// Manage enrolled agents.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Manage HTTP API users.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create an API user and print its credential (shown once; use it as
+    /// `Authorization: Bearer <credential>`).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, value_enum)]
+        role: lifeboat_server::users::Role,
+        /// Who or what uses it, for the audit trail.
+        #[arg(long, default_value = "api")]
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +150,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(TokenCommand::Create { tenant, expires, json }) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(token_create(&config, &tenant, expires, json))
+        }
+        Command::User(UserCommand::Create { tenant, role, name, json }) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let db = AdminDb::open(&config).await?;
+                let result = async {
+                    let t = tenants::by_name(&db.client, &tenant).await?;
+                    anyhow::Ok(lifeboat_server::users::create(&db.client, t.id, &name, role).await?)
+                }
+                .await;
+                db.close().await;
+                let (id, credential) = result?;
+                if json {
+                    println!("{}", serde_json::json!({"id": id, "credential": credential, "role": role.as_str()}));
+                } else {
+                    println!("{credential}");
+                    eprintln!(
+                        "API credential for user {name} ({id}), role {}, tenant {tenant}: shown once, keep it secret",
+                        role.as_str()
+                    );
+                }
+                Ok(())
+            })
         }
         Command::Agent(AgentCommand::Revoke { id }) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -112,7 +112,7 @@ async fn bring_up(
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let hub = Arc::new(Hub::new(pool.clone(), op.clone(), master, signer, metrics.clone()));
-    let app = crate::http::router(AppState { db: pool.clone(), storage: op, metrics });
+    let app = crate::http::router(AppState { db: pool.clone(), storage: op, metrics, hub: hub.clone() });
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

@@ -195,7 +195,8 @@ pub fn make_tree(root: &Path, files: usize, total_bytes: usize, seed: u64) -> st
             blake3::Hasher::new().update(&next().to_le_bytes()).finalize_xof().fill(&mut data);
         }
         data.truncate(len);
-        std::fs::write(dir.join(&name[2..]), &data)?;
+        // As in a real backup directory: <first two hex digits>/<fileID>.
+        std::fs::write(dir.join(&name), &data)?;
     }
     Ok(())
 }

@@ -1,0 +1,369 @@
+//! The HTTP API for admins, the help desk and scripts: `/api/v1/…`, JSON, authorised by
+//! `Authorization: Bearer <credential>` (see `users`), every answer scoped to the
+//! caller's tenant. Unknown or revoked credentials get 401; a role without the right
+//! gets 403; another tenant's objects are 404, exactly like objects that do not exist.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use lifeboat_shared::ids::SnapshotId;
+use lifeboat_shared::manifest::Manifest;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::chunkstore;
+use crate::ingest::Hub;
+use crate::users::{self, Caller, Role};
+
+/// RFC 3339 UTC rendering of a timestamptz column, done by PostgreSQL.
+macro_rules! ts {
+    ($col:literal) => {
+        concat!("to_char(", $col, " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+    };
+}
+
+pub fn router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{udid}/snapshots", get(device_snapshots))
+        .route("/api/v1/snapshots/{id}", get(snapshot))
+        .route("/api/v1/runs", get(runs))
+        .route("/api/v1/agents", get(agents))
+        .with_state(hub)
+}
+
+/// An API error: status and a message for people.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "{what}");
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} failed; see the server log"))
+}
+
+fn not_found(what: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, what.into())
+}
+
+impl FromRequestParts<Arc<Hub>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> Result<Self, ApiError> {
+        let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, m.to_string());
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("an Authorization: Bearer credential is required"))?;
+        let credential = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <credential>`"))?;
+        let client = hub.db.get().await.map_err(|e| internal("getting a database connection", e))?;
+        users::authenticate(&client, credential.trim())
+            .await
+            .map_err(|e| internal("checking a credential", e))?
+            .ok_or_else(|| unauthorized("unknown or revoked credential"))
+    }
+}
+
+fn require(caller: &Caller, role: Role) -> Result<(), ApiError> {
+    if caller.role >= role {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("this needs the {} role; you have {}", role.as_str(), caller.role.as_str()),
+        ))
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+async fn db(hub: &Hub) -> Result<deadpool_postgres::Object, ApiError> {
+    hub.db.get().await.map_err(|e| internal("getting a database connection", e))
+}
+
+/// Devices with their state and last successful backup.
+async fn devices(State(hub): State<Arc<Hub>>, caller: Caller) -> ApiResult {
+    require(&caller, Role::Viewer)?;
+    let rows = db(&hub)
+        .await?
+        .query(
+            concat!(
+                "SELECT d.udid, d.name, d.product_type, d.ios_version, d.state, ",
+                ts!("d.state_changed_at"),
+                ", ",
+                ts!("d.last_seen_at"),
+                ", ",
+                ts!("s.committed_at"),
+                ", s.id FROM devices d LEFT JOIN LATERAL (SELECT id, committed_at FROM snapshots ",
+                "WHERE tenant_id = d.tenant_id AND udid = d.udid ORDER BY committed_at DESC LIMIT 1) s ON true ",
+                "WHERE d.tenant_id = $1 ORDER BY d.udid"
+            ),
+            &[&caller.tenant.0],
+        )
+        .await
+        .map_err(|e| internal("listing devices", e))?;
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "udid": r.get::<_, String>(0),
+                "name": r.get::<_, Option<String>>(1),
+                "product_type": r.get::<_, Option<String>>(2),
+                "ios_version": r.get::<_, Option<String>>(3),
+                "state": r.get::<_, String>(4),
+                "state_changed_at": r.get::<_, String>(5),
+                "last_seen_at": r.get::<_, String>(6),
+                "last_successful_backup_at": r.get::<_, Option<String>>(7),
+                "last_snapshot_id": r.get::<_, Option<uuid::Uuid>>(8),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "devices": list })))
+}
+
+async fn device_snapshots(State(hub): State<Arc<Hub>>, caller: Caller, Path(udid): Path<String>) -> ApiResult {
+    require(&caller, Role::Viewer)?;
+    let client = db(&hub).await?;
+    let exists = client
+        .query_opt("SELECT 1 FROM devices WHERE tenant_id = $1 AND udid = $2", &[&caller.tenant.0, &udid])
+        .await
+        .map_err(|e| internal("finding a device", e))?;
+    if exists.is_none() {
+        return Err(not_found(format!("no device {udid}")));
+    }
+    let rows = client
+        .query(
+            concat!(
+                "SELECT id, ",
+                ts!("committed_at"),
+                ", file_count, logical_bytes, ios_version, product_type FROM snapshots ",
+                "WHERE tenant_id = $1 AND udid = $2 ORDER BY committed_at DESC"
+            ),
+            &[&caller.tenant.0, &udid],
+        )
+        .await
+        .map_err(|e| internal("listing snapshots", e))?;
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.get::<_, uuid::Uuid>(0),
+                "committed_at": r.get::<_, String>(1),
+                "file_count": r.get::<_, i64>(2),
+                "logical_bytes": r.get::<_, i64>(3),
+                "ios_version": r.get::<_, Option<String>>(4),
+                "product_type": r.get::<_, Option<String>>(5),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "udid": udid, "snapshots": list })))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    domain: Option<String>,
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// One file of a snapshot, as the phone names it.
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+struct ListedFile {
+    domain: Option<String>,
+    path: String,
+    size: u64,
+}
+
+/// A snapshot with its file listing by iOS domain and path (from its Manifest.db).
+async fn snapshot(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    require(&caller, Role::Helpdesk)?;
+    let id: SnapshotId = id.parse().map_err(|_| not_found(format!("no snapshot {id}")))?;
+    let client = db(&hub).await?;
+    let row = client
+        .query_opt(
+            concat!(
+                "SELECT udid, manifest_key, ",
+                ts!("committed_at"),
+                ", file_count, logical_bytes, ios_version, product_type FROM snapshots WHERE tenant_id = $1 AND id = $2"
+            ),
+            &[&caller.tenant.0, &id.0],
+        )
+        .await
+        .map_err(|e| internal("finding a snapshot", e))?
+        .ok_or_else(|| not_found(format!("no snapshot {id}")))?;
+    let keys = hub.tenant_keys(caller.tenant).await.map_err(|r| internal("loading tenant keys", r.message))?;
+    let key: String = row.get(1);
+    let sealed = hub.storage.read(&key).await.map_err(|e| internal("reading a manifest", e))?.to_vec();
+    let manifest = Manifest::open(&keys.data, &id, &sealed).map_err(|e| internal("opening a manifest", e))?;
+
+    let mut files = match manifest.files.iter().find(|f| f.path == "Manifest.db") {
+        Some(db_file) => {
+            let ids: Vec<_> = db_file.chunks.iter().map(|c| c.id).collect();
+            let plain = chunkstore::read_plain(&client, &hub.storage, &keys, &ids)
+                .await
+                .map_err(|e| internal("reading Manifest.db", e))?;
+            let mut bytes = Vec::with_capacity(db_file.size as usize);
+            for c in &db_file.chunks {
+                bytes.extend_from_slice(
+                    plain.get(&c.id).ok_or_else(|| internal("reading Manifest.db", "chunk missing"))?,
+                );
+            }
+            let sizes: std::collections::HashMap<&str, u64> =
+                manifest.files.iter().map(|f| (f.path.as_str(), f.size)).collect();
+            let listed = tokio::task::spawn_blocking(move || list_manifest_db(&bytes))
+                .await
+                .map_err(|e| internal("reading Manifest.db", e))?
+                .map_err(|e| internal("reading Manifest.db", e))?;
+            listed
+                .into_iter()
+                .map(|(file_id, domain, path)| {
+                    let backup_path = format!("{}/{file_id}", file_id.get(..2).unwrap_or(""));
+                    ListedFile {
+                        domain: Some(domain),
+                        path,
+                        size: sizes.get(backup_path.as_str()).copied().unwrap_or(0),
+                    }
+                })
+                .collect::<Vec<_>>()
+        }
+        // Not an iPhone backup directory: list the stored paths as they are.
+        None => {
+            manifest.files.iter().map(|f| ListedFile { domain: None, path: f.path.clone(), size: f.size }).collect()
+        }
+    };
+    if let Some(d) = &q.domain {
+        files.retain(|f| f.domain.as_deref() == Some(d));
+    }
+    files.sort();
+    let total = files.len();
+    let offset = q.offset.unwrap_or(0).min(total);
+    let limit = q.limit.unwrap_or(1000).min(10_000);
+    let page: Vec<&ListedFile> = files[offset..].iter().take(limit).collect();
+    Ok(Json(json!({
+        "id": id,
+        "udid": row.get::<_, String>(0),
+        "committed_at": row.get::<_, String>(2),
+        "file_count": row.get::<_, i64>(3),
+        "logical_bytes": row.get::<_, i64>(4),
+        "ios_version": row.get::<_, Option<String>>(5),
+        "product_type": row.get::<_, Option<String>>(6),
+        "files_total": total,
+        "offset": offset,
+        "files": page,
+    })))
+}
+
+/// Regular files of a backup's Manifest.db: (fileID, domain, relativePath).
+fn list_manifest_db(bytes: &[u8]) -> Result<Vec<(String, String, String)>, String> {
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+    std::fs::write(tmp.path(), bytes).map_err(|e| e.to_string())?;
+    let conn = rusqlite::Connection::open_with_flags(tmp.path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| e.to_string())?;
+    let mut stmt = conn
+        .prepare("SELECT fileID, domain, relativePath FROM Files WHERE flags = 1 ORDER BY domain, relativePath")
+        .map_err(|e| e.to_string())?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(|e| e.to_string())?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Deserialize)]
+struct RunsQuery {
+    status: Option<String>,
+    udid: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Backup runs, newest first, with their failure reasons.
+async fn runs(State(hub): State<Arc<Hub>>, caller: Caller, Query(q): Query<RunsQuery>) -> ApiResult {
+    require(&caller, Role::Viewer)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let rows = db(&hub)
+        .await?
+        .query(
+            concat!(
+                "SELECT id, udid, agent_id, status, reason, message, ",
+                ts!("started_at"),
+                ", ",
+                ts!("finished_at"),
+                ", files_total, bytes_total FROM backup_runs WHERE tenant_id = $1 ",
+                "AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR udid = $3) ",
+                "ORDER BY started_at DESC LIMIT $4"
+            ),
+            &[&caller.tenant.0, &q.status, &q.udid, &limit],
+        )
+        .await
+        .map_err(|e| internal("listing runs", e))?;
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.get::<_, uuid::Uuid>(0),
+                "udid": r.get::<_, String>(1),
+                "agent_id": r.get::<_, uuid::Uuid>(2),
+                "status": r.get::<_, String>(3),
+                "reason": r.get::<_, Option<String>>(4),
+                "message": r.get::<_, Option<String>>(5),
+                "started_at": r.get::<_, String>(6),
+                "finished_at": r.get::<_, Option<String>>(7),
+                "files": r.get::<_, i64>(8),
+                "bytes": r.get::<_, i64>(9),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "runs": list })))
+}
+
+async fn agents(State(hub): State<Arc<Hub>>, caller: Caller) -> ApiResult {
+    require(&caller, Role::Viewer)?;
+    let rows = db(&hub)
+        .await?
+        .query(
+            concat!(
+                "SELECT id, hostname, version, ",
+                ts!("enrolled_at"),
+                ", ",
+                ts!("last_seen_at"),
+                ", revoked_at IS NOT NULL FROM agents WHERE tenant_id = $1 ORDER BY hostname, id"
+            ),
+            &[&caller.tenant.0],
+        )
+        .await
+        .map_err(|e| internal("listing agents", e))?;
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.get::<_, uuid::Uuid>(0),
+                "hostname": r.get::<_, String>(1),
+                "version": r.get::<_, Option<String>>(2),
+                "enrolled_at": r.get::<_, String>(3),
+                "last_seen_at": r.get::<_, Option<String>>(4),
+                "revoked": r.get::<_, bool>(5),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "agents": list })))
+}
