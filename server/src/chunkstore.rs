@@ -68,7 +68,7 @@ pub async fn locate(
             length: u32::try_from(r.get::<_, i32>(3)).map_err(|_| ChunkStoreError::BadIndex)?,
         });
     }
-    out.sort_by(|a, b| (a.pack.0, a.offset).cmp(&(b.pack.0, b.offset)));
+    out.sort_by_key(|l| (l.pack.0, l.offset));
     Ok(out)
 }
 
