@@ -31,3 +31,10 @@ ensure_postgres() {
   fi
   apt_install -o Dpkg::Options::=--force-confold postgresql
 }
+
+# A local S3-compatible server (moto, from PyPI) for the storage conformance suite.
+ensure_moto() {
+  if python3 -c 'import moto.server' >/dev/null 2>&1; then return 0; fi
+  echo "==> installing moto[server] (local S3-compatible server for the tests)"
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+}

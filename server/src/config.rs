@@ -30,6 +30,11 @@ pub const KNOWN_ENV: &[&str] = &[
     "LIFEBOAT_QUIC_ADVERTISE",
     "LIFEBOAT_STORAGE_BACKEND",
     "LIFEBOAT_STORAGE_ROOT",
+    "LIFEBOAT_STORAGE_S3_ENDPOINT",
+    "LIFEBOAT_STORAGE_S3_BUCKET",
+    "LIFEBOAT_STORAGE_S3_REGION",
+    "LIFEBOAT_STORAGE_S3_ACCESS_KEY_ID",
+    "LIFEBOAT_STORAGE_S3_SECRET_ACCESS_KEY",
     "LIFEBOAT_LOG",
     "LIFEBOAT_LOG_FORMAT",
     "LIFEBOAT_PG_BINDIR",
@@ -65,8 +70,21 @@ pub struct DatabaseSection {
 #[serde(deny_unknown_fields)]
 pub struct StorageSection {
     pub backend: Option<StorageBackend>,
-    /// Root directory of the `fs` backend.
+    /// Root directory of the `fs` backend; key prefix of the `s3` backend.
     pub root: Option<PathBuf>,
+    #[serde(default)]
+    pub s3: S3Section,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    /// e.g. `https://s3.eu-central-1.amazonaws.com` or a MinIO/Ceph URL; default AWS.
+    pub endpoint: Option<String>,
+    pub bucket: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<Secret<String>>,
+    pub secret_access_key: Option<Secret<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +114,8 @@ pub struct LogSection {
 pub enum StorageBackend {
     /// Local disk (OpenDAL `fs`).
     Fs,
+    /// Amazon S3 or any S3-compatible object store (OpenDAL `s3`).
+    S3,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -139,9 +159,32 @@ pub struct Overrides {
     /// Object storage backend [default: fs].
     #[arg(long, env = "LIFEBOAT_STORAGE_BACKEND", value_name = "BACKEND", global = true)]
     pub storage_backend: Option<StorageBackend>,
-    /// Root directory of the fs storage backend [default: <data-dir>/storage].
+    /// Root directory of the fs storage backend [default: <data-dir>/storage], or key
+    /// prefix within the S3 bucket [default: none].
     #[arg(long, env = "LIFEBOAT_STORAGE_ROOT", value_name = "DIR", global = true)]
     pub storage_root: Option<PathBuf>,
+    /// S3 endpoint URL [default: AWS for the region].
+    #[arg(long, env = "LIFEBOAT_STORAGE_S3_ENDPOINT", value_name = "URL", global = true)]
+    pub storage_s3_endpoint: Option<String>,
+    /// S3 bucket (required with --storage-backend s3).
+    #[arg(long, env = "LIFEBOAT_STORAGE_S3_BUCKET", value_name = "BUCKET", global = true)]
+    pub storage_s3_bucket: Option<String>,
+    /// S3 region [default: us-east-1].
+    #[arg(long, env = "LIFEBOAT_STORAGE_S3_REGION", value_name = "REGION", global = true)]
+    pub storage_s3_region: Option<String>,
+    /// S3 access key id [default: the AWS credential chain].
+    #[arg(long, env = "LIFEBOAT_STORAGE_S3_ACCESS_KEY_ID", value_name = "ID", hide_env_values = true, global = true)]
+    pub storage_s3_access_key_id: Option<String>,
+    /// S3 secret access key [default: the AWS credential chain]. Prefer the environment
+    /// variable or the file to a flag, which other users can see in the process list.
+    #[arg(
+        long,
+        env = "LIFEBOAT_STORAGE_S3_SECRET_ACCESS_KEY",
+        value_name = "KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub storage_s3_secret_access_key: Option<String>,
     /// Log filter, e.g. `info` or `lifeboat_server=debug,info` [default: info].
     #[arg(long, env = "LIFEBOAT_LOG", value_name = "FILTER", global = true)]
     pub log: Option<String>,
@@ -162,6 +205,18 @@ pub enum DatabaseConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageConfig {
     Fs { root: PathBuf },
+    S3(S3Config),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    pub region: String,
+    pub access_key_id: Option<Secret<String>>,
+    pub secret_access_key: Option<Secret<String>>,
+    /// Key prefix inside the bucket.
+    pub root: String,
 }
 
 /// The validated configuration.
@@ -233,10 +288,26 @@ impl Config {
             )));
         }
         let backend = o.storage_backend.or(file.storage.backend).unwrap_or(StorageBackend::Fs);
+        let s3 = file.storage.s3;
         let storage = match backend {
             StorageBackend::Fs => StorageConfig::Fs {
                 root: o.storage_root.clone().or(file.storage.root).unwrap_or_else(|| data_dir.join("storage")),
             },
+            StorageBackend::S3 => StorageConfig::S3(S3Config {
+                endpoint: o.storage_s3_endpoint.clone().or(s3.endpoint),
+                bucket: o.storage_s3_bucket.clone().or(s3.bucket).ok_or_else(|| {
+                    ConfigError::Invalid("storage.s3.bucket is required with storage backend s3".into())
+                })?,
+                region: o.storage_s3_region.clone().or(s3.region).unwrap_or_else(|| "us-east-1".into()),
+                access_key_id: o.storage_s3_access_key_id.clone().map(Secret::new).or(s3.access_key_id),
+                secret_access_key: o.storage_s3_secret_access_key.clone().map(Secret::new).or(s3.secret_access_key),
+                root: o
+                    .storage_root
+                    .clone()
+                    .or(file.storage.root)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            }),
         };
         let http_listen = match o.http_listen.or(file.http.listen) {
             Some(addr) => addr,
@@ -341,6 +412,25 @@ mod tests {
     }
 
     #[test]
+    fn s3_needs_a_bucket_and_hides_its_secret() {
+        let file = parse("[storage]\nbackend = 's3'\n").unwrap();
+        let err = Config::merge(file, &Overrides::default()).unwrap_err().to_string();
+        assert_eq!(err, "configuration: storage.s3.bucket is required with storage backend s3");
+        let file = parse(
+            "[storage]\nbackend = 's3'\nroot = 'prod'\n[storage.s3]\nbucket = 'b'\nsecret_access_key = 'hunter2'\n",
+        )
+        .unwrap();
+        let c = Config::merge(file, &Overrides::default()).unwrap();
+        match &c.storage {
+            StorageConfig::S3(s3) => {
+                assert_eq!((s3.bucket.as_str(), s3.region.as_str(), s3.root.as_str()), ("b", "us-east-1", "prod"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
     fn the_database_url_never_shows_in_debug_output() {
         let file = parse("[database]\nurl = 'postgresql://u:hunter2@db/l'\n").unwrap();
         let c = Config::merge(file, &Overrides::default()).unwrap();
@@ -361,6 +451,9 @@ mod tests {
         assert!(file.data_dir.is_some() && file.master_key_file.is_some());
         assert!(file.database.url.is_some() && file.database.max_connections.is_some());
         assert!(file.storage.backend.is_some() && file.storage.root.is_some());
+        let s3 = &file.storage.s3;
+        assert!(s3.endpoint.is_some() && s3.bucket.is_some() && s3.region.is_some());
+        assert!(s3.access_key_id.is_some() && s3.secret_access_key.is_some());
         assert!(file.http.listen.is_some());
         assert!(file.quic.listen.is_some() && file.quic.advertise.is_some());
         assert!(file.log.level.is_some() && file.log.format.is_some());

@@ -123,7 +123,10 @@ async fn bring_up(
     let http = tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stopped()).into_future());
     let quic = tokio::spawn(crate::quic::serve(endpoint, hub.clone(), stopped()));
 
-    let StorageConfig::Fs { root } = &config.storage;
+    let storage = match &config.storage {
+        StorageConfig::Fs { root } => format!("fs {}", root.display()),
+        StorageConfig::S3(s3) => format!("s3 bucket {} at {}", s3.bucket, s3.endpoint.as_deref().unwrap_or("AWS")),
+    };
     tracing::info!(
         http.addr = %http_addr,
         quic.addr = %quic_addr,
@@ -133,7 +136,7 @@ async fn bring_up(
             None => db::describe(&pg_config),
         },
         db.schema_version = report.current.unwrap_or(0),
-        storage = %format!("fs {}", root.display()),
+        storage = %storage,
         "lifeboat-server is ready: http://{http_addr}/readyz, /metrics"
     );
     Ok(Running {

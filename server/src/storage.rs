@@ -13,11 +13,34 @@ pub enum StorageError {
     Backend { backend: &'static str, cause: opendal::Error },
     #[error("storage root {path}: {cause}")]
     Root { path: std::path::PathBuf, cause: std::io::Error },
+    #[error("building the HTTP client for storage: {0}")]
+    Http(String),
 }
 
 /// Builds the operator for `config`, creating a local root directory if needed.
 pub fn operator(config: &StorageConfig) -> Result<opendal::Operator, StorageError> {
     match config {
+        StorageConfig::S3(s3) => {
+            // reqwest's rustls has no provider of its own: it uses the process default (ring).
+            crate::tls::install_default_provider();
+            let client = reqwest::Client::builder().build().map_err(|e| StorageError::Http(e.to_string()))?;
+            let mut builder = opendal::services::S3::default().bucket(&s3.bucket).region(&s3.region).root(&s3.root);
+            if let Some(endpoint) = &s3.endpoint {
+                builder = builder.endpoint(endpoint);
+            }
+            if let Some(id) = &s3.access_key_id {
+                builder = builder.access_key_id(id.expose());
+            }
+            if let Some(key) = &s3.secret_access_key {
+                builder = builder.secret_access_key(key.expose());
+            }
+            let transport =
+                opendal::HttpTransporter::new(opendal_http_transport_reqwest::ReqwestTransport::new(client));
+            let op = opendal::Operator::new(builder)
+                .map_err(|cause| StorageError::Backend { backend: "s3", cause })?
+                .with_context(opendal::OperationContext::new().with_http_transport(transport));
+            Ok(op)
+        }
         StorageConfig::Fs { root } => {
             std::fs::create_dir_all(root).map_err(|cause| StorageError::Root { path: root.clone(), cause })?;
             let root = std::fs::canonicalize(root).map_err(|cause| StorageError::Root { path: root.clone(), cause })?;

@@ -11,6 +11,7 @@
 //! a message — except in CI (`CI=true`), where it panics: a skipped suite must not pass.
 
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -151,10 +152,21 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
 
 /// A minimal HTTP/1.1 GET for tests (no client library needed): returns status and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, bearer).await
+}
+
+/// A minimal bodiless HTTP/1.1 request: returns status and body.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    let req =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
@@ -180,4 +192,77 @@ fn dechunk(mut body: &str) -> String {
         body = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// A local S3-compatible server (moto, from PyPI) for the storage conformance suite,
+/// one per test process, stopped by a guard shell when the process exits.
+#[derive(Debug)]
+pub struct S3Server {
+    pub endpoint: String,
+    _guard: std::sync::Mutex<std::process::Child>,
+}
+
+static S3: OnceLock<Result<S3Server, String>> = OnceLock::new();
+static NEXT_BUCKET: AtomicU32 = AtomicU32::new(0);
+
+/// Stops the child (fd 0 of the guard closes when this process exits) — the same
+/// pattern as the PostgreSQL guard, for a process that needs no orderly shutdown.
+const KILL_ON_EOF: &str = r#"exec 3<&0; "$@" </dev/null 3<&- & pid=$!; read -r _ <&3; kill "$pid"; wait "$pid""#;
+
+fn start_moto() -> Result<S3Server, String> {
+    let probe = Command::new("python3").args(["-c", "import moto.server"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        return Err("moto is not installed (pip install 'moto[server]')".into());
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("finding a free port: {e}"))?
+        .port();
+    let guard = Command::new("sh")
+        .args(["-c", KILL_ON_EOF, "moto-guard", "python3", "-m", "moto.server", "-H", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting moto: {e}"))?;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("moto did not listen on {endpoint} within 30 s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(S3Server { endpoint, _guard: std::sync::Mutex::new(guard) })
+}
+
+/// The process's S3 server, or `None` (skip; fails in CI) when moto is missing.
+pub fn s3_server() -> Option<&'static S3Server> {
+    match S3.get_or_init(start_moto) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            skip_or_fail(&format!("no S3-compatible server for tests: {e}"));
+            None
+        }
+    }
+}
+
+/// A fresh bucket on the test S3 server, as storage configuration.
+pub async fn s3_bucket() -> Option<crate::config::StorageConfig> {
+    let server = s3_server()?;
+    let bucket = format!("lifeboat-test-{}-{}", std::process::id(), NEXT_BUCKET.fetch_add(1, Ordering::Relaxed));
+    // moto does not check signatures: an unsigned PUT creates the bucket.
+    let addr = server.endpoint.trim_start_matches("http://").parse().expect("moto address");
+    let status = http_request(addr, "PUT", &format!("/{bucket}"), None).await.expect("creating a bucket").0;
+    assert_eq!(status, 200, "creating bucket {bucket} on moto");
+    Some(crate::config::StorageConfig::S3(crate::config::S3Config {
+        endpoint: Some(server.endpoint.clone()),
+        bucket,
+        region: "us-east-1".into(),
+        access_key_id: Some(lifeboat_shared::Secret::new("testing".into())),
+        secret_access_key: Some(lifeboat_shared::Secret::new("testing".into())),
+        root: "/lifeboat".into(),
+    }))
 }

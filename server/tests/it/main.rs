@@ -8,4 +8,5 @@ mod cli;
 mod http;
 mod migrations;
 mod pg_cluster;
+mod storage;
 mod tenants;

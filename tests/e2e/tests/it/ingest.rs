@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lifeboat_agent::client::{Client, ClientError};
 use lifeboat_agent::transfer::{self, Keys, now_unix_ms};
-use lifeboat_server::config::{Config, FileConfig, Overrides};
+use lifeboat_server::config::{Config, FileConfig, Overrides, StorageConfig};
 use lifeboat_server::serve::{self, Running};
 use lifeboat_server::testing::{TestDb, test_db};
 use lifeboat_server::{auth, tenants};
@@ -23,6 +23,11 @@ pub struct Fixture {
 }
 
 pub async fn start_server() -> Option<Fixture> {
+    start_server_on(None).await
+}
+
+/// A server on a test database, with local-disk storage or `storage`.
+pub async fn start_server_on(storage: Option<StorageConfig>) -> Option<Fixture> {
     let db = test_db().await?;
     let dir = tempfile::tempdir().unwrap();
     let o = Overrides {
@@ -32,7 +37,11 @@ pub async fn start_server() -> Option<Fixture> {
         quic_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Default::default()
     };
-    let server = serve::start(Config::merge(FileConfig::default(), &o).unwrap()).await.unwrap();
+    let mut config = Config::merge(FileConfig::default(), &o).unwrap();
+    if let Some(storage) = storage {
+        config.storage = storage;
+    }
+    let server = serve::start(config).await.unwrap();
     Some(Fixture { server, db, _dir: dir })
 }
 
@@ -337,5 +346,24 @@ async fn malformed_oversized_and_unknown_version_frames_are_refused() {
         })
         .await
         .unwrap();
+    fx.server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_snapshot_round_trips_through_s3_storage() {
+    let Some(storage) = lifeboat_server::testing::s3_bucket().await else { return };
+    let Some(fx) = start_server_on(Some(storage)).await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let tree = tempfile::tempdir().unwrap();
+    make_tree(tree.path(), 100, 8 << 20, 13).unwrap();
+    let dev = device(UDID);
+    let (run, snapshot) = open_run(&client, &dev).await;
+    transfer::upload_dir(&client, &keys, run, snapshot, dev, tree.path(), 0).await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    transfer::download_snapshot(&client, &keys, snapshot, out.path()).await.unwrap();
+    assert!(read_tree(tree.path()) == read_tree(out.path()), "restored tree differs");
+    let (status, body) = lifeboat_server::testing::http_get(fx.server.http_addr, "/readyz", None).await.unwrap();
+    assert_eq!(status, 200, "{body}");
     fx.server.stop().await.unwrap();
 }
