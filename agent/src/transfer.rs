@@ -182,7 +182,7 @@ async fn send_batch(
 }
 
 /// Runs futures concurrently on this task and collects their outputs in order.
-async fn join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+pub async fn join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut set: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
     let mut out: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
     std::future::poll_fn(|cx| {
@@ -217,7 +217,10 @@ pub async fn download_snapshot(
         // A batch of files whose chunks fit the memory budget (at least one file).
         let mut end = start;
         let mut bytes = 0u64;
-        while end < manifest.files.len() && (end == start || bytes + manifest.files[end].size <= BATCH_BYTES as u64) {
+        while end < manifest.files.len()
+            && (end == start
+                || (bytes + manifest.files[end].size <= BATCH_BYTES as u64 && end - start < MAX_IDS_PER_REQUEST))
+        {
             bytes += manifest.files[end].size;
             end += 1;
         }
@@ -228,8 +231,10 @@ pub async fn download_snapshot(
             wanted.extend(f.chunks.iter().map(|c| c.id).filter(|id| uniq.insert(*id)));
         }
         let mut plain: HashMap<ChunkId, Vec<u8>> = HashMap::with_capacity(wanted.len());
-        for ids in wanted.chunks(MAX_IDS_PER_REQUEST) {
-            for (id, blob) in client.get_chunks(ids).await? {
+        // Up to PARALLEL_STREAMS downloads at once; each answers with its chunks as a stream.
+        let per_stream = wanted.len().div_ceil(PARALLEL_STREAMS).clamp(1, MAX_IDS_PER_REQUEST);
+        for result in join_all(wanted.chunks(per_stream).map(|ids| client.get_chunks(ids))).await {
+            for (id, blob) in result? {
                 if !uniq.contains(&id) {
                     return Err(TransferError::Invalid(format!("the server sent chunk {id}, which was not asked for")));
                 }

@@ -70,8 +70,18 @@ impl AdminDb {
     }
 }
 
-/// Loads the master key, creating it (with a loud note) if it is missing.
+/// Environment variable that may hold the master key itself (64 hex digits), for
+/// deployments that inject secrets as environment; it wins over `master_key_file`.
+pub const MASTER_KEY_ENV: &str = "LIFEBOAT_MASTER_KEY";
+
+/// Loads the master key from `LIFEBOAT_MASTER_KEY`, or from its file, creating the file
+/// (with a loud note) if it is missing.
 pub fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
+    if let Some(value) = std::env::var_os(MASTER_KEY_ENV) {
+        let value = lifeboat_shared::Secret::new(value.to_string_lossy().into_owned());
+        return MasterKey::from_hex(value.expose())
+            .ok_or_else(|| anyhow::anyhow!("{MASTER_KEY_ENV} must hold exactly 64 hex digits"));
+    }
     if let Some(parent) = config.master_key_file.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }

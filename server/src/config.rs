@@ -25,6 +25,9 @@ pub const KNOWN_ENV: &[&str] = &[
     "LIFEBOAT_DATA_DIR",
     "LIFEBOAT_DATABASE_URL",
     "LIFEBOAT_MASTER_KEY_FILE",
+    "LIFEBOAT_MASTER_KEY",
+    "LIFEBOAT_QUIC_CERT_FILE",
+    "LIFEBOAT_QUIC_KEY_FILE",
     "LIFEBOAT_HTTP_LISTEN",
     "LIFEBOAT_QUIC_LISTEN",
     "LIFEBOAT_QUIC_ADVERTISE",
@@ -97,6 +100,10 @@ pub struct HttpSection {
 #[serde(deny_unknown_fields)]
 pub struct QuicSection {
     pub listen: Option<SocketAddr>,
+    /// Certificate (PEM or DER) instead of the one generated in `<data-dir>/quic/`.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PKCS#8, PEM or DER).
+    pub key_file: Option<PathBuf>,
     /// `host:port` agents use to reach this endpoint; written into enrolment tokens.
     pub advertise: Option<String>,
 }
@@ -156,6 +163,12 @@ pub struct Overrides {
     /// [default: the listen address, with 127.0.0.1 for an unspecified IP].
     #[arg(long, env = "LIFEBOAT_QUIC_ADVERTISE", value_name = "HOST:PORT", global = true)]
     pub quic_advertise: Option<String>,
+    /// QUIC certificate file (PEM or DER) [default: generated in <data-dir>/quic/].
+    #[arg(long, env = "LIFEBOAT_QUIC_CERT_FILE", value_name = "FILE", global = true)]
+    pub quic_cert_file: Option<PathBuf>,
+    /// Private key of the QUIC certificate (PKCS#8, PEM or DER).
+    #[arg(long, env = "LIFEBOAT_QUIC_KEY_FILE", value_name = "FILE", global = true)]
+    pub quic_key_file: Option<PathBuf>,
     /// Object storage backend [default: fs].
     #[arg(long, env = "LIFEBOAT_STORAGE_BACKEND", value_name = "BACKEND", global = true)]
     pub storage_backend: Option<StorageBackend>,
@@ -231,6 +244,8 @@ pub struct Config {
     pub quic_listen: SocketAddr,
     /// `host:port` for enrolment tokens.
     pub quic_advertise: String,
+    /// Operator-provided certificate and key, else generated in the data directory.
+    pub quic_cert: Option<(PathBuf, PathBuf)>,
     pub log_level: String,
     pub log_format: LogFormat,
     /// The file the configuration came from, if any.
@@ -327,6 +342,12 @@ impl Config {
             None if quic_listen.ip().is_unspecified() => format!("127.0.0.1:{}", quic_listen.port()),
             None => quic_listen.to_string(),
         };
+        let quic_cert =
+            match (o.quic_cert_file.clone().or(file.quic.cert_file), o.quic_key_file.clone().or(file.quic.key_file)) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => return Err(ConfigError::Invalid("quic.cert_file and quic.key_file go together".into())),
+            };
         let master_key_file =
             o.master_key_file.clone().or(file.master_key_file).unwrap_or_else(|| data_dir.join("master.key"));
         let log_level = o.log.clone().or(file.log.level).unwrap_or_else(|| DEFAULT_LOG.into());
@@ -340,6 +361,7 @@ impl Config {
             http_listen,
             quic_listen,
             quic_advertise,
+            quic_cert,
             log_level,
             log_format,
             source: o.config.clone(),
@@ -456,6 +478,7 @@ mod tests {
         assert!(s3.access_key_id.is_some() && s3.secret_access_key.is_some());
         assert!(file.http.listen.is_some());
         assert!(file.quic.listen.is_some() && file.quic.advertise.is_some());
+        assert!(file.quic.cert_file.is_some() && file.quic.key_file.is_some());
         assert!(file.log.level.is_some() && file.log.format.is_some());
     }
 }

@@ -334,13 +334,54 @@ impl Hub {
             .or_insert_with(|| {
                 Arc::new(tokio::sync::Mutex::new(RunBuffer {
                     tenant,
-                    pack: PackBuilder::new(),
+                    pack: PackBuilder::with_capacity(self.pack_capacity()),
                     pending: HashSet::new(),
                     plain_len: HashMap::new(),
                     uploaded_plain_bytes: 0,
                 }))
             })
             .clone()
+    }
+
+    /// Room for a full pack: the target, one maximal blob past it, and the index.
+    fn pack_capacity(&self) -> usize {
+        self.pack_target_bytes + lifeboat_shared::format::MAX_BLOB_BYTES + 1024 * 1024
+    }
+
+    /// Flushes and drops the buffers of runs that ended or whose lease expired (an agent
+    /// that died mid-upload): their verified chunks reach storage and the memory is freed.
+    pub async fn sweep(&self) {
+        let runs: Vec<uuid::Uuid> = lock(&self.runs).keys().map(|r| r.0).collect();
+        if runs.is_empty() {
+            return;
+        }
+        let stale: Vec<uuid::Uuid> = match self.db.get().await {
+            Ok(client) => match client
+                .query(
+                    "SELECT id FROM backup_runs WHERE id = ANY($1) AND (status <> 'running' OR lease_expires_at < now())",
+                    &[&runs],
+                )
+                .await
+            {
+                Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweeping run buffers");
+                    return;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "sweeping run buffers");
+                return;
+            }
+        };
+        for run in stale {
+            self.discard_buffer(RunId(run)).await;
+        }
+    }
+
+    /// Runs currently holding a buffer (tests and diagnostics).
+    pub fn buffered_runs(&self) -> usize {
+        lock(&self.runs).len()
     }
 
     async fn discard_buffer(&self, run: RunId) {
@@ -429,7 +470,7 @@ impl Hub {
             if b.pack.is_empty() {
                 return Ok(());
             }
-            let pack = std::mem::take(&mut b.pack);
+            let pack = std::mem::replace(&mut b.pack, PackBuilder::with_capacity(self.pack_capacity()));
             let lens: Vec<u32> = pack.entries().iter().map(|e| b.plain_len.get(&e.id).copied().unwrap_or(0)).collect();
             (b.tenant, pack, lens)
         };

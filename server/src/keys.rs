@@ -100,16 +100,20 @@ impl MasterKey {
             return Err(KeyError::TooOpen { path: path.to_path_buf(), mode });
         }
         let text = std::fs::read_to_string(path).map_err(io)?;
+        Self::from_hex(&text).ok_or_else(|| KeyError::Malformed(path.to_path_buf()))
+    }
+
+    /// A key given as 64 hex digits (surrounding white space ignored).
+    pub fn from_hex(text: &str) -> Option<Self> {
         let text = text.trim();
         if text.len() != 64 {
-            return Err(KeyError::Malformed(path.to_path_buf()));
+            return None;
         }
         let mut bytes = [0u8; 32];
         for (i, pair) in text.as_bytes().chunks_exact(2).enumerate() {
-            let s = std::str::from_utf8(pair).map_err(|_| KeyError::Malformed(path.to_path_buf()))?;
-            bytes[i] = u8::from_str_radix(s, 16).map_err(|_| KeyError::Malformed(path.to_path_buf()))?;
+            bytes[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
         }
-        Ok(Self::from_bytes(&bytes))
+        Some(Self::from_bytes(&bytes))
     }
 
     /// Short, public identifier of this key (first 8 bytes of its BLAKE3).

@@ -188,8 +188,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async {
+                let mut signals = serve::ShutdownSignal::install()?;
                 let running = serve::start(config).await?;
-                serve::shutdown_signal().await;
+                signals.recv().await;
                 tracing::info!("shutting down");
                 running.stop().await
             })
@@ -224,7 +225,8 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
 }
 
 async fn token_create(config: &Config, tenant: &str, expires: std::time::Duration, json: bool) -> anyhow::Result<()> {
-    let identity = lifeboat_server::tls::Identity::load_or_create(&config.data_dir.join("quic"))?;
+    lifeboat_server::tls::install_default_provider();
+    let identity = lifeboat_server::tls::Identity::for_config(config)?;
     let db = AdminDb::open(config).await?;
     let result = async {
         let t = tenants::by_name(&db.client, tenant).await?;

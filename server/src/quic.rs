@@ -17,6 +17,8 @@ pub const CLOSE_PROTOCOL: u32 = 2;
 pub const CLOSE_SHUTDOWN: u32 = 3;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often buffers of abandoned runs are flushed and dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Accepts connections until `stop` resolves, then closes the endpoint.
 pub async fn serve(endpoint: quinn::Endpoint, hub: Arc<Hub>, stop: impl Future<Output = ()>) {
@@ -31,8 +33,16 @@ pub async fn serve(endpoint: quinn::Endpoint, hub: Arc<Hub>, stop: impl Future<O
             });
         }
     };
+    let sweep = async {
+        let mut every = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            every.tick().await;
+            hub.sweep().await;
+        }
+    };
     tokio::select! {
         () = accept => {}
+        () = sweep => {}
         () = stop => {}
     }
     endpoint.close(CLOSE_SHUTDOWN.into(), b"server shutting down");

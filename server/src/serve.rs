@@ -52,8 +52,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
     let http_addr = listener.local_addr().context("reading the HTTP listener's address")?;
-    let identity = Identity::load_or_create(&data_dir.path().join("quic"))?;
     crate::tls::install_default_provider();
+    let identity = Identity::for_config(&config)?;
     let endpoint = quinn::Endpoint::server(identity.quic_server_config()?, config.quic_listen)
         .with_context(|| format!("cannot listen for QUIC on {}", config.quic_listen))?;
     let master = Arc::new(crate::admin::master_key(&config)?);
@@ -184,18 +184,25 @@ async fn stop_cluster(cluster: Arc<Cluster>) {
     }
 }
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Ctrl-C (SIGINT) and SIGTERM, caught from the moment it is installed: a signal that
+/// arrives while the server is still starting is kept and stops it right after.
+#[derive(Debug)]
+pub struct ShutdownSignal {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
     }
 }

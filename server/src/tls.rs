@@ -75,6 +75,34 @@ impl Identity {
         Ok(Self { cert, key: Arc::new(key), fingerprint })
     }
 
+    /// Loads an operator-provided certificate and PKCS#8 key, PEM or DER.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
+        use rustls::pki_types::pem::PemObject as _;
+        let read = |p: &Path| std::fs::read(p).map_err(|cause| TlsError::Io { path: p.to_path_buf(), cause });
+        let (cert_bytes, key_bytes) = (read(cert_path)?, read(key_path)?);
+        let cert = match CertificateDer::pem_slice_iter(&cert_bytes).next() {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(TlsError::Config(format!("{}: {e}", cert_path.display()))),
+            None => CertificateDer::from(cert_bytes),
+        };
+        let key = match PrivatePkcs8KeyDer::from_pem_slice(&key_bytes) {
+            Ok(k) => k,
+            Err(_) => PrivatePkcs8KeyDer::from(key_bytes),
+        };
+        let identity = Self { fingerprint: fingerprint(&cert), cert, key: Arc::new(key) };
+        // Fail at start, not at the first agent: the pair must make a TLS configuration.
+        identity.quic_server_config().map_err(|e| TlsError::Config(format!("{}: {e}", cert_path.display())))?;
+        Ok(identity)
+    }
+
+    /// The configured identity, or the one generated in `<data-dir>/quic/`.
+    pub fn for_config(config: &crate::config::Config) -> Result<Self, TlsError> {
+        match &config.quic_cert {
+            Some((cert, key)) => Self::load(cert, key),
+            None => Self::load_or_create(&config.data_dir.join("quic")),
+        }
+    }
+
     /// The QUIC server configuration: TLS 1.3, ALPN `lifeboat/1`, windows sized for bulk upload.
     pub fn quic_server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
         let key = PrivateKeyDer::Pkcs8(self.key.clone_key());

@@ -52,7 +52,13 @@ impl Default for PackBuilder {
 
 impl PackBuilder {
     pub fn new() -> Self {
-        let mut buf = Vec::with_capacity(1 << 20);
+        Self::with_capacity(1 << 20)
+    }
+
+    /// A builder whose buffer holds `bytes` without growing: writers that fill packs to a
+    /// target size avoid re-allocating (and copying) them on the way.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(bytes);
         buf.extend_from_slice(&PACK_MAGIC);
         buf.push(PACK_VERSION);
         Self { buf, entries: Vec::new() }

@@ -5,13 +5,21 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn server(args: &[&str], data_dir: &Path) -> Output {
+    server_env(args, data_dir, &[])
+}
+
+fn server_env(args: &[&str], data_dir: &Path, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lifeboat-server"));
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("LIFEBOAT_") {
             cmd.env_remove(k);
         }
     }
-    cmd.arg("--data-dir").arg(data_dir).args(["--quic-listen", "127.0.0.1:0"]).args(args).output().unwrap()
+    cmd.envs(env.iter().copied()).arg("--data-dir").arg(data_dir);
+    if !args.contains(&"--quic-listen") {
+        cmd.args(["--quic-listen", "127.0.0.1:0"]);
+    }
+    cmd.args(args).output().unwrap()
 }
 
 /// The one `error:` line, after checking the exit status.
@@ -111,4 +119,37 @@ fn help_documents_every_setting_and_its_environment_variable() {
     for var in lifeboat_server::config::KNOWN_ENV.iter().filter(|v| **v != "LIFEBOAT_PG_BINDIR") {
         assert!(help.contains(var), "--help does not mention {var}:\n{help}");
     }
+}
+
+#[test]
+fn a_quic_port_in_use_is_named_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = server(&["--http-listen", "127.0.0.1:0", "--quic-listen", &addr, "serve"], dir.path());
+    let line = error_line(&out);
+    assert_eq!(line, format!("error: cannot listen for QUIC on {addr}: Address already in use (os error 98)"));
+    assert!(!dir.path().join("postgres").exists(), "PostgreSQL must not start when the port is taken");
+}
+
+#[test]
+fn a_malformed_master_key_in_the_environment_is_named_and_not_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = server_env(
+        &["--http-listen", "127.0.0.1:0", "serve"],
+        dir.path(),
+        &[("LIFEBOAT_MASTER_KEY", "not-a-key-hunter2")],
+    );
+    let line = error_line(&out);
+    assert_eq!(line, "error: LIFEBOAT_MASTER_KEY must hold exactly 64 hex digits");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
+    assert!(!dir.path().join("master.key").exists(), "no key file may be generated when the key is given");
+}
+
+#[test]
+fn a_certificate_without_its_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = server(&["--quic-cert-file", "/etc/hostname", "serve"], dir.path());
+    let line = error_line(&out);
+    assert_eq!(line, "error: configuration: quic.cert_file and quic.key_file go together");
 }

@@ -10,3 +10,4 @@ mod migrations;
 mod pg_cluster;
 mod storage;
 mod tenants;
+mod tls;

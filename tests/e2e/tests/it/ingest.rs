@@ -367,3 +367,35 @@ async fn a_snapshot_round_trips_through_s3_storage() {
     assert_eq!(status, 200, "{body}");
     fx.server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn one_agent_backs_up_a_device_at_a_time_until_its_lease_expires() {
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (a, _) = fx.enrolled_agent(tenant).await;
+    let (b, _) = fx.enrolled_agent(tenant).await;
+    let dev = device(UDID);
+    let (run_a, _) = open_run(&a, &dev).await;
+
+    b.request(&Request::RegisterDevice { device: dev.clone(), serial_number: None }).await.unwrap();
+    let held = b.request(&Request::OpenRun { udid: dev.udid.clone(), resume: None }).await.unwrap_err();
+    assert_eq!(held.code(), Some(ErrorCode::LeaseHeld), "{held}");
+    let stolen = b.request(&Request::OpenRun { udid: dev.udid.clone(), resume: Some(run_a) }).await.unwrap_err();
+    assert_eq!(stolen.code(), Some(ErrorCode::Forbidden), "{stolen}");
+
+    // A's agent goes silent past its lease: B takes the device over.
+    let db = fx.db.client().await;
+    db.execute("UPDATE backup_runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", &[&run_a.0])
+        .await
+        .unwrap();
+    let (run_b, _) = open_run(&b, &dev).await;
+    assert_ne!(run_b, run_a);
+    let row = db.query_one("SELECT status, reason FROM backup_runs WHERE id = $1", &[&run_a.0]).await.unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, Option<String>>(1)),
+        ("failed".into(), Some("lease-expired".into()))
+    );
+    let lost = a.request(&Request::MissingChunks { run: run_a, ids: vec![] }).await.unwrap_err();
+    assert_eq!(lost.code(), Some(ErrorCode::LeaseLost), "{lost}");
+    fx.server.stop().await.unwrap();
+}

@@ -1,0 +1,119 @@
+//! Benchmark: server ingest of new data over loopback QUIC into local-disk storage, with
+//! 1 and 4 concurrent clients. Blobs are sealed before the clock starts, so this measures
+//! the server's side: receive, decrypt + re-hash every chunk, write packs, index, commit.
+//!
+//! Run: `cargo bench -p lifeboat-e2e --bench ingest` (needs PostgreSQL; results in
+//! docs/performance.md). Target: ≥ 300 MB/s on the 2-core reference machine.
+
+use std::time::{Duration, Instant};
+
+use lifeboat_agent::client::Client;
+use lifeboat_agent::transfer::join_all;
+use lifeboat_server::config::{Config, FileConfig, Overrides};
+use lifeboat_server::{auth, serve, tenants, testing};
+use lifeboat_shared::chunk::{DataKey, IdKey, seal_chunk};
+use lifeboat_shared::ids::ChunkId;
+use lifeboat_shared::manifest::{ChunkRef, DeviceInfo, FileEntry, Manifest};
+use lifeboat_shared::wire::{Auth, Request, Response};
+
+const TOTAL_BYTES: usize = 1 << 30;
+const CHUNK_BYTES: usize = 512 * 1024;
+const BATCH: usize = 32;
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        println!("server ingest over loopback QUIC into local disk, {} MiB of new data per run", TOTAL_BYTES >> 20);
+        for clients in [1usize, 4] {
+            let mbps = run(clients).await?;
+            println!("{clients} client(s): {mbps:>6.0} MB/s");
+        }
+        anyhow::Ok(())
+    })
+}
+
+async fn run(clients: usize) -> anyhow::Result<f64> {
+    let db = testing::test_db().await.ok_or_else(|| anyhow::anyhow!("PostgreSQL is needed"))?;
+    let dir = tempfile::tempdir()?;
+    let o = Overrides {
+        data_dir: Some(dir.path().join("data")),
+        database_url: Some(db.url.clone()),
+        http_listen: Some("127.0.0.1:0".parse()?),
+        quic_listen: Some("127.0.0.1:0".parse()?),
+        log: Some("warn".into()),
+        ..Default::default()
+    };
+    let server = serve::start(Config::merge(FileConfig::default(), &o)?).await?;
+    let mut pg = db.client().await;
+    let tenant = tenants::create(&mut pg, &server.hub.master, "bench").await?.id;
+
+    // Enrol the clients and seal their data before timing.
+    let mut jobs = Vec::new();
+    for c in 0..clients {
+        let token = auth::create_enroll_token(&pg, tenant, Duration::from_secs(600), String::new(), [0; 32]).await?;
+        let auth = Auth::Enroll {
+            token_secret: token.secret.to_vec(),
+            hostname: format!("bench-{c}"),
+            agent_version: "bench".into(),
+        };
+        let client = Client::connect(&server.quic_addr.to_string(), server.cert_fingerprint, auth).await?;
+        let e = client.accepted.enrolled.clone().ok_or_else(|| anyhow::anyhow!("not enrolled"))?;
+        let (ids, data) = (IdKey::from_bytes(e.id_key), DataKey::from_bytes(&e.data_key));
+        let udid = format!("{:08X}-{:016X}", 0x8030 + c, 1000 + c);
+        let device = DeviceInfo {
+            udid: udid.parse()?,
+            name: format!("bench {c}"),
+            product_type: "iPhone15,2".into(),
+            ios_version: "17.5".into(),
+        };
+        client.request(&Request::RegisterDevice { device: device.clone(), serial_number: None }).await?;
+        let Response::RunOpened { run, snapshot, .. } =
+            client.request(&Request::OpenRun { udid: device.udid.clone(), resume: None }).await?
+        else {
+            anyhow::bail!("no run");
+        };
+        let per_client = TOTAL_BYTES / clients / CHUNK_BYTES;
+        let mut blobs: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(per_client);
+        let mut refs = Vec::with_capacity(per_client);
+        for i in 0..per_client {
+            let mut plain = vec![0u8; CHUNK_BYTES];
+            blake3::Hasher::new().update(&[c as u8]).update(&(i as u64).to_le_bytes()).finalize_xof().fill(&mut plain);
+            let id = ids.chunk_id(&plain);
+            let mut nonce = [0u8; 12];
+            nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            blobs.push((id, seal_chunk(&data, &id, &plain, nonce)));
+            refs.push(ChunkRef { id, length: CHUNK_BYTES as u32 });
+        }
+        let size = (refs.len() * CHUNK_BYTES) as u64;
+        let manifest = Manifest {
+            snapshot,
+            device,
+            created_unix_ms: 0,
+            files: vec![FileEntry { path: "data".into(), size, mode: 0o644, mtime_unix_seconds: 0, chunks: refs }],
+        };
+        let sealed = manifest.seal(&data, [9; 12])?;
+        jobs.push((client, run, snapshot, blobs, sealed));
+    }
+
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (client, run, snapshot, blobs, sealed) in jobs {
+        tasks.push(tokio::spawn(async move {
+            // Four streams in flight per client, as the agent uploads.
+            for group in blobs.chunks(BATCH * 4) {
+                let parts: Vec<_> = group.chunks(BATCH).map(|b| client.put_chunks(run, b)).collect();
+                for r in join_all(parts.into_iter()).await {
+                    r?;
+                }
+            }
+            client.commit(run, snapshot, &sealed).await?;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    server.stop().await?;
+    Ok(TOTAL_BYTES as f64 / secs / 1e6)
+}
