@@ -16,9 +16,9 @@ use lifeboat_shared::manifest::Manifest;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::chunkstore;
 use crate::ingest::Hub;
 use crate::users::{self, Caller, Role};
+use crate::{backup, chunkstore};
 
 /// RFC 3339 UTC rendering of a timestamptz column, done by PostgreSQL.
 macro_rules! ts {
@@ -233,19 +233,16 @@ async fn snapshot(
             }
             let sizes: std::collections::HashMap<&str, u64> =
                 manifest.files.iter().map(|f| (f.path.as_str(), f.size)).collect();
-            let listed = tokio::task::spawn_blocking(move || list_manifest_db(&bytes))
+            let listed = tokio::task::spawn_blocking(move || backup::with_sqlite(&bytes, backup::manifest_db_files))
                 .await
                 .map_err(|e| internal("reading Manifest.db", e))?
                 .map_err(|e| internal("reading Manifest.db", e))?;
             listed
                 .into_iter()
-                .map(|(file_id, domain, path)| {
-                    let backup_path = format!("{}/{file_id}", file_id.get(..2).unwrap_or(""));
-                    ListedFile {
-                        domain: Some(domain),
-                        path,
-                        size: sizes.get(backup_path.as_str()).copied().unwrap_or(0),
-                    }
+                .map(|f| ListedFile {
+                    size: sizes.get(backup::backup_path(&f.file_id).as_str()).copied().unwrap_or(0),
+                    domain: Some(f.domain),
+                    path: f.path,
                 })
                 .collect::<Vec<_>>()
         }
@@ -274,19 +271,6 @@ async fn snapshot(
         "offset": offset,
         "files": page,
     })))
-}
-
-/// Regular files of a backup's Manifest.db: (fileID, domain, relativePath).
-fn list_manifest_db(bytes: &[u8]) -> Result<Vec<(String, String, String)>, String> {
-    let tmp = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
-    std::fs::write(tmp.path(), bytes).map_err(|e| e.to_string())?;
-    let conn = rusqlite::Connection::open_with_flags(tmp.path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| e.to_string())?;
-    let mut stmt = conn
-        .prepare("SELECT fileID, domain, relativePath FROM Files WHERE flags = 1 ORDER BY domain, relativePath")
-        .map_err(|e| e.to_string())?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(|e| e.to_string())?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Deserialize)]

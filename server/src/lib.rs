@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod chunkstore;
 pub mod config;
 pub mod datadir;
@@ -24,3 +25,4 @@ pub mod tenants;
 pub mod testing;
 pub mod tls;
 pub mod users;
+pub mod verify;

@@ -44,6 +44,25 @@ enum Command {
     /// Manage HTTP API users.
     #[command(subcommand)]
     User(UserCommand),
+    /// Restore-test snapshots now: rebuild each from storage as a restore would and check
+    /// the iPhone backup in it. Exits non-zero if any fails.
+    Verify {
+        /// Tenant whose snapshots to test.
+        #[arg(long)]
+        tenant: String,
+        /// One snapshot.
+        #[arg(long, conflicts_with_all = ["device", "all"])]
+        snapshot: Option<lifeboat_shared::ids::SnapshotId>,
+        /// The newest snapshot of one device.
+        #[arg(long, conflicts_with = "all")]
+        device: Option<String>,
+        /// The newest snapshot of every device.
+        #[arg(long)]
+        all: bool,
+        /// Print the results as JSON (one object per snapshot, one per line).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +193,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Verify { tenant, snapshot, device, all, json } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(verify(&config, &tenant, snapshot, device, all, json))
+        }
         Command::Agent(AgentCommand::Revoke { id }) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
@@ -258,4 +281,85 @@ async fn token_create(config: &Config, tenant: &str, expires: std::time::Duratio
         );
     }
     Ok(())
+}
+
+async fn verify(
+    config: &Config,
+    tenant: &str,
+    snapshot: Option<lifeboat_shared::ids::SnapshotId>,
+    device: Option<String>,
+    all: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use lifeboat_server::verify;
+    anyhow::ensure!(
+        snapshot.is_some() || device.is_some() || all,
+        "say what to verify: --snapshot ID, --device UDID or --all"
+    );
+    let master = admin::master_key(config)?;
+    let op = lifeboat_server::storage::operator(&config.storage)?;
+    let db = AdminDb::open(config).await?;
+    let result = async {
+        let t = tenants::by_name(&db.client, tenant).await?;
+        let keys = tenants::keys(&db.client, &master, t.id).await?;
+        let rows = db
+            .client
+            .query(
+                "SELECT DISTINCT ON (udid) id, logical_bytes FROM snapshots WHERE tenant_id = $1 \
+                 AND ($2::uuid IS NULL OR id = $2) AND ($3::text IS NULL OR udid = $3) \
+                 ORDER BY udid, committed_at DESC",
+                &[&t.id.0, &snapshot.map(|s| s.0), &device],
+            )
+            .await?;
+        anyhow::ensure!(!rows.is_empty(), "no snapshot matches");
+        let total: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).sum();
+        let bar = if json {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(total as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} verifying {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )?
+                .progress_chars("=> "),
+            )
+        };
+        let mut failed = 0;
+        for row in &rows {
+            let id = lifeboat_shared::ids::SnapshotId(row.get(0));
+            bar.set_message(id.to_string());
+            let started = std::time::SystemTime::now();
+            let report = verify::verify_snapshot(&db.client, &op, &keys, id, |n| bar.inc(n)).await?;
+            verify::record(&db.client, t.id, &report, started).await?;
+            if !report.passed {
+                failed += 1;
+            }
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                bar.suspend(|| {
+                    let c = report.counts;
+                    let n = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+                    println!(
+                        "{} {id}: {} files, {} bytes in {:.1} s; messages {}, contacts {}, photos {}",
+                        if report.passed { "PASSED" } else { "FAILED" },
+                        report.files_checked,
+                        report.bytes_checked,
+                        report.seconds,
+                        n(c.messages),
+                        n(c.contacts),
+                        n(c.photos)
+                    );
+                    for p in &report.problems {
+                        println!("  {p}");
+                    }
+                });
+            }
+        }
+        bar.finish_and_clear();
+        anyhow::ensure!(failed == 0, "{failed} of {} snapshots failed their restore test", rows.len());
+        Ok(())
+    }
+    .await;
+    db.close().await;
+    result
 }

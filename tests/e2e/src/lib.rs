@@ -235,3 +235,159 @@ pub fn server_cli(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// What [`make_iphone_backup`] put into a backup directory.
+#[derive(Debug, Clone, Copy)]
+pub struct BackupContent {
+    pub messages: i64,
+    pub contacts: i64,
+    pub photos: i64,
+}
+
+fn mbfile(relative_path: &str, size: u64, inode: u64) -> Vec<u8> {
+    use plist::{Dictionary, Uid, Value};
+    let mut mb = Dictionary::new();
+    mb.insert("$class".into(), Value::Uid(Uid::new(3)));
+    mb.insert("RelativePath".into(), Value::Uid(Uid::new(2)));
+    mb.insert("Size".into(), Value::Integer(size.into()));
+    mb.insert("Mode".into(), Value::Integer(0o100644.into()));
+    for k in ["LastModified", "Birth", "LastStatusChange"] {
+        mb.insert(k.into(), Value::Integer(1_700_000_000.into()));
+    }
+    mb.insert("UserID".into(), Value::Integer(501.into()));
+    mb.insert("GroupID".into(), Value::Integer(501.into()));
+    mb.insert("ProtectionClass".into(), Value::Integer(3.into()));
+    mb.insert("InodeNumber".into(), Value::Integer(inode.into()));
+    mb.insert("Flags".into(), Value::Integer(0.into()));
+    let mut class = Dictionary::new();
+    class.insert("$classname".into(), Value::String("MBFile".into()));
+    class.insert(
+        "$classes".into(),
+        Value::Array(vec![Value::String("MBFile".into()), Value::String("NSObject".into())]),
+    );
+    let mut top = Dictionary::new();
+    top.insert("root".into(), Value::Uid(Uid::new(1)));
+    let mut root = Dictionary::new();
+    root.insert("$archiver".into(), Value::String("NSKeyedArchiver".into()));
+    root.insert("$version".into(), Value::Integer(100_000.into()));
+    root.insert("$top".into(), Value::Dictionary(top));
+    root.insert(
+        "$objects".into(),
+        Value::Array(vec![
+            Value::String("$null".into()),
+            Value::Dictionary(mb),
+            Value::String(relative_path.into()),
+            Value::Dictionary(class),
+        ]),
+    );
+    let mut out = Vec::new();
+    Value::Dictionary(root).to_writer_binary(&mut out).expect("binary plist");
+    out
+}
+
+/// Writes a small but well-formed iPhone backup directory (as MobileBackup2 leaves it):
+/// Info.plist, Status.plist, Manifest.plist, Manifest.db with MBFile records, and
+/// `xx/<fileID>` files — sms.db, AddressBook.sqlitedb and Photos.sqlite with the given
+/// numbers of rows, photos with JPEG headers, app data.
+pub fn make_iphone_backup(root: &Path, seed: u64, content: BackupContent, photo_bytes: usize) -> std::io::Result<()> {
+    std::fs::create_dir_all(root)?;
+    let tmp = tempfile::tempdir()?;
+    let sql = |name: &str, ddl: &str, insert: &str, n: i64| -> std::io::Result<Vec<u8>> {
+        let path = tmp.path().join(name);
+        let db = rusqlite::Connection::open(&path).map_err(std::io::Error::other)?;
+        db.execute_batch(ddl).map_err(std::io::Error::other)?;
+        for i in 0..n {
+            db.execute(insert, [i]).map_err(std::io::Error::other)?;
+        }
+        drop(db);
+        std::fs::read(&path)
+    };
+    let mut files: Vec<(String, String, Vec<u8>)> = vec![
+        (
+            "HomeDomain".into(),
+            "Library/SMS/sms.db".into(),
+            sql(
+                "sms.db",
+                "CREATE TABLE handle (ROWID INTEGER PRIMARY KEY, id TEXT); \
+                 CREATE TABLE message (ROWID INTEGER PRIMARY KEY, text TEXT, handle_id INTEGER, date INTEGER);",
+                "INSERT INTO message (text, handle_id, date) VALUES ('message ' || ?1, 1, ?1)",
+                content.messages,
+            )?,
+        ),
+        (
+            "HomeDomain".into(),
+            "Library/AddressBook/AddressBook.sqlitedb".into(),
+            sql(
+                "ab.db",
+                "CREATE TABLE ABPerson (ROWID INTEGER PRIMARY KEY, first TEXT, middle TEXT, last TEXT, organization TEXT); \
+                 CREATE TABLE ABMultiValue (UID INTEGER PRIMARY KEY, record_id INTEGER, value TEXT);",
+                "INSERT INTO ABPerson (first, last) VALUES ('Person', ?1)",
+                content.contacts,
+            )?,
+        ),
+        (
+            "CameraRollDomain".into(),
+            "Media/PhotoData/Photos.sqlite".into(),
+            sql(
+                "photos.db",
+                "CREATE TABLE ZASSET (Z_PK INTEGER PRIMARY KEY, ZFILENAME TEXT);",
+                "INSERT INTO ZASSET (ZFILENAME) VALUES ('IMG_' || ?1 || '.JPG')",
+                content.photos,
+            )?,
+        ),
+    ];
+    for i in 0..content.photos {
+        let mut body = vec![0u8; photo_bytes];
+        blake3::Hasher::new().update(&seed.to_le_bytes()).update(&i.to_le_bytes()).finalize_xof().fill(&mut body);
+        body[..4].copy_from_slice(&[0xff, 0xd8, 0xff, 0xe1]);
+        files.push(("CameraRollDomain".into(), format!("Media/DCIM/100APPLE/IMG_{i:04}.JPG"), body));
+    }
+    for i in 0..20 {
+        files.push((
+            "AppDomain-com.example.notes".into(),
+            format!("Library/Preferences/pref{i}.plist"),
+            format!("<plist><dict><key>n</key><integer>{i}</integer></dict></plist>").into_bytes(),
+        ));
+    }
+    let manifest_db = tmp.path().join("Manifest.db");
+    let db = rusqlite::Connection::open(&manifest_db).map_err(std::io::Error::other)?;
+    db.execute_batch(
+        "CREATE TABLE Files (fileID TEXT PRIMARY KEY, domain TEXT, relativePath TEXT, flags INTEGER, file BLOB); \
+         CREATE INDEX FilesDomainIdx ON Files(domain); CREATE INDEX FilesRelativePathIdx ON Files(relativePath); \
+         CREATE TABLE Properties (key TEXT PRIMARY KEY, value BLOB);",
+    )
+    .map_err(std::io::Error::other)?;
+    for (n, (domain, path, data)) in files.iter().enumerate() {
+        let id = file_id(domain, path);
+        std::fs::create_dir_all(root.join(&id[..2]))?;
+        std::fs::write(root.join(&id[..2]).join(&id), data)?;
+        db.execute(
+            "INSERT INTO Files VALUES (?1, ?2, ?3, 1, ?4)",
+            (&id, domain, path, mbfile(path, data.len() as u64, n as u64 + 1000)),
+        )
+        .map_err(std::io::Error::other)?;
+    }
+    drop(db);
+    std::fs::copy(&manifest_db, root.join("Manifest.db"))?;
+    let status = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<plist version=\"1.0\"><dict>\
+        <key>BackupState</key><string>new</string><key>IsFullBackup</key><true/>\
+        <key>SnapshotState</key><string>finished</string><key>UUID</key><string>00000000-0000-0000-0000-000000000000</string>\
+        <key>Version</key><string>3.3</string></dict></plist>\n";
+    std::fs::write(root.join("Status.plist"), status)?;
+    let info = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<plist version=\"1.0\"><dict>\
+        <key>Device Name</key><string>Test iPhone</string><key>Product Type</key><string>iPhone15,2</string>\
+        <key>Product Version</key><string>17.5</string></dict></plist>\n";
+    std::fs::write(root.join("Info.plist"), info)?;
+    std::fs::write(
+        root.join("Manifest.plist"),
+        "<?xml version=\"1.0\"?><plist version=\"1.0\"><dict><key>IsEncrypted</key><false/></dict></plist>\n",
+    )?;
+    Ok(())
+}
+
+/// A backup fileID: SHA-1 of `domain-relativePath`, lowercase hex.
+pub fn file_id(domain: &str, relative_path: &str) -> String {
+    let d =
+        ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, format!("{domain}-{relative_path}").as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}

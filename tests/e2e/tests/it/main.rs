@@ -8,3 +8,4 @@ mod crash_resume;
 mod ingest;
 mod operator_cli;
 mod server_lifecycle;
+mod verify;

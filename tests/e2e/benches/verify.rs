@@ -1,0 +1,86 @@
+//! Benchmark: restore-test verification throughput on one core — every chunk of a
+//! snapshot read from local-disk packs, decrypted, decompressed, re-hashed, files
+//! reassembled, then the iPhone-backup checks. Target: ≥ 400 MB/s.
+//!
+//! Run: `cargo bench -p lifeboat-e2e --bench verify` (needs PostgreSQL; results in
+//! docs/performance.md).
+
+use std::time::{Duration, Instant};
+
+use lifeboat_agent::client::Client;
+use lifeboat_agent::transfer::{self, Keys};
+use lifeboat_e2e::{BackupContent, make_iphone_backup};
+use lifeboat_server::config::{Config, FileConfig, Overrides};
+use lifeboat_server::{auth, serve, tenants, testing, verify};
+use lifeboat_shared::manifest::DeviceInfo;
+use lifeboat_shared::wire::{Auth, Request, Response};
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (server, db, _dirs, tenant, snapshot) = rt.block_on(setup())?;
+    let keys = rt.block_on(server.hub.tenant_keys(tenant)).map_err(|r| anyhow::anyhow!(r.message))?;
+    let op = server.hub.storage.clone();
+    // Verification itself on a single-threaded runtime: one core.
+    let one = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = one.block_on(db.client());
+    for round in 0..3 {
+        let start = Instant::now();
+        let report = one.block_on(verify::verify_snapshot(&client, &op, &keys, snapshot, |_| {}))?;
+        let secs = start.elapsed().as_secs_f64();
+        anyhow::ensure!(report.passed, "{:?}", report.problems);
+        println!(
+            "round {round}: verified {} files, {} MiB in {secs:.2} s: {:.0} MB/s",
+            report.files_checked,
+            report.bytes_checked >> 20,
+            report.bytes_checked as f64 / secs / 1e6
+        );
+    }
+    drop(client);
+    rt.block_on(server.stop())?;
+    Ok(())
+}
+
+async fn setup() -> anyhow::Result<(
+    serve::Running,
+    testing::TestDb,
+    (tempfile::TempDir, tempfile::TempDir),
+    lifeboat_shared::ids::TenantId,
+    lifeboat_shared::ids::SnapshotId,
+)> {
+    let db = testing::test_db().await.ok_or_else(|| anyhow::anyhow!("PostgreSQL is needed"))?;
+    let dir = tempfile::tempdir()?;
+    let o = Overrides {
+        data_dir: Some(dir.path().join("data")),
+        database_url: Some(db.url.clone()),
+        http_listen: Some("127.0.0.1:0".parse()?),
+        quic_listen: Some("127.0.0.1:0".parse()?),
+        log: Some("warn".into()),
+        ..Default::default()
+    };
+    let server = serve::start(Config::merge(FileConfig::default(), &o)?).await?;
+    let mut pg = db.client().await;
+    let tenant = tenants::create(&mut pg, &server.hub.master, "bench").await?.id;
+    let token = auth::create_enroll_token(&pg, tenant, Duration::from_secs(600), String::new(), [0; 32]).await?;
+    let auth =
+        Auth::Enroll { token_secret: token.secret.to_vec(), hostname: "bench".into(), agent_version: "bench".into() };
+    let client = Client::connect(&server.quic_addr.to_string(), server.cert_fingerprint, auth).await?;
+    let e = client.accepted.enrolled.clone().ok_or_else(|| anyhow::anyhow!("not enrolled"))?;
+    let keys = Keys::from_bytes(e.id_key, e.data_key);
+    let backup = tempfile::tempdir()?;
+    // About 1 GiB: 250 photos of 4 MiB, with the databases and plists of a backup.
+    make_iphone_backup(backup.path(), 7, BackupContent { messages: 20_000, contacts: 2_000, photos: 250 }, 4 << 20)?;
+    let device = DeviceInfo {
+        udid: "00008030-001A2B3C4D5E6F70".parse()?,
+        name: "bench".into(),
+        product_type: "iPhone15,2".into(),
+        ios_version: "17.5".into(),
+    };
+    client.request(&Request::RegisterDevice { device: device.clone(), serial_number: None }).await?;
+    let Response::RunOpened { run, snapshot, .. } =
+        client.request(&Request::OpenRun { udid: device.udid.clone(), resume: None }).await?
+    else {
+        anyhow::bail!("no run");
+    };
+    transfer::upload_dir(&client, &keys, run, snapshot, device, backup.path(), 0).await?;
+    Ok((server, db, (dir, backup), tenant, snapshot))
+}

@@ -1,0 +1,133 @@
+//! Restore tests: a good snapshot passes with its counts; a corrupted or deleted pack
+//! makes it fail, naming the file; results are recorded; the `verify` command says so.
+
+use lifeboat_agent::transfer;
+use lifeboat_e2e::{BackupContent, file_id, make_iphone_backup};
+use lifeboat_server::verify;
+
+use crate::ingest::{device, open_run, start_server};
+
+const UDID: &str = "00008110-000C1D2E3F405162";
+
+fn pack_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().contains("/packs/") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_restore_test_passes_on_a_good_snapshot_and_names_the_file_when_a_pack_is_damaged() {
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let backup = tempfile::tempdir().unwrap();
+    let content = BackupContent { messages: 120, contacts: 35, photos: 6 };
+    make_iphone_backup(backup.path(), 1, content, 300_000).unwrap();
+    let dev = device(UDID);
+    let (run, snapshot) = open_run(&client, &dev).await;
+    let (report, _) = transfer::upload_dir(&client, &keys, run, snapshot, dev, backup.path(), 0).await.unwrap();
+
+    let db = fx.db.client().await;
+    let tkeys = fx.server.hub.tenant_keys(tenant).await.unwrap();
+    let op = &fx.server.hub.storage;
+    let mut progressed = 0;
+    let good = verify::verify_snapshot(&db, op, &tkeys, snapshot, |n| progressed += n).await.unwrap();
+    assert!(good.passed, "{:?}", good.problems);
+    assert_eq!(good.files_checked, report.files);
+    assert_eq!(good.bytes_checked, report.logical_bytes);
+    assert_eq!(progressed, report.logical_bytes);
+    assert_eq!(good.counts, verify::Counts { messages: Some(120), contacts: Some(35), photos: Some(6) });
+    verify::record(&db, tenant, &good, std::time::SystemTime::now()).await.unwrap();
+
+    // Flip one byte in the middle of a pack: the chunk there no longer verifies.
+    let storage = fx.server.data_dir.join("storage");
+    let packs = pack_files(&storage);
+    assert!(!packs.is_empty());
+    let mut bytes = std::fs::read(&packs[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&packs[0], &bytes).unwrap();
+    let bad = verify::verify_snapshot(&db, op, &tkeys, snapshot, |_| {}).await.unwrap();
+    assert!(!bad.passed);
+    let files: Vec<String> = transfer::list_files(backup.path()).unwrap();
+    assert!(
+        bad.problems.iter().any(|p| p.contains("does not verify") && files.iter().any(|f| p.starts_with(f.as_str()))),
+        "{:?}",
+        bad.problems
+    );
+    verify::record(&db, tenant, &bad, std::time::SystemTime::now()).await.unwrap();
+
+    // Delete the pack: every file with a chunk in it is named.
+    std::fs::remove_file(&packs[0]).unwrap();
+    let gone = verify::verify_snapshot(&db, op, &tkeys, snapshot, |_| {}).await.unwrap();
+    assert!(!gone.passed);
+    assert!(gone.problems.iter().any(|p| p.contains("cannot be read")), "{:?}", gone.problems);
+    let sms = file_id("HomeDomain", "Library/SMS/sms.db");
+    if gone.problems.iter().any(|p| p.contains(&sms)) {
+        assert_eq!(gone.counts.messages, None, "a damaged sms.db cannot be counted");
+    }
+
+    let rows = db
+        .query("SELECT passed, cardinality(problems), messages FROM restore_tests ORDER BY finished_at", &[])
+        .await
+        .unwrap();
+    let seen: Vec<(bool, i32, Option<i64>)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0], (true, 0, Some(120)));
+    assert!(!seen[1].0 && seen[1].1 > 0);
+    fx.server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_verify_command_passes_and_fails_with_the_right_exit_status() {
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let backup = tempfile::tempdir().unwrap();
+    make_iphone_backup(backup.path(), 2, BackupContent { messages: 3, contacts: 2, photos: 1 }, 50_000).unwrap();
+    let dev = device(UDID);
+    let (run, snapshot) = open_run(&client, &dev).await;
+    transfer::upload_dir(&client, &keys, run, snapshot, dev, backup.path(), 0).await.unwrap();
+
+    let data = fx.server.data_dir.clone();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(lifeboat_e2e::bin("lifeboat-server"))
+            .env_remove("LIFEBOAT_DATABASE_URL")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--database-url", &fx.db.url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["verify", "--tenant", "acme", "--all", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}{stdout}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["snapshot"], snapshot.to_string());
+    assert_eq!(report["counts"]["messages"], 3);
+
+    for p in pack_files(&data.join("storage")) {
+        std::fs::remove_file(p).unwrap();
+    }
+    let out = cli(&["verify", "--tenant", "acme", "--snapshot", &snapshot.to_string()]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with(&format!("FAILED {snapshot}")), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error: 1 of 1 snapshots failed their restore test"));
+    let out = cli(&["verify", "--tenant", "acme"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("say what to verify"));
+    fx.server.stop().await.unwrap();
+}
