@@ -38,3 +38,18 @@ ensure_moto() {
   echo "==> installing moto[server] (local S3-compatible server for the tests)"
   python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
 }
+
+# Prometheus and promtool (Debian package), for the alert-rule tests and the end-to-end
+# monitoring test. Its service is not started: policy-rc.d refuses service starts
+# during the install.
+ensure_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return 0; fi
+  echo "==> installing prometheus (Debian package)"
+  local policy=/usr/sbin/policy-rc.d
+  local had_policy=""
+  [ -e "$policy" ] && had_policy=1
+  [ -n "$had_policy" ] || printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+  as_root chmod +x "$policy"
+  apt_install prometheus
+  [ -n "$had_policy" ] || as_root rm -f "$policy"
+}

@@ -59,6 +59,26 @@ pub struct FileConfig {
     pub quic: QuicSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub monitoring: MonitoringSection,
+    #[serde(default)]
+    pub restore_tests: RestoreTestsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringSection {
+    pub refresh_seconds: Option<u64>,
+    pub stale_after_hours: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreTestsSection {
+    pub enabled: Option<bool>,
+    pub interval_seconds: Option<u64>,
+    pub sample_percent: Option<u8>,
+    pub window_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -248,6 +268,8 @@ pub struct Config {
     pub quic_cert: Option<(PathBuf, PathBuf)>,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// Fleet metrics and restore-test runner settings.
+    pub fleet: crate::fleet::FleetConfig,
     /// The file the configuration came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -348,6 +370,43 @@ impl Config {
                 (None, None) => None,
                 _ => return Err(ConfigError::Invalid("quic.cert_file and quic.key_file go together".into())),
             };
+        let defaults = crate::fleet::FleetConfig::default();
+        let positive = |v: Option<u64>, name: &str, default: std::time::Duration, unit: u64| match v {
+            Some(0) => Err(ConfigError::Invalid(format!("{name} must be at least 1"))),
+            Some(n) => Ok(std::time::Duration::from_secs(n * unit)),
+            None => Ok(default),
+        };
+        let fleet = crate::fleet::FleetConfig {
+            refresh: positive(file.monitoring.refresh_seconds, "monitoring.refresh_seconds", defaults.refresh, 1)?,
+            stale_after: positive(
+                file.monitoring.stale_after_hours,
+                "monitoring.stale_after_hours",
+                defaults.stale_after,
+                3600,
+            )?,
+            restore_tests: file.restore_tests.enabled.unwrap_or(defaults.restore_tests),
+            restore_test_interval: positive(
+                file.restore_tests.interval_seconds,
+                "restore_tests.interval_seconds",
+                defaults.restore_test_interval,
+                1,
+            )?,
+            restore_test_sample_percent: match file.restore_tests.sample_percent {
+                Some(p) if p > 100 => {
+                    return Err(ConfigError::Invalid(format!(
+                        "restore_tests.sample_percent must be 0 to 100, not {p}"
+                    )));
+                }
+                Some(p) => p,
+                None => defaults.restore_test_sample_percent,
+            },
+            restore_test_window: positive(
+                file.restore_tests.window_days,
+                "restore_tests.window_days",
+                defaults.restore_test_window,
+                86400,
+            )?,
+        };
         let master_key_file =
             o.master_key_file.clone().or(file.master_key_file).unwrap_or_else(|| data_dir.join("master.key"));
         let log_level = o.log.clone().or(file.log.level).unwrap_or_else(|| DEFAULT_LOG.into());
@@ -364,6 +423,7 @@ impl Config {
             quic_cert,
             log_level,
             log_format,
+            fleet,
             source: o.config.clone(),
         })
     }
@@ -480,5 +540,13 @@ mod tests {
         assert!(file.quic.listen.is_some() && file.quic.advertise.is_some());
         assert!(file.quic.cert_file.is_some() && file.quic.key_file.is_some());
         assert!(file.log.level.is_some() && file.log.format.is_some());
+        assert!(file.monitoring.refresh_seconds.is_some() && file.monitoring.stale_after_hours.is_some());
+        let rt = &file.restore_tests;
+        assert!(
+            rt.enabled.is_some()
+                && rt.interval_seconds.is_some()
+                && rt.sample_percent.is_some()
+                && rt.window_days.is_some()
+        );
     }
 }

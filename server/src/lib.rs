@@ -12,6 +12,7 @@ pub mod chunkstore;
 pub mod config;
 pub mod datadir;
 pub mod db;
+pub mod fleet;
 pub mod http;
 pub mod ingest;
 pub mod keys;

@@ -3,7 +3,9 @@
 //! Each metric is documented where it is registered; dashboards and alert rules in
 //! `dashboards/` and `deploy/prometheus/` use these names.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -24,6 +26,39 @@ pub struct Metrics {
     pub ingest_rejected_chunks: IntCounter,
     /// Open agent connections.
     pub quic_connections: IntGauge,
+    /// Fleet state read from the database (see `fleet`).
+    pub fleet: FleetMetrics,
+    /// Restore tests run by this process, by result (passed, failed).
+    pub restore_tests: IntCounterVec,
+    /// How long restore tests took.
+    pub restore_test_duration: Histogram,
+}
+
+/// Gauges refreshed from PostgreSQL by the fleet task, so every replica exports the
+/// same numbers (aggregate them with `max`). Per-device and per-agent series exist only
+/// because alerts need them; snapshot ids never appear in labels.
+#[derive(Debug, Clone)]
+pub struct FleetMetrics {
+    /// Devices by status: protected, stale, needs-action, failing.
+    pub devices: IntGaugeVec,
+    /// Unix time of each device's newest committed snapshot (absent: never backed up).
+    pub device_last_success: GaugeVec,
+    /// Failed runs of each device since its last successful one.
+    pub device_failed_runs: IntGaugeVec,
+    /// Unix time since which a device has waited for a person (trust, passcode); 0 if not.
+    pub device_needs_action_since: GaugeVec,
+    /// Unix time each (not revoked) agent was last seen.
+    pub agent_last_seen: GaugeVec,
+    /// Unix time of the newest passing restore test, per tenant.
+    pub restore_test_last_success: GaugeVec,
+    /// Snapshots whose latest restore test failed, per tenant.
+    pub restore_tests_failing: IntGaugeVec,
+    /// Share of devices with a passing restore test within the coverage window, per tenant.
+    pub restore_test_coverage: GaugeVec,
+    /// Bytes in packs, per tenant.
+    pub storage_bytes: IntGaugeVec,
+    /// Committed snapshots, per tenant.
+    pub snapshots: IntGaugeVec,
 }
 
 impl Metrics {
@@ -83,6 +118,71 @@ impl Metrics {
         let quic_connections = IntGauge::new("lifeboat_quic_connections", "Open agent connections.")?;
         registry.register(Box::new(quic_connections.clone()))?;
 
+        let int_gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
+            let g = GaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let fleet = FleetMetrics {
+            devices: int_gauge(
+                "lifeboat_devices",
+                "Devices by status: protected (backed up within the stale window), stale, needs-action (trust or passcode), failing.",
+                &["tenant", "status"],
+            )?,
+            device_last_success: gauge(
+                "lifeboat_device_last_success_timestamp_seconds",
+                "Unix time of the device's newest committed snapshot.",
+                &["tenant", "udid"],
+            )?,
+            device_failed_runs: int_gauge(
+                "lifeboat_device_failed_runs_since_success",
+                "Failed backup runs of the device since its last successful one.",
+                &["tenant", "udid"],
+            )?,
+            device_needs_action_since: gauge(
+                "lifeboat_device_needs_action_since_timestamp_seconds",
+                "Unix time since which the device has waited for a person (trust, passcode); 0 when it is not waiting.",
+                &["tenant", "udid"],
+            )?,
+            agent_last_seen: gauge(
+                "lifeboat_agent_last_seen_timestamp_seconds",
+                "Unix time the agent last connected.",
+                &["tenant", "agent"],
+            )?,
+            restore_test_last_success: gauge(
+                "lifeboat_restore_test_last_success_timestamp_seconds",
+                "Unix time of the newest passing restore test of the tenant.",
+                &["tenant"],
+            )?,
+            restore_tests_failing: int_gauge(
+                "lifeboat_restore_tests_failing",
+                "Snapshots whose latest restore test failed.",
+                &["tenant"],
+            )?,
+            restore_test_coverage: gauge(
+                "lifeboat_restore_test_coverage_ratio",
+                "Share of the tenant's devices with a passing restore test within the coverage window.",
+                &["tenant"],
+            )?,
+            storage_bytes: int_gauge("lifeboat_storage_bytes", "Bytes of packs in storage.", &["tenant"])?,
+            snapshots: int_gauge("lifeboat_snapshots", "Committed snapshots.", &["tenant"])?,
+        };
+        let restore_tests = IntCounterVec::new(
+            Opts::new("lifeboat_restore_tests_total", "Restore tests run by this server, by result (passed, failed)."),
+            &["result"],
+        )?;
+        registry.register(Box::new(restore_tests.clone()))?;
+        let restore_test_duration = Histogram::with_opts(
+            HistogramOpts::new("lifeboat_restore_test_duration_seconds", "How long one restore test took.")
+                .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0]),
+        )?;
+        registry.register(Box::new(restore_test_duration.clone()))?;
+
         Ok(Self {
             registry,
             http_request_duration,
@@ -93,6 +193,9 @@ impl Metrics {
             ingest_deduplicated_bytes,
             ingest_rejected_chunks,
             quic_connections,
+            fleet,
+            restore_tests,
+            restore_test_duration,
         })
     }
 

@@ -41,6 +41,7 @@ pub struct Running {
     stop_tx: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     quic: JoinHandle<()>,
+    fleet: JoinHandle<()>,
     pool: deadpool_postgres::Pool,
     _data_dir: DataDir,
 }
@@ -122,6 +123,15 @@ async fn bring_up(
     };
     let http = tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stopped()).into_future());
     let quic = tokio::spawn(crate::quic::serve(endpoint, hub.clone(), stopped()));
+    let fleet = {
+        let (hub, config, stop) = (hub.clone(), config.fleet.clone(), stopped());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = crate::fleet::run(hub, config) => {}
+                () = stop => {}
+            }
+        })
+    };
 
     let storage = match &config.storage {
         StorageConfig::Fs { root } => format!("fs {}", root.display()),
@@ -149,6 +159,7 @@ async fn bring_up(
         stop_tx,
         http,
         quic,
+        fleet,
         pool,
         _data_dir: data_dir,
     })
@@ -160,6 +171,7 @@ impl Running {
         let _ = self.stop_tx.send(true);
         let served = self.http.await;
         let _ = self.quic.await;
+        let _ = self.fleet.await;
         self.pool.close();
         if let Some(cluster) = self.cluster {
             stop_cluster(cluster).await;

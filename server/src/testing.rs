@@ -199,7 +199,7 @@ fn dechunk(mut body: &str) -> String {
 #[derive(Debug)]
 pub struct S3Server {
     pub endpoint: String,
-    _guard: std::sync::Mutex<std::process::Child>,
+    _helper: Helper,
 }
 
 static S3: OnceLock<Result<S3Server, String>> = OnceLock::new();
@@ -209,23 +209,45 @@ static NEXT_BUCKET: AtomicU32 = AtomicU32::new(0);
 /// pattern as the PostgreSQL guard, for a process that needs no orderly shutdown.
 const KILL_ON_EOF: &str = r#"exec 3<&0; "$@" </dev/null 3<&- & pid=$!; read -r _ <&3; kill "$pid"; wait "$pid""#;
 
+/// A helper server for tests (moto, Prometheus), stopped (SIGTERM) when this is dropped or
+/// when the test process exits, however it exits.
+#[derive(Debug)]
+pub struct Helper {
+    guard: std::process::Child,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        drop(self.guard.stdin.take()); // the guard kills the helper and waits for it
+        let _ = self.guard.wait();
+    }
+}
+
+/// Starts `argv` under a guard shell; see [`Helper`].
+pub fn spawn_stopped_on_exit(argv: &[&str]) -> std::io::Result<Helper> {
+    let guard = Command::new("sh")
+        .args(["-c", KILL_ON_EOF, "test-helper-guard"])
+        .args(argv)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    Ok(Helper { guard })
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; tiny race with other processes).
+pub fn free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port())
+}
+
 fn start_moto() -> Result<S3Server, String> {
     let probe = Command::new("python3").args(["-c", "import moto.server"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
         return Err("moto is not installed (pip install 'moto[server]')".into());
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("finding a free port: {e}"))?
-        .port();
-    let guard = Command::new("sh")
-        .args(["-c", KILL_ON_EOF, "moto-guard", "python3", "-m", "moto.server", "-H", "127.0.0.1", "-p"])
-        .arg(port.to_string())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
+    let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
+    let guard = spawn_stopped_on_exit(&["python3", "-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
         .map_err(|e| format!("starting moto: {e}"))?;
     let endpoint = format!("http://127.0.0.1:{port}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -235,7 +257,7 @@ fn start_moto() -> Result<S3Server, String> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    Ok(S3Server { endpoint, _guard: std::sync::Mutex::new(guard) })
+    Ok(S3Server { endpoint, _helper: guard })
 }
 
 /// The process's S3 server, or `None` (skip; fails in CI) when moto is missing.

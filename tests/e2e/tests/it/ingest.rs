@@ -38,6 +38,8 @@ pub async fn start_server_on(storage: Option<StorageConfig>) -> Option<Fixture> 
         ..Default::default()
     };
     let mut config = Config::merge(FileConfig::default(), &o).unwrap();
+    // Tests run restore tests themselves when they want them.
+    config.fleet.restore_tests = false;
     if let Some(storage) = storage {
         config.storage = storage;
     }

@@ -6,6 +6,7 @@
 mod api;
 mod crash_resume;
 mod ingest;
+mod monitoring;
 mod operator_cli;
 mod server_lifecycle;
 mod verify;
