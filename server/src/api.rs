@@ -34,6 +34,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/snapshots/{id}", get(snapshot))
         .route("/api/v1/runs", get(runs))
         .route("/api/v1/agents", get(agents))
+        .route("/api/v1/restore-tests", get(restore_tests))
         .with_state(hub)
 }
 
@@ -350,4 +351,69 @@ async fn agents(State(hub): State<Arc<Hub>>, caller: Caller) -> ApiResult {
         })
         .collect();
     Ok(Json(json!({ "agents": list })))
+}
+
+#[derive(Debug, Deserialize)]
+struct RestoreTestsQuery {
+    passed: Option<bool>,
+    udid: Option<String>,
+    snapshot: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Restore-test results, newest first, with what the backup held beside the previous
+/// snapshot's test of the same device.
+async fn restore_tests(State(hub): State<Arc<Hub>>, caller: Caller, Query(q): Query<RestoreTestsQuery>) -> ApiResult {
+    require(&caller, Role::Viewer)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let snapshot = match &q.snapshot {
+        Some(s) => Some(s.parse::<SnapshotId>().map_err(|_| not_found(format!("no snapshot {s}")))?.0),
+        None => None,
+    };
+    let rows = db(&hub)
+        .await?
+        .query(
+            concat!(
+                "SELECT r.id, r.snapshot_id, s.udid, ",
+                ts!("r.finished_at"),
+                ", r.passed, r.files_checked, r.bytes_checked, r.problems, r.messages, r.contacts, r.photos, ",
+                "p.messages, p.contacts, p.photos ",
+                "FROM restore_tests r JOIN snapshots s ON s.tenant_id = r.tenant_id AND s.id = r.snapshot_id ",
+                "LEFT JOIN LATERAL (SELECT pr.messages, pr.contacts, pr.photos FROM snapshots ps ",
+                "  JOIN restore_tests pr ON pr.tenant_id = ps.tenant_id AND pr.snapshot_id = ps.id ",
+                "  WHERE ps.tenant_id = s.tenant_id AND ps.udid = s.udid AND ps.committed_at < s.committed_at ",
+                "  ORDER BY ps.committed_at DESC, pr.finished_at DESC LIMIT 1) p ON true ",
+                "WHERE r.tenant_id = $1 AND ($2::bool IS NULL OR r.passed = $2) AND ($3::text IS NULL OR s.udid = $3) ",
+                "AND ($4::uuid IS NULL OR r.snapshot_id = $4) ORDER BY r.finished_at DESC LIMIT $5"
+            ),
+            &[&caller.tenant.0, &q.passed, &q.udid, &snapshot, &limit],
+        )
+        .await
+        .map_err(|e| internal("listing restore tests", e))?;
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.get::<_, uuid::Uuid>(0),
+                "snapshot_id": r.get::<_, uuid::Uuid>(1),
+                "udid": r.get::<_, String>(2),
+                "finished_at": r.get::<_, String>(3),
+                "passed": r.get::<_, bool>(4),
+                "files_checked": r.get::<_, i64>(5),
+                "bytes_checked": r.get::<_, i64>(6),
+                "problems": r.get::<_, Vec<String>>(7),
+                "counts": {
+                    "messages": r.get::<_, Option<i64>>(8),
+                    "contacts": r.get::<_, Option<i64>>(9),
+                    "photos": r.get::<_, Option<i64>>(10),
+                },
+                "previous_counts": {
+                    "messages": r.get::<_, Option<i64>>(11),
+                    "contacts": r.get::<_, Option<i64>>(12),
+                    "photos": r.get::<_, Option<i64>>(13),
+                },
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "restore_tests": list })))
 }

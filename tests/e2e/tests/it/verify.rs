@@ -78,6 +78,18 @@ async fn a_restore_test_passes_on_a_good_snapshot_and_names_the_file_when_a_pack
         assert_eq!(gone.counts.messages, None, "a damaged sms.db cannot be counted");
     }
 
+    // The API says so, naming the damaged file.
+    let (_, viewer) =
+        lifeboat_server::users::create(&db, tenant, "grafana", lifeboat_server::users::Role::Viewer).await.unwrap();
+    let (status, body) =
+        lifeboat_e2e::http_get(fx.server.http_addr, "/api/v1/restore-tests?passed=false", Some(&viewer)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let failed = &v["restore_tests"][0];
+    assert_eq!(failed["passed"], false);
+    assert_eq!(failed["snapshot_id"], snapshot.to_string());
+    assert!(failed["problems"][0].as_str().unwrap().contains("does not verify"), "{failed}");
+
     let rows = db
         .query("SELECT passed, cardinality(problems), messages FROM restore_tests ORDER BY finished_at", &[])
         .await
@@ -129,5 +141,37 @@ async fn the_verify_command_passes_and_fails_with_the_right_exit_status() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("error: 1 of 1 snapshots failed their restore test"));
     let out = cli(&["verify", "--tenant", "acme"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("say what to verify"));
+    fx.server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn restore_test_results_show_what_the_backup_holds_beside_the_previous_snapshot() {
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let db = fx.db.client().await;
+    let tkeys = fx.server.hub.tenant_keys(tenant).await.unwrap();
+    let dev = device(UDID);
+    for (seed, messages) in [(4u64, 10i64), (5, 25)] {
+        let backup = tempfile::tempdir().unwrap();
+        make_iphone_backup(backup.path(), seed, BackupContent { messages, contacts: 3, photos: 1 }, 10_000).unwrap();
+        let (run, snapshot) = open_run(&client, &dev).await;
+        transfer::upload_dir(&client, &keys, run, snapshot, dev.clone(), backup.path(), 0).await.unwrap();
+        let report = verify::verify_snapshot(&db, &fx.server.hub.storage, &tkeys, snapshot, |_| {}).await.unwrap();
+        assert!(report.passed, "{:?}", report.problems);
+        verify::record(&db, tenant, &report, std::time::SystemTime::now()).await.unwrap();
+    }
+    let (_, viewer) =
+        lifeboat_server::users::create(&db, tenant, "desk", lifeboat_server::users::Role::Viewer).await.unwrap();
+    let path = format!("/api/v1/restore-tests?udid={UDID}");
+    let (status, body) = lifeboat_e2e::http_get(fx.server.http_addr, &path, Some(&viewer)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let tests = v["restore_tests"].as_array().unwrap();
+    assert_eq!(tests.len(), 2);
+    assert_eq!(tests[0]["counts"]["messages"], 25);
+    assert_eq!(tests[0]["previous_counts"]["messages"], 10);
+    assert_eq!(tests[1]["counts"]["messages"], 10);
+    assert_eq!(tests[1]["previous_counts"]["messages"], serde_json::Value::Null);
     fx.server.stop().await.unwrap();
 }
