@@ -72,6 +72,24 @@ pub async fn locate(
     Ok(out)
 }
 
+/// Which of `ids` the tenant's chunk index holds.
+pub async fn indexed(
+    client: &tokio_postgres::Client,
+    tenant: TenantId,
+    ids: &[ChunkId],
+) -> Result<std::collections::HashSet<ChunkId>, ChunkStoreError> {
+    let raw: Vec<&[u8]> = ids.iter().map(|i| &i.0[..]).collect();
+    client
+        .query("SELECT id FROM chunks WHERE tenant_id = $1 AND id = ANY($2)", &[&tenant.0, &raw])
+        .await?
+        .iter()
+        .map(|r| {
+            let id: Vec<u8> = r.get(0);
+            id.try_into().map(ChunkId).map_err(|_| ChunkStoreError::BadIndex)
+        })
+        .collect()
+}
+
 /// Splits sorted locations into groups that one ranged read serves.
 pub fn read_groups(locations: &[Location]) -> impl Iterator<Item = &[Location]> {
     locations.chunk_by(|a, b| {

@@ -399,19 +399,15 @@ impl Hub {
         }
         let client = self.db.get().await?;
         self.check_run(&client, s, run).await?;
-        let raw: Vec<&[u8]> = ids.iter().map(|i| &i.0[..]).collect();
-        let present: HashSet<Vec<u8>> = client
-            .query("SELECT id FROM chunks WHERE tenant_id = $1 AND id = ANY($2)", &[&s.tenant.0, &raw])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let present = chunkstore::indexed(&client, s.tenant, &ids)
+            .await
+            .map_err(|e| Rejection::internal("looking up chunks", e))?;
         let buf = self.buffer(run, s.tenant);
         let buf = buf.lock().await;
         let mut seen = HashSet::new();
         Ok(ids
             .into_iter()
-            .filter(|id| !present.contains(&id.0[..]) && !buf.pending.contains(id) && seen.insert(*id))
+            .filter(|id| !present.contains(id) && !buf.pending.contains(id) && seen.insert(*id))
             .collect())
     }
 
@@ -551,14 +547,10 @@ impl Hub {
         let mut first_missing = None;
         let client = self.db.get().await?;
         for batch in ids.chunks(MAX_IDS_PER_REQUEST) {
-            let raw: Vec<&[u8]> = batch.iter().map(|i| &i.0[..]).collect();
-            let present: HashSet<Vec<u8>> = client
-                .query("SELECT id FROM chunks WHERE tenant_id = $1 AND id = ANY($2)", &[&s.tenant.0, &raw])
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            for id in batch.iter().filter(|id| !present.contains(&id.0[..])) {
+            let present = chunkstore::indexed(&client, s.tenant, batch)
+                .await
+                .map_err(|e| Rejection::internal("looking up chunks", e))?;
+            for id in batch.iter().filter(|id| !present.contains(id)) {
                 missing += 1;
                 first_missing.get_or_insert(*id);
             }

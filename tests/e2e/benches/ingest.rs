@@ -5,16 +5,15 @@
 //! Run: `cargo bench -p lifeboat-e2e --bench ingest` (needs PostgreSQL; results in
 //! docs/performance.md). Target: ≥ 300 MB/s on the 2-core reference machine.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use lifeboat_agent::client::Client;
 use lifeboat_agent::transfer::join_all;
-use lifeboat_server::config::{Config, FileConfig, Overrides};
-use lifeboat_server::{auth, serve, tenants, testing};
-use lifeboat_shared::chunk::{DataKey, IdKey, seal_chunk};
+use lifeboat_e2e::{enrol, server_config};
+use lifeboat_server::{serve, tenants, testing};
+use lifeboat_shared::chunk::seal_chunk;
 use lifeboat_shared::ids::ChunkId;
 use lifeboat_shared::manifest::{ChunkRef, DeviceInfo, FileEntry, Manifest};
-use lifeboat_shared::wire::{Auth, Request, Response};
+use lifeboat_shared::wire::{Request, Response};
 
 const TOTAL_BYTES: usize = 1 << 30;
 const CHUNK_BYTES: usize = 512 * 1024;
@@ -35,30 +34,15 @@ fn main() -> anyhow::Result<()> {
 async fn run(clients: usize) -> anyhow::Result<f64> {
     let db = testing::test_db().await.ok_or_else(|| anyhow::anyhow!("PostgreSQL is needed"))?;
     let dir = tempfile::tempdir()?;
-    let o = Overrides {
-        data_dir: Some(dir.path().join("data")),
-        database_url: Some(db.url.clone()),
-        http_listen: Some("127.0.0.1:0".parse()?),
-        quic_listen: Some("127.0.0.1:0".parse()?),
-        log: Some("warn".into()),
-        ..Default::default()
-    };
-    let server = serve::start(Config::merge(FileConfig::default(), &o)?).await?;
+    let server = serve::start(server_config(&db.url, &dir.path().join("data"))).await?;
     let mut pg = db.client().await;
     let tenant = tenants::create(&mut pg, &server.hub.master, "bench").await?.id;
 
     // Enrol the clients and seal their data before timing.
     let mut jobs = Vec::new();
     for c in 0..clients {
-        let token = auth::create_enroll_token(&pg, tenant, Duration::from_secs(600), String::new(), [0; 32]).await?;
-        let auth = Auth::Enroll {
-            token_secret: token.secret.to_vec(),
-            hostname: format!("bench-{c}"),
-            agent_version: "bench".into(),
-        };
-        let client = Client::connect(&server.quic_addr.to_string(), server.cert_fingerprint, auth).await?;
-        let e = client.accepted.enrolled.clone().ok_or_else(|| anyhow::anyhow!("not enrolled"))?;
-        let (ids, data) = (IdKey::from_bytes(e.id_key), DataKey::from_bytes(&e.data_key));
+        let (client, keys) = enrol(&server, &pg, tenant, &format!("bench-{c}")).await?;
+        let (ids, data) = (&keys.id, &keys.data);
         let udid = format!("{:08X}-{:016X}", 0x8030 + c, 1000 + c);
         let device = DeviceInfo {
             udid: udid.parse()?,
@@ -81,7 +65,7 @@ async fn run(clients: usize) -> anyhow::Result<f64> {
             let id = ids.chunk_id(&plain);
             let mut nonce = [0u8; 12];
             nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            blobs.push((id, seal_chunk(&data, &id, &plain, nonce)));
+            blobs.push((id, seal_chunk(data, &id, &plain, nonce)));
             refs.push(ChunkRef { id, length: CHUNK_BYTES as u32 });
         }
         let size = (refs.len() * CHUNK_BYTES) as u64;
@@ -91,7 +75,7 @@ async fn run(clients: usize) -> anyhow::Result<f64> {
             created_unix_ms: 0,
             files: vec![FileEntry { path: "data".into(), size, mode: 0o644, mtime_unix_seconds: 0, chunks: refs }],
         };
-        let sealed = manifest.seal(&data, [9; 12])?;
+        let sealed = manifest.seal(data, [9; 12])?;
         jobs.push((client, run, snapshot, blobs, sealed));
     }
 

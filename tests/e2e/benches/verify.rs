@@ -5,15 +5,13 @@
 //! Run: `cargo bench -p lifeboat-e2e --bench verify` (needs PostgreSQL; results in
 //! docs/performance.md).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use lifeboat_agent::client::Client;
-use lifeboat_agent::transfer::{self, Keys};
-use lifeboat_e2e::{BackupContent, make_iphone_backup};
-use lifeboat_server::config::{Config, FileConfig, Overrides};
-use lifeboat_server::{auth, serve, tenants, testing, verify};
+use lifeboat_agent::transfer;
+use lifeboat_e2e::{BackupContent, enrol, make_iphone_backup, server_config};
+use lifeboat_server::{serve, tenants, testing, verify};
 use lifeboat_shared::manifest::DeviceInfo;
-use lifeboat_shared::wire::{Auth, Request, Response};
+use lifeboat_shared::wire::{Request, Response};
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -49,23 +47,10 @@ async fn setup() -> anyhow::Result<(
 )> {
     let db = testing::test_db().await.ok_or_else(|| anyhow::anyhow!("PostgreSQL is needed"))?;
     let dir = tempfile::tempdir()?;
-    let o = Overrides {
-        data_dir: Some(dir.path().join("data")),
-        database_url: Some(db.url.clone()),
-        http_listen: Some("127.0.0.1:0".parse()?),
-        quic_listen: Some("127.0.0.1:0".parse()?),
-        log: Some("warn".into()),
-        ..Default::default()
-    };
-    let server = serve::start(Config::merge(FileConfig::default(), &o)?).await?;
+    let server = serve::start(server_config(&db.url, &dir.path().join("data"))).await?;
     let mut pg = db.client().await;
     let tenant = tenants::create(&mut pg, &server.hub.master, "bench").await?.id;
-    let token = auth::create_enroll_token(&pg, tenant, Duration::from_secs(600), String::new(), [0; 32]).await?;
-    let auth =
-        Auth::Enroll { token_secret: token.secret.to_vec(), hostname: "bench".into(), agent_version: "bench".into() };
-    let client = Client::connect(&server.quic_addr.to_string(), server.cert_fingerprint, auth).await?;
-    let e = client.accepted.enrolled.clone().ok_or_else(|| anyhow::anyhow!("not enrolled"))?;
-    let keys = Keys::from_bytes(e.id_key, e.data_key);
+    let (client, keys) = enrol(&server, &pg, tenant, "bench").await?;
     let backup = tempfile::tempdir()?;
     // About 1 GiB: 250 photos of 4 MiB, with the databases and plists of a backup.
     make_iphone_backup(backup.path(), 7, BackupContent { messages: 20_000, contacts: 2_000, photos: 250 }, 4 << 20)?;

@@ -391,3 +391,46 @@ pub fn file_id(domain: &str, relative_path: &str) -> String {
         ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, format!("{domain}-{relative_path}").as_bytes());
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Configuration for an in-process test server: a test database, loopback ports chosen by
+/// the OS, local-disk storage in `data_dir`, and no background restore tests (tests run
+/// them when they want them).
+pub fn server_config(db_url: &str, data_dir: &Path) -> lifeboat_server::config::Config {
+    use lifeboat_server::config::{Config, FileConfig, Overrides};
+    let o = Overrides {
+        data_dir: Some(data_dir.to_path_buf()),
+        database_url: Some(db_url.to_string()),
+        http_listen: "127.0.0.1:0".parse().ok(),
+        quic_listen: "127.0.0.1:0".parse().ok(),
+        ..Default::default()
+    };
+    let mut config = Config::merge(FileConfig::default(), &o).expect("a valid test configuration");
+    config.fleet.restore_tests = false;
+    config
+}
+
+/// Enrols a new agent of `tenant` into a running server; returns its connection and keys.
+pub async fn enrol(
+    server: &lifeboat_server::serve::Running,
+    db: &tokio_postgres::Client,
+    tenant: lifeboat_shared::ids::TenantId,
+    hostname: &str,
+) -> anyhow::Result<(lifeboat_agent::client::Client, lifeboat_agent::transfer::Keys)> {
+    let addr = server.quic_addr.to_string();
+    let token = lifeboat_server::auth::create_enroll_token(
+        db,
+        tenant,
+        Duration::from_secs(3600),
+        addr.clone(),
+        server.cert_fingerprint,
+    )
+    .await?;
+    let auth = lifeboat_shared::wire::Auth::Enroll {
+        token_secret: token.secret.to_vec(),
+        hostname: hostname.into(),
+        agent_version: "test".into(),
+    };
+    let client = lifeboat_agent::client::Client::connect(&addr, server.cert_fingerprint, auth).await?;
+    let e = client.accepted.enrolled.clone().ok_or_else(|| anyhow::anyhow!("the welcome carried no keys"))?;
+    Ok((client, lifeboat_agent::transfer::Keys::from_bytes(e.id_key, e.data_key)))
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lifeboat_agent::client::{Client, ClientError};
 use lifeboat_agent::transfer::{self, Keys, now_unix_ms};
-use lifeboat_server::config::{Config, FileConfig, Overrides, StorageConfig};
+use lifeboat_server::config::StorageConfig;
 use lifeboat_server::serve::{self, Running};
 use lifeboat_server::testing::{TestDb, test_db};
 use lifeboat_server::{auth, tenants};
@@ -14,7 +14,7 @@ use lifeboat_shared::ids::{RunId, SnapshotId, TenantId};
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
 
-use lifeboat_e2e::{make_tree, read_tree};
+use lifeboat_e2e::{enrol, make_tree, read_tree, server_config};
 
 pub struct Fixture {
     pub server: Running,
@@ -30,16 +30,7 @@ pub async fn start_server() -> Option<Fixture> {
 pub async fn start_server_on(storage: Option<StorageConfig>) -> Option<Fixture> {
     let db = test_db().await?;
     let dir = tempfile::tempdir().unwrap();
-    let o = Overrides {
-        data_dir: Some(dir.path().join("data")),
-        database_url: Some(db.url.clone()),
-        http_listen: Some("127.0.0.1:0".parse().unwrap()),
-        quic_listen: Some("127.0.0.1:0".parse().unwrap()),
-        ..Default::default()
-    };
-    let mut config = Config::merge(FileConfig::default(), &o).unwrap();
-    // Tests run restore tests themselves when they want them.
-    config.fleet.restore_tests = false;
+    let mut config = server_config(&db.url, &dir.path().join("data"));
     if let Some(storage) = storage {
         config.storage = storage;
     }
@@ -69,13 +60,7 @@ impl Fixture {
 
     /// Enrols a new agent of `tenant`; returns its connection and keys.
     pub async fn enrolled_agent(&self, tenant: TenantId) -> (Client, Keys) {
-        let secret = self.token(tenant, Duration::from_secs(3600)).await;
-        let client = self
-            .connect(Auth::Enroll { token_secret: secret, hostname: "ws-1".into(), agent_version: "test".into() })
-            .await
-            .unwrap();
-        let e = client.accepted.enrolled.clone().unwrap();
-        (client, Keys::from_bytes(e.id_key, e.data_key))
+        enrol(&self.server, &self.db.client().await, tenant, "ws-1").await.unwrap()
     }
 
     pub async fn count(&self, sql: &str) -> i64 {

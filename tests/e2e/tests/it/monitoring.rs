@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lifeboat_agent::transfer;
-use lifeboat_e2e::{BackupContent, http_get, make_iphone_backup, skip_or_fail};
-use lifeboat_server::config::{Config, FileConfig, Overrides};
+use lifeboat_e2e::{BackupContent, http_get, make_iphone_backup, server_config, skip_or_fail};
 use lifeboat_server::testing::{free_port, spawn_stopped_on_exit, test_db};
 use lifeboat_server::{serve, verify};
 use lifeboat_shared::wire::{DeviceState, Request, RunEnd};
@@ -85,14 +84,8 @@ async fn prometheus_scrapes_the_server_and_every_panel_and_alert_works() {
     }
     let Some(db) = test_db().await else { return };
     let dir = tempfile::tempdir().unwrap();
-    let o = Overrides {
-        data_dir: Some(dir.path().join("data")),
-        database_url: Some(db.url.clone()),
-        http_listen: Some("127.0.0.1:0".parse().unwrap()),
-        quic_listen: Some("127.0.0.1:0".parse().unwrap()),
-        ..Default::default()
-    };
-    let mut config = Config::merge(FileConfig::default(), &o).unwrap();
+    let mut config = server_config(&db.url, &dir.path().join("data"));
+    config.fleet.restore_tests = true;
     config.fleet.refresh = Duration::from_millis(500);
     config.fleet.restore_test_interval = Duration::from_millis(500);
     let fx = Fixture { server: serve::start(config).await.unwrap(), db, _dir: dir };
