@@ -3,9 +3,10 @@
 //!   restore-test results and coverage, storage — read from PostgreSQL on an interval so
 //!   every replica exports the same truth;
 //! - the restore-test runner: one runner across replicas (a PostgreSQL advisory lock),
-//!   testing new snapshots (a configurable sample) and re-testing each device's newest
-//!   snapshot when its last test is older than the re-test window; one snapshot at a time,
-//!   so I/O stays bounded.
+//!   testing new snapshots right away (a configurable sample), every snapshot once it is
+//!   older than the window if it was not sampled, and every snapshot again when its last
+//!   test is older than the window; one snapshot at a time, at most 16 a pass, so I/O
+//!   stays bounded.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,6 +17,9 @@ use lifeboat_shared::ids::{SnapshotId, TenantId};
 use crate::ingest::Hub;
 use crate::metrics::FleetMetrics;
 use crate::verify;
+
+/// Snapshots tested per pass of the runner at most: bounds the I/O of one pass.
+const RESTORE_TESTS_PER_PASS: i64 = 16;
 
 /// Advisory lock key held by the restore-test runner ("lbverify").
 pub const RESTORE_TEST_LOCK_KEY: i64 = 0x6c62_7665_7269_6679;
@@ -236,13 +240,17 @@ pub async fn restore_test_pass(hub: &Hub, config: &FleetConfig) -> Result<usize,
         return Ok(0);
     }
     let result = async {
-        // Each device's newest snapshot whose last test (if any) is older than the window.
+        // Snapshots never tested, and snapshots whose last test is older than the window —
+        // every snapshot, not only the newest, so old ones stay proven restorable —
+        // newest first, a bounded number per pass.
         let rows = client
             .query(
-                "SELECT DISTINCT ON (s.tenant_id, s.udid) s.tenant_id, s.id, \
-                        (SELECT max(finished_at) FROM restore_tests r WHERE r.tenant_id = s.tenant_id AND r.snapshot_id = s.id) IS NULL \
-                 FROM snapshots s ORDER BY s.tenant_id, s.udid, s.committed_at DESC",
-                &[],
+                "SELECT s.tenant_id, s.id, r.last IS NULL FROM snapshots s \
+                 LEFT JOIN LATERAL (SELECT max(finished_at) AS last FROM restore_tests r \
+                   WHERE r.tenant_id = s.tenant_id AND r.snapshot_id = s.id) r ON true \
+                 WHERE r.last IS NULL OR r.last < now() - make_interval(secs => $1) \
+                 ORDER BY s.committed_at DESC LIMIT $2",
+                &[&config.restore_test_window.as_secs_f64(), &RESTORE_TESTS_PER_PASS],
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -250,19 +258,18 @@ pub async fn restore_test_pass(hub: &Hub, config: &FleetConfig) -> Result<usize,
         for r in rows {
             let (tenant, snapshot) = (TenantId(r.get(0)), SnapshotId(r.get(1)));
             let never_tested: bool = r.get(2);
-            let due = if never_tested {
-                sampled(&snapshot, config.restore_test_sample_percent)
-            } else {
-                client
+            // New snapshots are tested right away only if sampled; every one is tested on schedule.
+            let due = !never_tested || sampled(&snapshot, config.restore_test_sample_percent) || {
+                let age: Option<bool> = client
                     .query_one(
-                        "SELECT max(finished_at) < now() - make_interval(secs => $3) FROM restore_tests \
-                         WHERE tenant_id = $1 AND snapshot_id = $2",
+                        "SELECT committed_at < now() - make_interval(secs => $3) FROM snapshots \
+                         WHERE tenant_id = $1 AND id = $2",
                         &[&tenant.0, &snapshot.0, &config.restore_test_window.as_secs_f64()],
                     )
                     .await
                     .map_err(|e| e.to_string())?
-                    .get::<_, Option<bool>>(0)
-                    .unwrap_or(false)
+                    .get(0);
+                age.unwrap_or(false)
             };
             if !due {
                 continue;

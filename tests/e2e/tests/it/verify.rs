@@ -175,3 +175,39 @@ async fn restore_test_results_show_what_the_backup_holds_beside_the_previous_sna
     assert_eq!(tests[1]["previous_counts"]["messages"], serde_json::Value::Null);
     fx.server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_background_runner_tests_sampled_snapshots_at_once_and_the_others_on_schedule() {
+    let Some(db) = lifeboat_server::testing::test_db().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = lifeboat_e2e::server_config(&db.url, &dir.path().join("data"));
+    config.fleet.restore_tests = true;
+    config.fleet.restore_test_interval = std::time::Duration::from_millis(200);
+    config.fleet.restore_test_sample_percent = 0;
+    let fx = crate::ingest::Fixture { server: lifeboat_server::serve::start(config).await.unwrap(), db, _dir: dir };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let backup = tempfile::tempdir().unwrap();
+    make_iphone_backup(backup.path(), 6, BackupContent { messages: 1, contacts: 1, photos: 1 }, 10_000).unwrap();
+    let dev = device(UDID);
+    let (run, snapshot) = open_run(&client, &dev).await;
+    transfer::upload_dir(&client, &keys, run, snapshot, dev, backup.path(), 0).await.unwrap();
+
+    // Not sampled: not tested while it is new.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(fx.count("SELECT count(*) FROM restore_tests").await, 0);
+    // Once older than the window, it is tested, and it passes.
+    let pg = fx.db.client().await;
+    pg.execute("UPDATE snapshots SET committed_at = now() - interval '8 days'", &[]).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fx.count("SELECT count(*) FROM restore_tests WHERE passed").await == 0 {
+        assert!(std::time::Instant::now() < deadline, "the runner did not test the old snapshot");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Tested within the window: not tested again on the next passes.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(fx.count("SELECT count(*) FROM restore_tests").await, 1);
+    let (_, metrics) = lifeboat_e2e::http_get(fx.server.http_addr, "/metrics", None).await.unwrap();
+    assert!(metrics.contains("lifeboat_restore_tests_total{result=\"passed\"} 1"), "{metrics}");
+    fx.server.stop().await.unwrap();
+}
