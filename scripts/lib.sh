@@ -53,3 +53,10 @@ ensure_prometheus() {
   apt_install prometheus
   [ -n "$had_policy" ] || as_root rm -f "$policy"
 }
+
+# libimobiledevice's host tools (idevice_id, idevicebackup2): real peers for the virtual iPhone.
+ensure_libimobiledevice() {
+  if command -v idevice_id >/dev/null 2>&1; then return 0; fi
+  echo "==> installing libimobiledevice-utils (Debian package)"
+  apt_install libimobiledevice-utils
+}

@@ -1,0 +1,168 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use plist::{Dictionary, Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use virtual_iphone::Registry;
+use virtual_iphone::usbmuxd::{self, HEADER_BYTES};
+
+async fn start(devices: u32) -> (std::net::SocketAddr, Arc<Registry>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let registry = Arc::new(Registry::new(42, devices));
+    tokio::spawn(usbmuxd::serve(listener, registry.clone()));
+    (addr, registry)
+}
+
+fn request(kind: &str, tag: u32, extra: &[(&str, Value)]) -> Vec<u8> {
+    let mut d = Dictionary::new();
+    d.insert("MessageType".into(), kind.into());
+    d.insert("ClientVersionString".into(), "test".into());
+    for (k, v) in extra {
+        d.insert((*k).into(), v.clone());
+    }
+    usbmuxd::encode(tag, &d)
+}
+
+async fn reply(s: &mut TcpStream) -> (u32, Dictionary) {
+    let mut h = [0u8; HEADER_BYTES];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h)).await.unwrap().unwrap();
+    let (len, version, message, tag) = usbmuxd::decode_header(&h).unwrap();
+    assert_eq!((version, message), (1, 8));
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    assert!(body.starts_with(b"<?xml"), "replies must be XML for libusbmuxd");
+    (tag, plist::from_bytes::<Value>(&body).unwrap().into_dictionary().unwrap())
+}
+
+fn number(d: &Dictionary) -> Option<u64> {
+    d.get("Number").and_then(Value::as_unsigned_integer)
+}
+
+#[tokio::test]
+async fn lists_devices_in_the_shape_every_host_reads_and_echoes_tags() {
+    let (addr, registry) = start(3).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&request("ListDevices", 77, &[])).await.unwrap();
+    let (tag, d) = reply(&mut s).await;
+    assert_eq!(tag, 77);
+    let list = d["DeviceList"].as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    let first = list[0].as_dictionary().unwrap();
+    assert_eq!(first["MessageType"].as_string(), Some("Attached"));
+    assert_eq!(first["DeviceID"].as_unsigned_integer(), Some(1));
+    let props = first["Properties"].as_dictionary().unwrap();
+    assert_eq!(props["DeviceID"].as_unsigned_integer(), Some(1));
+    assert_eq!(props["ConnectionType"].as_string(), Some("USB"));
+    assert_eq!(props["SerialNumber"].as_string(), Some(registry.all()[0].udid.as_str()));
+
+    s.write_all(&request("ReadBUID", 78, &[])).await.unwrap();
+    let (tag, d) = reply(&mut s).await;
+    assert_eq!(tag, 78);
+    assert_eq!(d["BUID"].as_string(), Some(registry.buid.as_str()));
+}
+
+#[tokio::test]
+async fn pair_records_are_saved_read_and_deleted() {
+    let (addr, registry) = start(1).await;
+    let udid = registry.all()[0].udid.clone();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let id = ("PairRecordID", Value::String(udid.clone()));
+    s.write_all(&request("ReadPairRecord", 1, std::slice::from_ref(&id))).await.unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_DEVICE));
+    let data = ("PairRecordData", Value::Data(b"<plist>record</plist>".to_vec()));
+    s.write_all(&request("SavePairRecord", 2, &[id.clone(), data])).await.unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(0));
+    s.write_all(&request("ReadPairRecord", 3, std::slice::from_ref(&id))).await.unwrap();
+    assert_eq!(reply(&mut s).await.1["PairRecordData"].as_data(), Some(&b"<plist>record</plist>"[..]));
+    s.write_all(&request("DeletePairRecord", 4, std::slice::from_ref(&id))).await.unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(0));
+    s.write_all(&request("ReadPairRecord", 5, &[id])).await.unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_DEVICE));
+    // A save without data is refused.
+    s.write_all(&request("SavePairRecord", 6, &[("PairRecordID", Value::String(udid))])).await.unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_COMMAND));
+}
+
+#[tokio::test]
+async fn connect_answers_like_usbmuxd_for_unknown_devices_and_closed_ports() {
+    let (addr, registry) = start(1).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let port = Value::Integer(u64::from(62078u16.to_be()).into());
+    s.write_all(&request("Connect", 1, &[("DeviceID", Value::Integer(99u64.into())), ("PortNumber", port.clone())]))
+        .await
+        .unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_DEVICE));
+    s.write_all(&request("Connect", 2, &[("DeviceID", Value::Integer(1u64.into())), ("PortNumber", port.clone())]))
+        .await
+        .unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_CONNECTION_REFUSED));
+    registry.set_plugged(&registry.all()[0].udid, false);
+    s.write_all(&request("Connect", 3, &[("DeviceID", Value::Integer(1u64.into())), ("PortNumber", port)]))
+        .await
+        .unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_DEVICE), "an unplugged device is gone");
+    s.write_all(&request("Frobnicate", 4, &[])).await.unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_COMMAND));
+}
+
+#[tokio::test]
+async fn listeners_see_attached_devices_then_unplug_and_replug() {
+    let (addr, registry) = start(2).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&request("Listen", 5, &[])).await.unwrap();
+    let (tag, ok) = reply(&mut s).await;
+    assert_eq!((tag, number(&ok)), (5, Some(0)));
+    for id in [1, 2] {
+        let (tag, d) = reply(&mut s).await;
+        assert_eq!(tag, 0);
+        assert_eq!(d["MessageType"].as_string(), Some("Attached"));
+        assert_eq!(d["DeviceID"].as_unsigned_integer(), Some(id));
+    }
+    let udid = registry.all()[1].udid.clone();
+    assert!(registry.set_plugged(&udid, false));
+    let (_, d) = reply(&mut s).await;
+    assert_eq!((d["MessageType"].as_string(), d["DeviceID"].as_unsigned_integer()), (Some("Detached"), Some(2)));
+    assert!(registry.set_plugged(&udid, true));
+    let (_, d) = reply(&mut s).await;
+    assert_eq!((d["MessageType"].as_string(), d["DeviceID"].as_unsigned_integer()), (Some("Attached"), Some(2)));
+    assert!(!registry.set_plugged("00000000-0000000000000000", false));
+}
+
+#[tokio::test]
+async fn garbage_is_refused_without_taking_the_server_down() {
+    let (addr, _) = start(1).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[0xff; 16]).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(n, 0, "an impossible frame length closes the connection");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&request("ListDevices", 1, &[])).await.unwrap();
+    assert_eq!(reply(&mut s).await.1["DeviceList"].as_array().unwrap().len(), 1);
+}
+
+/// libimobiledevice's `idevice_id -l`, a real host tool, lists the virtual devices.
+#[tokio::test]
+async fn libimobiledevice_idevice_id_lists_the_devices() {
+    if std::process::Command::new("idevice_id").arg("--version").output().is_err() {
+        let what = "idevice_id (Debian libimobiledevice-utils) is not installed";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} (CI=true: a test that cannot run fails)");
+        eprintln!("SKIPPED: {what}");
+        return;
+    }
+    let (addr, registry) = start(3).await;
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("idevice_id").arg("-l").env("USBMUXD_SOCKET_ADDRESS", addr.to_string()).output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut listed: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    listed.sort();
+    let mut expected: Vec<String> = registry.all().into_iter().map(|d| d.udid).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+}
