@@ -8,12 +8,11 @@
 use std::time::Instant;
 
 use lifeboat_agent::transfer::join_all;
-use lifeboat_e2e::{enrol, server_config};
+use lifeboat_e2e::{enrol, open_run, server_config};
 use lifeboat_server::{serve, tenants, testing};
 use lifeboat_shared::chunk::seal_chunk;
 use lifeboat_shared::ids::ChunkId;
 use lifeboat_shared::manifest::{ChunkRef, DeviceInfo, FileEntry, Manifest};
-use lifeboat_shared::wire::{Request, Response};
 
 const TOTAL_BYTES: usize = 1 << 30;
 const CHUNK_BYTES: usize = 512 * 1024;
@@ -50,12 +49,7 @@ async fn run(clients: usize) -> anyhow::Result<f64> {
             product_type: "iPhone15,2".into(),
             ios_version: "17.5".into(),
         };
-        client.request(&Request::RegisterDevice { device: device.clone(), serial_number: None }).await?;
-        let Response::RunOpened { run, snapshot, .. } =
-            client.request(&Request::OpenRun { udid: device.udid.clone(), resume: None }).await?
-        else {
-            anyhow::bail!("no run");
-        };
+        let (run, snapshot) = open_run(&client, &device).await?;
         let per_client = TOTAL_BYTES / clients / CHUNK_BYTES;
         let mut blobs: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(per_client);
         let mut refs = Vec::with_capacity(per_client);

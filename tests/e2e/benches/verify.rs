@@ -8,10 +8,9 @@
 use std::time::Instant;
 
 use lifeboat_agent::transfer;
-use lifeboat_e2e::{BackupContent, enrol, make_iphone_backup, server_config};
+use lifeboat_e2e::{BackupContent, enrol, make_iphone_backup, open_run, server_config};
 use lifeboat_server::{serve, tenants, testing, verify};
 use lifeboat_shared::manifest::DeviceInfo;
-use lifeboat_shared::wire::{Request, Response};
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -60,12 +59,7 @@ async fn setup() -> anyhow::Result<(
         product_type: "iPhone15,2".into(),
         ios_version: "17.5".into(),
     };
-    client.request(&Request::RegisterDevice { device: device.clone(), serial_number: None }).await?;
-    let Response::RunOpened { run, snapshot, .. } =
-        client.request(&Request::OpenRun { udid: device.udid.clone(), resume: None }).await?
-    else {
-        anyhow::bail!("no run");
-    };
+    let (run, snapshot) = open_run(&client, &device).await?;
     transfer::upload_dir(&client, &keys, run, snapshot, device, backup.path(), 0).await?;
     Ok((server, db, (dir, backup), tenant, snapshot))
 }

@@ -434,3 +434,16 @@ pub async fn enrol(
     let e = client.accepted.enrolled.clone().ok_or_else(|| anyhow::anyhow!("the welcome carried no keys"))?;
     Ok((client, lifeboat_agent::transfer::Keys::from_bytes(e.id_key, e.data_key)))
 }
+
+/// Registers `device` and opens a backup run for it: returns the run and its snapshot id.
+pub async fn open_run(
+    client: &lifeboat_agent::client::Client,
+    device: &lifeboat_shared::manifest::DeviceInfo,
+) -> anyhow::Result<(lifeboat_shared::ids::RunId, lifeboat_shared::ids::SnapshotId)> {
+    use lifeboat_shared::wire::{Request, Response};
+    client.request(&Request::RegisterDevice { device: device.clone(), serial_number: None }).await?;
+    match client.request(&Request::OpenRun { udid: device.udid.clone(), resume: None }).await? {
+        Response::RunOpened { run, snapshot, .. } => Ok((run, snapshot)),
+        other => anyhow::bail!("expected RunOpened, got {other:?}"),
+    }
+}

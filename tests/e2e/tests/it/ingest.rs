@@ -78,11 +78,7 @@ pub fn device(udid: &str) -> DeviceInfo {
 }
 
 pub async fn open_run(client: &Client, dev: &DeviceInfo) -> (RunId, SnapshotId) {
-    client.request(&Request::RegisterDevice { device: dev.clone(), serial_number: None }).await.unwrap();
-    match client.request(&Request::OpenRun { udid: dev.udid.clone(), resume: None }).await.unwrap() {
-        Response::RunOpened { run, snapshot, .. } => (run, snapshot),
-        other => panic!("{other:?}"),
-    }
+    lifeboat_e2e::open_run(client, dev).await.unwrap()
 }
 
 const UDID: &str = "00008030-001A2B3C4D5E6F70";
