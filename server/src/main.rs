@@ -47,16 +47,16 @@ enum Command {
     /// Restore-test snapshots now: rebuild each from storage as a restore would and check
     /// the iPhone backup in it. Exits non-zero if any fails.
     Verify {
-        /// Tenant whose snapshots to test.
+        /// Only this tenant's snapshots [default: every tenant's].
         #[arg(long)]
-        tenant: String,
+        tenant: Option<String>,
         /// One snapshot.
         #[arg(long, conflicts_with_all = ["device", "all"])]
         snapshot: Option<lifeboat_shared::ids::SnapshotId>,
         /// The newest snapshot of one device.
         #[arg(long, conflicts_with = "all")]
         device: Option<String>,
-        /// The newest snapshot of every device.
+        /// The newest snapshot of every device (of the tenant, or of all tenants).
         #[arg(long)]
         all: bool,
         /// Print the results as JSON (one object per snapshot, one per line).
@@ -195,7 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify { tenant, snapshot, device, all, json } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(verify(&config, &tenant, snapshot, device, all, json))
+            rt.block_on(verify(&config, tenant.as_deref(), snapshot, device, all, json))
         }
         Command::Agent(AgentCommand::Revoke { id }) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -285,7 +285,7 @@ async fn token_create(config: &Config, tenant: &str, expires: std::time::Duratio
 
 async fn verify(
     config: &Config,
-    tenant: &str,
+    tenant: Option<&str>,
     snapshot: Option<lifeboat_shared::ids::SnapshotId>,
     device: Option<String>,
     all: bool,
@@ -300,19 +300,23 @@ async fn verify(
     let op = lifeboat_server::storage::operator(&config.storage)?;
     let db = AdminDb::open(config).await?;
     let result = async {
-        let t = tenants::by_name(&db.client, tenant).await?;
-        let keys = tenants::keys(&db.client, &master, t.id).await?;
+        let only = match tenant {
+            Some(name) => Some(tenants::by_name(&db.client, name).await?.id.0),
+            None => None,
+        };
+        // The newest matching snapshot of each device, in every tenant unless one is named.
         let rows = db
             .client
             .query(
-                "SELECT DISTINCT ON (udid) id, logical_bytes FROM snapshots WHERE tenant_id = $1 \
-                 AND ($2::uuid IS NULL OR id = $2) AND ($3::text IS NULL OR udid = $3) \
-                 ORDER BY udid, committed_at DESC",
-                &[&t.id.0, &snapshot.map(|s| s.0), &device],
+                "SELECT DISTINCT ON (tenant_id, udid) tenant_id, id, logical_bytes FROM snapshots \
+                 WHERE ($1::uuid IS NULL OR tenant_id = $1) AND ($2::uuid IS NULL OR id = $2) \
+                 AND ($3::text IS NULL OR udid = $3) ORDER BY tenant_id, udid, committed_at DESC",
+                &[&only, &snapshot.map(|s| s.0), &device],
             )
             .await?;
         anyhow::ensure!(!rows.is_empty(), "no snapshot matches");
-        let total: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).sum();
+        let total: i64 = rows.iter().map(|r| r.get::<_, i64>(2)).sum();
+        let mut keys_of = std::collections::HashMap::new();
         let bar = if json {
             indicatif::ProgressBar::hidden()
         } else {
@@ -325,11 +329,16 @@ async fn verify(
         };
         let mut failed = 0;
         for row in &rows {
-            let id = lifeboat_shared::ids::SnapshotId(row.get(0));
+            let tenant = lifeboat_shared::ids::TenantId(row.get(0));
+            let id = lifeboat_shared::ids::SnapshotId(row.get(1));
+            if let std::collections::hash_map::Entry::Vacant(e) = keys_of.entry(tenant) {
+                e.insert(tenants::keys(&db.client, &master, tenant).await?);
+            }
+            let keys = &keys_of[&tenant];
             bar.set_message(id.to_string());
             let started = std::time::SystemTime::now();
-            let report = verify::verify_snapshot(&db.client, &op, &keys, id, |n| bar.inc(n)).await?;
-            verify::record(&db.client, t.id, &report, started).await?;
+            let report = verify::verify_snapshot(&db.client, &op, keys, id, |n| bar.inc(n)).await?;
+            verify::record(&db.client, tenant, &report, started).await?;
             if !report.passed {
                 failed += 1;
             }

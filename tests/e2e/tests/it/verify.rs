@@ -134,13 +134,15 @@ async fn the_verify_command_passes_and_fails_with_the_right_exit_status() {
     for p in pack_files(&data.join("storage")) {
         std::fs::remove_file(p).unwrap();
     }
-    let out = cli(&["verify", "--tenant", "acme", "--snapshot", &snapshot.to_string()]);
+    let out = cli(&["verify", "--snapshot", &snapshot.to_string()]);
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with(&format!("FAILED {snapshot}")), "{stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("error: 1 of 1 snapshots failed their restore test"));
     let out = cli(&["verify", "--tenant", "acme"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("say what to verify"));
+    let out = cli(&["verify", "--tenant", "nobody", "--all"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error: no tenant named \"nobody\""));
     fx.server.stop().await.unwrap();
 }
 
