@@ -3,11 +3,13 @@
 //! idevice) can be tested where no iPhone exists.
 //!
 //! Built so far: the usbmuxd endpoint (`usbmuxd`) over TCP — device list, attach/detach
-//! events, the host's BUID, pair records, and `Connect` to device ports — and the device
-//! registry (`devices`). lockdownd, the helper services and MobileBackup2 come next; until
-//! then `Connect` to any port is refused the way usbmuxd refuses a closed port.
+//! events, the host's BUID, pair records, and `Connect` to device ports — the device
+//! registry (`devices`), and the plaintext part of lockdownd (`lockdownd`: QueryType,
+//! GetValue, Goodbye). Sessions with TLS, pairing, the helper services and MobileBackup2
+//! come next; `Connect` to any other port is refused the way usbmuxd refuses a closed port.
 
 pub mod devices;
+pub mod lockdownd;
 pub mod usbmuxd;
 
 pub use devices::{Device, Registry};

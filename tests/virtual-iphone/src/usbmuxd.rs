@@ -192,9 +192,15 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), MuxErro
                 let port = uint(&req.body, "PortNumber").map(|p| u16::from_be(p as u16));
                 match (device.and_then(|id| registry.attached_by_id(id)), port) {
                     (None, _) => result(RESULT_BAD_DEVICE),
+                    (Some(d), Some(crate::lockdownd::PORT)) => {
+                        // From here on the same socket is a raw stream to the device's port.
+                        s.write_all(&encode(req.tag, &result(RESULT_OK))).await?;
+                        if let Err(e) = crate::lockdownd::serve(s, &d).await {
+                            tracing::debug!(device.udid = %d.udid, error = %e, "lockdown connection ended");
+                        }
+                        return Ok(());
+                    }
                     (Some(d), Some(port)) => {
-                        // No device service listens yet (lockdownd lands next): refused, as
-                        // usbmuxd answers for a closed port.
                         tracing::debug!(device.udid = %d.udid, port, "connect refused: no service on the port");
                         result(RESULT_CONNECTION_REFUSED)
                     }

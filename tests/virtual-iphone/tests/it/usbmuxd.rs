@@ -89,7 +89,7 @@ async fn pair_records_are_saved_read_and_deleted() {
 async fn connect_answers_like_usbmuxd_for_unknown_devices_and_closed_ports() {
     let (addr, registry) = start(1).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let port = Value::Integer(u64::from(62078u16.to_be()).into());
+    let port = Value::Integer(u64::from(1234u16.to_be()).into());
     s.write_all(&request("Connect", 1, &[("DeviceID", Value::Integer(99u64.into())), ("PortNumber", port.clone())]))
         .await
         .unwrap();
@@ -99,6 +99,7 @@ async fn connect_answers_like_usbmuxd_for_unknown_devices_and_closed_ports() {
         .unwrap();
     assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_CONNECTION_REFUSED));
     registry.set_plugged(&registry.all()[0].udid, false);
+    let port = Value::Integer(u64::from(62078u16.to_be()).into());
     s.write_all(&request("Connect", 3, &[("DeviceID", Value::Integer(1u64.into())), ("PortNumber", port)]))
         .await
         .unwrap();
@@ -165,4 +166,100 @@ async fn libimobiledevice_idevice_id_lists_the_devices() {
     let mut expected: Vec<String> = registry.all().into_iter().map(|d| d.udid).collect();
     expected.sort();
     assert_eq!(listed, expected);
+}
+
+async fn lockdown_request(s: &mut TcpStream, body: &[(&str, Value)]) -> Dictionary {
+    let mut d = Dictionary::new();
+    d.insert("Label".into(), "test".into());
+    for (k, v) in body {
+        d.insert((*k).into(), v.clone());
+    }
+    s.write_all(&virtual_iphone::lockdownd::encode(&d)).await.unwrap();
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len)).await.unwrap().unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).await.unwrap();
+    assert!(body.starts_with(b"<?xml"));
+    plist::from_bytes::<Value>(&body).unwrap().into_dictionary().unwrap()
+}
+
+#[tokio::test]
+async fn connect_to_lockdownd_answers_queries_in_plaintext() {
+    let (addr, registry) = start(2).await;
+    let device = registry.all()[1].clone();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let port = Value::Integer(u64::from(62078u16.to_be()).into());
+    s.write_all(&request("Connect", 9, &[("DeviceID", Value::Integer(2u64.into())), ("PortNumber", port)]))
+        .await
+        .unwrap();
+    let (tag, ok) = reply(&mut s).await;
+    assert_eq!((tag, number(&ok)), (9, Some(0)));
+
+    let r = lockdown_request(&mut s, &[("Request", "QueryType".into())]).await;
+    assert_eq!(r["Request"].as_string(), Some("QueryType"));
+    assert_eq!(r["Type"].as_string(), Some("com.apple.mobile.lockdown"));
+    let r = lockdown_request(&mut s, &[("Request", "GetValue".into()), ("Key", "UniqueDeviceID".into())]).await;
+    assert_eq!((r["Request"].as_string(), r["Value"].as_string()), (Some("GetValue"), Some(device.udid.as_str())));
+    let r = lockdown_request(
+        &mut s,
+        &[("Request", "GetValue".into()), ("Domain", "com.apple.mobile.backup".into()), ("Key", "WillEncrypt".into())],
+    )
+    .await;
+    assert_eq!(r["Value"].as_boolean(), Some(false));
+    let r = lockdown_request(&mut s, &[("Request", "GetValue".into())]).await;
+    let all = r["Value"].as_dictionary().unwrap();
+    assert_eq!(all["ProductType"].as_string(), Some(device.product_type.as_str()));
+    assert_eq!(all["ProductVersion"].as_string(), Some(device.ios_version.as_str()));
+    let r = lockdown_request(&mut s, &[("Request", "GetValue".into()), ("Key", "NoSuchKey".into())]).await;
+    assert_eq!(r["Error"].as_string(), Some("MissingValue"));
+    let r = lockdown_request(&mut s, &[("Request", "StartSession".into()), ("HostID", "X".into())]).await;
+    assert_eq!((r["Request"].as_string(), r["Error"].as_string()), (Some("StartSession"), Some("InvalidHostID")));
+    let r = lockdown_request(&mut s, &[("Request", "Goodbye".into())]).await;
+    assert_eq!(r["Result"].as_string(), Some("Success"));
+    let mut buf = [0u8; 1];
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap(), 0);
+}
+
+/// libimobiledevice's `ideviceinfo -s` (no session) reads values from the virtual lockdownd.
+#[tokio::test]
+async fn libimobiledevice_ideviceinfo_reads_device_values() {
+    if std::process::Command::new("ideviceinfo").arg("--version").output().is_err() {
+        let what = "ideviceinfo (Debian libimobiledevice-utils) is not installed";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} (CI=true: a test that cannot run fails)");
+        eprintln!("SKIPPED: {what}");
+        return;
+    }
+    let (addr, registry) = start(2).await;
+    let device = registry.all()[1].clone();
+    let run = move |args: Vec<String>| {
+        let out = std::process::Command::new("ideviceinfo")
+            .args(args)
+            .env("USBMUXD_SOCKET_ADDRESS", addr.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let udid = device.udid.clone();
+    let product = tokio::task::spawn_blocking({
+        let udid = udid.clone();
+        move || run(vec!["-s".into(), "-u".into(), udid, "-k".into(), "ProductType".into()])
+    })
+    .await
+    .unwrap();
+    assert_eq!(product, device.product_type);
+    let encrypt = tokio::task::spawn_blocking(move || {
+        run(vec![
+            "-s".into(),
+            "-u".into(),
+            udid,
+            "-q".into(),
+            "com.apple.mobile.backup".into(),
+            "-k".into(),
+            "WillEncrypt".into(),
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(encrypt, "false");
 }
