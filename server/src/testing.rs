@@ -57,6 +57,18 @@ pub fn skip_or_fail(what: &str) {
     eprintln!("SKIPPED: {what}");
 }
 
+/// Whether PostgreSQL's server binaries are installed; if not, says the test is skipped
+/// (and fails it in CI).
+pub fn have_postgres() -> bool {
+    match BinDir::locate() {
+        Ok(_) => true,
+        Err(e) => {
+            skip_or_fail(&format!("PostgreSQL not installed: {e}"));
+            false
+        }
+    }
+}
+
 /// The process-wide test cluster, started on first use.
 pub fn cluster() -> Option<&'static Cluster> {
     match CLUSTER.get_or_init(start_process_cluster) {

@@ -4,18 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use lifeboat_server::db;
-use lifeboat_server::pg::{BinDir, Cluster, ClusterError, ClusterOptions, Durability};
-use lifeboat_server::testing::skip_or_fail;
-
-fn have_postgres() -> bool {
-    match BinDir::locate() {
-        Ok(_) => true,
-        Err(e) => {
-            skip_or_fail(&format!("PostgreSQL not installed: {e}"));
-            false
-        }
-    }
-}
+use lifeboat_server::pg::{Cluster, ClusterError, ClusterOptions, Durability};
+use lifeboat_server::testing::have_postgres;
 
 /// A temp dir that the `postgres` user can traverse when the tests run as root.
 fn tempdir() -> tempfile::TempDir {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lifeboat_agent::client::Client;
 use lifeboat_agent::transfer::{self, Keys};
-use lifeboat_e2e::{ServerProcess, embedded_db, eventually, make_tree, read_tree, server_cli, skip_or_fail, tempdir};
+use lifeboat_e2e::{ServerProcess, embedded_db, eventually, have_postgres, make_tree, read_tree, server_cli, tempdir};
 use lifeboat_server::auth::EnrollToken;
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
@@ -13,8 +13,7 @@ use nix::sys::signal::Signal;
 
 #[tokio::test]
 async fn sigkill_mid_upload_leaves_no_snapshot_and_the_run_resumes() {
-    if lifeboat_server::pg::BinDir::locate().is_err() {
-        skip_or_fail("PostgreSQL not installed");
+    if !have_postgres() {
         return;
     }
     let dir = tempdir();

@@ -2,12 +2,11 @@
 //! themselves) and with it running (they use its PostgreSQL).
 
 use lifeboat_e2e::server_cli as cli;
-use lifeboat_e2e::{ServerProcess, skip_or_fail, tempdir};
+use lifeboat_e2e::{ServerProcess, have_postgres, tempdir};
 
 #[test]
 fn tenants_are_created_and_listed_with_or_without_a_running_server() {
-    if lifeboat_server::pg::BinDir::locate().is_err() {
-        skip_or_fail("PostgreSQL not installed");
+    if !have_postgres() {
         return;
     }
     let dir = tempdir();

@@ -4,18 +4,10 @@
 
 use std::time::Duration;
 
-use lifeboat_e2e::{ServerProcess, embedded_db, eventually, http_get, postgres_processes_under, skip_or_fail, tempdir};
+use lifeboat_e2e::{
+    ServerProcess, embedded_db, eventually, have_postgres, http_get, postgres_processes_under, tempdir,
+};
 use nix::sys::signal::Signal;
-
-fn have_postgres() -> bool {
-    match lifeboat_server::pg::BinDir::locate() {
-        Ok(_) => true,
-        Err(e) => {
-            skip_or_fail(&format!("PostgreSQL not installed: {e}"));
-            false
-        }
-    }
-}
 
 #[tokio::test]
 async fn ctrl_c_stops_the_server_and_its_postgres() {
