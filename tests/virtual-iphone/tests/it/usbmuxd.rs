@@ -147,10 +147,7 @@ async fn garbage_is_refused_without_taking_the_server_down() {
 /// libimobiledevice's `idevice_id -l`, a real host tool, lists the virtual devices.
 #[tokio::test]
 async fn libimobiledevice_idevice_id_lists_the_devices() {
-    if std::process::Command::new("idevice_id").arg("--version").output().is_err() {
-        let what = "idevice_id (Debian libimobiledevice-utils) is not installed";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} (CI=true: a test that cannot run fails)");
-        eprintln!("SKIPPED: {what}");
+    if !host_tool("idevice_id") {
         return;
     }
     let (addr, registry) = start(3).await;
@@ -223,10 +220,7 @@ async fn connect_to_lockdownd_answers_queries_in_plaintext() {
 /// libimobiledevice's `ideviceinfo -s` (no session) reads values from the virtual lockdownd.
 #[tokio::test]
 async fn libimobiledevice_ideviceinfo_reads_device_values() {
-    if std::process::Command::new("ideviceinfo").arg("--version").output().is_err() {
-        let what = "ideviceinfo (Debian libimobiledevice-utils) is not installed";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} (CI=true: a test that cannot run fails)");
-        eprintln!("SKIPPED: {what}");
+    if !host_tool("ideviceinfo") {
         return;
     }
     let (addr, registry) = start(2).await;
@@ -262,4 +256,17 @@ async fn libimobiledevice_ideviceinfo_reads_device_values() {
     .await
     .unwrap();
     assert_eq!(encrypt, "false");
+}
+
+/// Whether a libimobiledevice tool is installed; if not, the test is skipped with a
+/// message — except in CI (`CI=true` or `1`), where it fails.
+fn host_tool(program: &str) -> bool {
+    if std::process::Command::new(program).arg("--version").output().is_ok() {
+        return true;
+    }
+    let what = format!("{program} (Debian libimobiledevice-utils) is not installed");
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(!ci, "{what} (CI: a test that cannot run fails)");
+    eprintln!("SKIPPED: {what}");
+    false
 }
