@@ -16,6 +16,7 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::join_all;
 use lifeboat_shared::chunk::{DataKey, IdKey, open_and_verify, seal_chunk, stream_chunks};
 use lifeboat_shared::ids::{ChunkId, RunId, SnapshotId};
 use lifeboat_shared::manifest::{ChunkRef, DeviceInfo, FileEntry, Manifest};
@@ -179,26 +180,6 @@ async fn send_batch(
         result?;
     }
     Ok(())
-}
-
-/// Runs futures concurrently on this task and collects their outputs in order.
-pub async fn join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }
 
 /// Downloads `snapshot` into `dest` (which must be empty or absent), verifying every chunk.

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use lifeboat_agent::transfer::join_all;
+use futures_util::future::join_all;
 use lifeboat_e2e::{enrol, open_run, server_config};
 use lifeboat_server::{serve, tenants, testing};
 use lifeboat_shared::chunk::seal_chunk;
@@ -80,7 +80,7 @@ async fn run(clients: usize) -> anyhow::Result<f64> {
             // Four streams in flight per client, as the agent uploads.
             for group in blobs.chunks(BATCH * 4) {
                 let parts: Vec<_> = group.chunks(BATCH).map(|b| client.put_chunks(run, b)).collect();
-                for r in join_all(parts.into_iter()).await {
+                for r in join_all(parts).await {
                     r?;
                 }
             }
