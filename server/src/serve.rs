@@ -6,7 +6,6 @@
 //! → migrations → storage → serving. Shutdown runs the same list backwards.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +33,6 @@ pub struct Running {
     pub quic_addr: SocketAddr,
     /// SHA-256 of the QUIC certificate, which agents pin.
     pub cert_fingerprint: [u8; 32],
-    pub data_dir: PathBuf,
     /// The embedded cluster, when no database URL was configured.
     pub cluster: Option<Arc<Cluster>>,
     pub hub: Arc<Hub>,
@@ -43,7 +41,7 @@ pub struct Running {
     quic: JoinHandle<()>,
     fleet: JoinHandle<()>,
     pool: deadpool_postgres::Pool,
-    _data_dir: DataDir,
+    data_dir: DataDir,
 }
 
 /// Starts everything and returns once the server is serving.
@@ -153,7 +151,6 @@ async fn bring_up(
         http_addr,
         quic_addr,
         cert_fingerprint: fingerprint,
-        data_dir: data_dir.path().to_path_buf(),
         cluster,
         hub,
         stop_tx,
@@ -161,11 +158,16 @@ async fn bring_up(
         quic,
         fleet,
         pool,
-        _data_dir: data_dir,
+        data_dir,
     })
 }
 
 impl Running {
+    /// The (canonical) data directory the server holds locked.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data_dir.path()
+    }
+
     /// Stops serving, closes the pool and stops the embedded PostgreSQL.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop_tx.send(true);

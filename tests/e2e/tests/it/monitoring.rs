@@ -162,7 +162,7 @@ async fn prometheus_scrapes_the_server_and_every_panel_and_alert_works() {
     // Make the good device stale, and damage its snapshot: both alerts fire.
     let pg = fx.db.client().await;
     pg.execute("UPDATE snapshots SET committed_at = now() - interval '10 days'", &[]).await.unwrap();
-    let storage = fx.server.data_dir.join("storage/tenants");
+    let storage = fx.server.data_dir().join("storage/tenants");
     let pack = find_pack(&storage).expect("a pack");
     std::fs::remove_file(&pack).unwrap();
     let keys = fx.server.hub.tenant_keys(tenant).await.unwrap();

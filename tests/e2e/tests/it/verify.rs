@@ -51,7 +51,7 @@ async fn a_restore_test_passes_on_a_good_snapshot_and_names_the_file_when_a_pack
     verify::record(&db, tenant, &good, std::time::SystemTime::now()).await.unwrap();
 
     // Flip one byte in the middle of a pack: the chunk there no longer verifies.
-    let storage = fx.server.data_dir.join("storage");
+    let storage = fx.server.data_dir().join("storage");
     let packs = pack_files(&storage);
     assert!(!packs.is_empty());
     let mut bytes = std::fs::read(&packs[0]).unwrap();
@@ -112,7 +112,7 @@ async fn the_verify_command_passes_and_fails_with_the_right_exit_status() {
     let (run, snapshot) = open_run(&client, &dev).await;
     transfer::upload_dir(&client, &keys, run, snapshot, dev, backup.path(), 0).await.unwrap();
 
-    let data = fx.server.data_dir.clone();
+    let data = fx.server.data_dir().to_path_buf();
     let cli = |args: &[&str]| {
         std::process::Command::new(lifeboat_e2e::bin("lifeboat-server"))
             .env_remove("LIFEBOAT_DATABASE_URL")
