@@ -54,6 +54,18 @@ ensure_prometheus() {
   [ -n "$had_policy" ] || as_root rm -f "$policy"
 }
 
+# pymobiledevice3 (PyPI) in its own virtualenv: the third host the virtual iPhone must
+# satisfy. Tests find it through PYMOBILEDEVICE3 (exported here) or on PATH.
+ensure_pymobiledevice3() {
+  local venv="${LIFEBOAT_TOOLS_VENV:-$HOME/.cache/lifeboat/pymobiledevice3-venv}"
+  if [ ! -x "$venv/bin/pymobiledevice3" ]; then
+    echo "==> installing pymobiledevice3 (PyPI) into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'pymobiledevice3>=11,<12'
+  fi
+  export PYMOBILEDEVICE3="$venv/bin/pymobiledevice3"
+}
+
 # libimobiledevice's host tools (idevice_id, idevicebackup2): real peers for the virtual iPhone.
 ensure_libimobiledevice() {
   if command -v idevice_id >/dev/null 2>&1; then return 0; fi

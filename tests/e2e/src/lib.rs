@@ -244,47 +244,6 @@ pub struct BackupContent {
     pub photos: i64,
 }
 
-fn mbfile(relative_path: &str, size: u64, inode: u64) -> Vec<u8> {
-    use plist::{Dictionary, Uid, Value};
-    let mut mb = Dictionary::new();
-    mb.insert("$class".into(), Value::Uid(Uid::new(3)));
-    mb.insert("RelativePath".into(), Value::Uid(Uid::new(2)));
-    mb.insert("Size".into(), Value::Integer(size.into()));
-    mb.insert("Mode".into(), Value::Integer(0o100644.into()));
-    for k in ["LastModified", "Birth", "LastStatusChange"] {
-        mb.insert(k.into(), Value::Integer(1_700_000_000.into()));
-    }
-    mb.insert("UserID".into(), Value::Integer(501.into()));
-    mb.insert("GroupID".into(), Value::Integer(501.into()));
-    mb.insert("ProtectionClass".into(), Value::Integer(3.into()));
-    mb.insert("InodeNumber".into(), Value::Integer(inode.into()));
-    mb.insert("Flags".into(), Value::Integer(0.into()));
-    let mut class = Dictionary::new();
-    class.insert("$classname".into(), Value::String("MBFile".into()));
-    class.insert(
-        "$classes".into(),
-        Value::Array(vec![Value::String("MBFile".into()), Value::String("NSObject".into())]),
-    );
-    let mut top = Dictionary::new();
-    top.insert("root".into(), Value::Uid(Uid::new(1)));
-    let mut root = Dictionary::new();
-    root.insert("$archiver".into(), Value::String("NSKeyedArchiver".into()));
-    root.insert("$version".into(), Value::Integer(100_000.into()));
-    root.insert("$top".into(), Value::Dictionary(top));
-    root.insert(
-        "$objects".into(),
-        Value::Array(vec![
-            Value::String("$null".into()),
-            Value::Dictionary(mb),
-            Value::String(relative_path.into()),
-            Value::Dictionary(class),
-        ]),
-    );
-    let mut out = Vec::new();
-    Value::Dictionary(root).to_writer_binary(&mut out).expect("binary plist");
-    out
-}
-
 /// Writes a small but well-formed iPhone backup directory (as MobileBackup2 leaves it):
 /// Info.plist, Status.plist, Manifest.plist, Manifest.db with MBFile records, and
 /// `xx/<fileID>` files — sms.db, AddressBook.sqlitedb and Photos.sqlite with the given
@@ -349,26 +308,16 @@ pub fn make_iphone_backup(root: &Path, seed: u64, content: BackupContent, photo_
             format!("<plist><dict><key>n</key><integer>{i}</integer></dict></plist>").into_bytes(),
         ));
     }
-    let manifest_db = tmp.path().join("Manifest.db");
-    let db = rusqlite::Connection::open(&manifest_db).map_err(std::io::Error::other)?;
-    db.execute_batch(
-        "CREATE TABLE Files (fileID TEXT PRIMARY KEY, domain TEXT, relativePath TEXT, flags INTEGER, file BLOB); \
-         CREATE INDEX FilesDomainIdx ON Files(domain); CREATE INDEX FilesRelativePathIdx ON Files(relativePath); \
-         CREATE TABLE Properties (key TEXT PRIMARY KEY, value BLOB);",
-    )
-    .map_err(std::io::Error::other)?;
-    for (n, (domain, path, data)) in files.iter().enumerate() {
-        let id = file_id(domain, path);
-        std::fs::create_dir_all(root.join(&id[..2]))?;
-        std::fs::write(root.join(&id[..2]).join(&id), data)?;
-        db.execute(
-            "INSERT INTO Files VALUES (?1, ?2, ?3, 1, ?4)",
-            (&id, domain, path, mbfile(path, data.len() as u64, n as u64 + 1000)),
-        )
-        .map_err(std::io::Error::other)?;
+    let mut rows = Vec::with_capacity(files.len());
+    for (domain, path, data) in &files {
+        let row =
+            virtual_iphone::manifest::ManifestFile::file(domain, path, data.len() as u64, 1_700_000_000, 0o100644);
+        std::fs::create_dir_all(root.join(&row.file_id[..2]))?;
+        std::fs::write(root.join(&row.file_id[..2]).join(&row.file_id), data)?;
+        rows.push(row);
     }
-    drop(db);
-    std::fs::copy(&manifest_db, root.join("Manifest.db"))?;
+    let db = virtual_iphone::manifest::build_manifest_db(&rows).map_err(std::io::Error::other)?;
+    std::fs::write(root.join("Manifest.db"), db)?;
     let status = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<plist version=\"1.0\"><dict>\
         <key>BackupState</key><string>new</string><key>IsFullBackup</key><true/>\
         <key>SnapshotState</key><string>finished</string><key>UUID</key><string>00000000-0000-0000-0000-000000000000</string>\
@@ -386,11 +335,7 @@ pub fn make_iphone_backup(root: &Path, seed: u64, content: BackupContent, photo_
 }
 
 /// A backup fileID: SHA-1 of `domain-relativePath`, lowercase hex.
-pub fn file_id(domain: &str, relative_path: &str) -> String {
-    let d =
-        ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, format!("{domain}-{relative_path}").as_bytes());
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use virtual_iphone::manifest::file_id;
 
 /// Configuration for an in-process test server: a test database, loopback ports chosen by
 /// the OS, local-disk storage in `data_dir`, and no background restore tests (tests run

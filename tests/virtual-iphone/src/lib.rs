@@ -2,14 +2,26 @@
 //! restore an iPhone, so the agent and real host tools (libimobiledevice, pymobiledevice3,
 //! idevice) can be tested where no iPhone exists.
 //!
-//! Built so far: the usbmuxd endpoint (`usbmuxd`) over TCP — device list, attach/detach
-//! events, the host's BUID, pair records, and `Connect` to device ports — the device
-//! registry (`devices`), and the plaintext part of lockdownd (`lockdownd`: QueryType,
-//! GetValue, Goodbye). Sessions with TLS, pairing, the helper services and MobileBackup2
-//! come next; `Connect` to any other port is refused the way usbmuxd refuses a closed port.
+//! - `usbmuxd`: the usbmuxd endpoint over TCP — device list, attach/detach events, the
+//!   host's BUID, pair records (pre-made ones served), `Connect` to device ports.
+//! - `lockdownd`: values, pairing, TLS sessions, `StartService`.
+//! - `services`: the service ports, notification_proxy, installation_proxy and
+//!   springboardservices; `afc` and `mobilebackup2` (backup, incremental backup, restore).
+//! - `content` and `manifest`: each device's deterministic synthetic content, and the
+//!   backup metadata (Manifest.db, Manifest.plist, Status.plist) it writes.
+//! - `devices`: the registry of devices and their live state (plugged, passcode, faults);
+//!   `control`: the same operations over a socket for `virtual-iphone ctl`.
 
+pub mod afc;
+pub mod content;
+pub mod control;
 pub mod devices;
+pub mod framing;
 pub mod lockdownd;
+pub mod manifest;
+pub mod mobilebackup2;
+pub mod pairing;
+pub mod services;
 pub mod usbmuxd;
 
-pub use devices::{Device, Registry};
+pub use devices::{Config, Device, DeviceState, Registry};

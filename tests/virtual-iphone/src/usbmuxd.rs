@@ -128,6 +128,9 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                // Device protocols are chatty request/response exchanges: Nagle's algorithm
+                // against the host's delayed ACKs would add 40 ms to each one.
+                let _ = stream.set_nodelay(true);
                 let registry = registry.clone();
                 tokio::spawn(async move {
                     if let Err(e) = connection(stream, &registry).await {
@@ -140,7 +143,7 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     }
 }
 
-async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), MuxError> {
+async fn connection(mut s: TcpStream, registry: &Arc<Registry>) -> Result<(), MuxError> {
     while let Some(req) = read_frame(&mut s).await? {
         if req.version != PLIST_VERSION || req.message != PLIST_MESSAGE {
             s.write_all(&encode(req.tag, &result(RESULT_BAD_VERSION))).await?;
@@ -192,16 +195,31 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), MuxErro
                 let port = uint(&req.body, "PortNumber").map(|p| u16::from_be(p as u16));
                 match (device.and_then(|id| registry.attached_by_id(id)), port) {
                     (None, _) => result(RESULT_BAD_DEVICE),
-                    (Some(d), Some(crate::lockdownd::PORT)) => {
-                        // From here on the same socket is a raw stream to the device's port.
+                    (Some(state), Some(port)) if port == crate::lockdownd::PORT || state.take_grant(port) => {
+                        // From here on the same socket is a raw stream to the device's port;
+                        // pulling the device out cuts it.
                         s.write_all(&encode(req.tag, &result(RESULT_OK))).await?;
-                        if let Err(e) = crate::lockdownd::serve(s, &d).await {
-                            tracing::debug!(device.udid = %d.udid, error = %e, "lockdown connection ended");
+                        let udid = state.device.udid.clone();
+                        let served = async {
+                            match crate::services::by_port(port) {
+                                None => crate::lockdownd::serve(s, &state, registry).await.map_err(|e| e.to_string()),
+                                Some(spec) => crate::services::serve(s, spec, state.clone(), registry.clone())
+                                    .await
+                                    .map_err(|e| e.to_string()),
+                            }
+                        };
+                        tokio::select! {
+                            r = served => if let Err(e) = r {
+                                tracing::debug!(device.udid = %udid, port, error = %e, "device connection ended");
+                            },
+                            () = state.unplugged() => {
+                                tracing::info!(device.udid = %udid, port, "device unplugged: connection cut");
+                            }
                         }
                         return Ok(());
                     }
-                    (Some(d), Some(port)) => {
-                        tracing::debug!(device.udid = %d.udid, port, "connect refused: no service on the port");
+                    (Some(state), Some(port)) => {
+                        tracing::debug!(device.udid = %state.device.udid, port, "connect refused: no service on the port");
                         result(RESULT_CONNECTION_REFUSED)
                     }
                     (Some(_), None) => result(RESULT_BAD_COMMAND),

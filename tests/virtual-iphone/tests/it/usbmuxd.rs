@@ -4,15 +4,20 @@ use std::time::Duration;
 use plist::{Dictionary, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use virtual_iphone::Registry;
+use virtual_iphone::content::Profile;
 use virtual_iphone::usbmuxd::{self, HEADER_BYTES};
+use virtual_iphone::{Config, Registry};
 
-async fn start(devices: u32) -> (std::net::SocketAddr, Arc<Registry>) {
+use crate::host_tool;
+
+async fn start(devices: u32) -> (std::net::SocketAddr, Arc<Registry>, tempfile::TempDir) {
+    let state = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let registry = Arc::new(Registry::new(42, devices));
+    let config = Config { seed: 42, devices, profile: Profile::Tiny, state_dir: state.path().to_path_buf() };
+    let registry = Arc::new(Registry::new(config).unwrap());
     tokio::spawn(usbmuxd::serve(listener, registry.clone()));
-    (addr, registry)
+    (addr, registry, state)
 }
 
 fn request(kind: &str, tag: u32, extra: &[(&str, Value)]) -> Vec<u8> {
@@ -42,7 +47,7 @@ fn number(d: &Dictionary) -> Option<u64> {
 
 #[tokio::test]
 async fn lists_devices_in_the_shape_every_host_reads_and_echoes_tags() {
-    let (addr, registry) = start(3).await;
+    let (addr, registry, _state) = start(3).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&request("ListDevices", 77, &[])).await.unwrap();
     let (tag, d) = reply(&mut s).await;
@@ -65,12 +70,16 @@ async fn lists_devices_in_the_shape_every_host_reads_and_echoes_tags() {
 
 #[tokio::test]
 async fn pair_records_are_saved_read_and_deleted() {
-    let (addr, registry) = start(1).await;
+    let (addr, registry, _state) = start(1).await;
     let udid = registry.all()[0].udid.clone();
     let mut s = TcpStream::connect(addr).await.unwrap();
     let id = ("PairRecordID", Value::String(udid.clone()));
+    // Every device comes with a pre-made record, so hosts need not pair.
     s.write_all(&request("ReadPairRecord", 1, std::slice::from_ref(&id))).await.unwrap();
-    assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_DEVICE));
+    let premade = reply(&mut s).await.1["PairRecordData"].as_data().unwrap().to_vec();
+    let record: Dictionary = plist::from_bytes(&premade).unwrap();
+    assert_eq!(record["HostID"].as_string(), Some(registry.identity.host_id.as_str()));
+    assert_eq!(record["SystemBUID"].as_string(), Some(registry.buid.as_str()));
     let data = ("PairRecordData", Value::Data(b"<plist>record</plist>".to_vec()));
     s.write_all(&request("SavePairRecord", 2, &[id.clone(), data])).await.unwrap();
     assert_eq!(number(&reply(&mut s).await.1), Some(0));
@@ -79,15 +88,18 @@ async fn pair_records_are_saved_read_and_deleted() {
     s.write_all(&request("DeletePairRecord", 4, std::slice::from_ref(&id))).await.unwrap();
     assert_eq!(number(&reply(&mut s).await.1), Some(0));
     s.write_all(&request("ReadPairRecord", 5, &[id])).await.unwrap();
+    assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_DEVICE), "deleted, the pre-made one too");
+    let unknown = ("PairRecordID", Value::String("00000000-0000000000000000".into()));
+    s.write_all(&request("ReadPairRecord", 7, &[unknown])).await.unwrap();
     assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_DEVICE));
     // A save without data is refused.
-    s.write_all(&request("SavePairRecord", 6, &[("PairRecordID", Value::String(udid))])).await.unwrap();
+    s.write_all(&request("SavePairRecord", 6, &[("PairRecordID", Value::String(udid.clone()))])).await.unwrap();
     assert_eq!(number(&reply(&mut s).await.1), Some(usbmuxd::RESULT_BAD_COMMAND));
 }
 
 #[tokio::test]
 async fn connect_answers_like_usbmuxd_for_unknown_devices_and_closed_ports() {
-    let (addr, registry) = start(1).await;
+    let (addr, registry, _state) = start(1).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     let port = Value::Integer(u64::from(1234u16.to_be()).into());
     s.write_all(&request("Connect", 1, &[("DeviceID", Value::Integer(99u64.into())), ("PortNumber", port.clone())]))
@@ -110,7 +122,7 @@ async fn connect_answers_like_usbmuxd_for_unknown_devices_and_closed_ports() {
 
 #[tokio::test]
 async fn listeners_see_attached_devices_then_unplug_and_replug() {
-    let (addr, registry) = start(2).await;
+    let (addr, registry, _state) = start(2).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&request("Listen", 5, &[])).await.unwrap();
     let (tag, ok) = reply(&mut s).await;
@@ -133,7 +145,7 @@ async fn listeners_see_attached_devices_then_unplug_and_replug() {
 
 #[tokio::test]
 async fn garbage_is_refused_without_taking_the_server_down() {
-    let (addr, _) = start(1).await;
+    let (addr, _, _state) = start(1).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&[0xff; 16]).await.unwrap();
     let mut buf = [0u8; 1];
@@ -150,7 +162,7 @@ async fn libimobiledevice_idevice_id_lists_the_devices() {
     if !host_tool("idevice_id") {
         return;
     }
-    let (addr, registry) = start(3).await;
+    let (addr, registry, _state) = start(3).await;
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("idevice_id").arg("-l").env("USBMUXD_SOCKET_ADDRESS", addr.to_string()).output()
     })
@@ -182,7 +194,7 @@ async fn lockdown_request(s: &mut TcpStream, body: &[(&str, Value)]) -> Dictiona
 
 #[tokio::test]
 async fn connect_to_lockdownd_answers_queries_in_plaintext() {
-    let (addr, registry) = start(2).await;
+    let (addr, registry, _state) = start(2).await;
     let device = registry.all()[1].clone();
     let mut s = TcpStream::connect(addr).await.unwrap();
     let port = Value::Integer(u64::from(62078u16.to_be()).into());
@@ -211,6 +223,8 @@ async fn connect_to_lockdownd_answers_queries_in_plaintext() {
     assert_eq!(r["Error"].as_string(), Some("MissingValue"));
     let r = lockdown_request(&mut s, &[("Request", "StartSession".into()), ("HostID", "X".into())]).await;
     assert_eq!((r["Request"].as_string(), r["Error"].as_string()), (Some("StartSession"), Some("InvalidHostID")));
+    let r = lockdown_request(&mut s, &[("Request", "StartService".into()), ("Service", "com.apple.afc".into())]).await;
+    assert_eq!(r["Error"].as_string(), Some("SessionInactive"), "services need a session");
     let r = lockdown_request(&mut s, &[("Request", "Goodbye".into())]).await;
     assert_eq!(r["Result"].as_string(), Some("Success"));
     let mut buf = [0u8; 1];
@@ -223,7 +237,7 @@ async fn libimobiledevice_ideviceinfo_reads_device_values() {
     if !host_tool("ideviceinfo") {
         return;
     }
-    let (addr, registry) = start(2).await;
+    let (addr, registry, _state) = start(2).await;
     let device = registry.all()[1].clone();
     let run = move |args: Vec<String>| {
         let out = std::process::Command::new("ideviceinfo")
@@ -258,15 +272,56 @@ async fn libimobiledevice_ideviceinfo_reads_device_values() {
     assert_eq!(encrypt, "false");
 }
 
-/// Whether a libimobiledevice tool is installed; if not, the test is skipped with a
-/// message — except in CI (`CI=true` or `1`), where it fails.
-fn host_tool(program: &str) -> bool {
-    if std::process::Command::new(program).arg("--version").output().is_ok() {
-        return true;
+/// `ideviceinfo` without `-s` starts a lockdown session: TLS with OpenSSL on the host side,
+/// the pre-made pair record's root certificate as its client certificate.
+#[tokio::test]
+async fn libimobiledevice_reads_values_inside_a_tls_session() {
+    if !host_tool("ideviceinfo") {
+        return;
     }
-    let what = format!("{program} (Debian libimobiledevice-utils) is not installed");
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    assert!(!ci, "{what} (CI: a test that cannot run fails)");
-    eprintln!("SKIPPED: {what}");
-    false
+    let (addr, registry, _state) = start(1).await;
+    let device = registry.all()[0].clone();
+    let udid = device.udid.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("ideviceinfo")
+            .args(["-u", &udid, "-k", "SerialNumber"])
+            .env("USBMUXD_SOCKET_ADDRESS", addr.to_string())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), device.serial_number);
+}
+
+/// idevice pairs with its own certificates (the `Pair` request), saves the record through
+/// usbmuxd, and starts a session with it; a forgotten HostID is refused.
+#[tokio::test]
+async fn idevice_pairs_then_starts_a_session_with_its_own_record() {
+    use idevice::IdeviceService as _;
+    use idevice::services::lockdown::LockdownClient;
+    use idevice::usbmuxd::UsbmuxdAddr;
+    let (addr, registry, _state) = start(1).await;
+    let udid = registry.all()[0].udid.clone();
+    let mux_addr = UsbmuxdAddr::TcpSocket(addr);
+    let mut mux = mux_addr.connect(1).await.unwrap();
+    let device = mux.get_device(&udid).await.unwrap();
+    let provider = device.to_provider(mux_addr.clone(), "pair-test");
+    let mut lockdown = LockdownClient::connect(&provider).await.unwrap();
+    let buid = mux.get_buid().await.unwrap();
+    let host_id = uuid::Uuid::new_v4().to_string().to_uppercase();
+    let record = lockdown.pair(host_id.clone(), buid, Some("test-host")).await.unwrap();
+    assert!(record.escrow_bag.is_some(), "the device hands out an escrow bag");
+    mux.save_pair_record(&udid, record.clone().serialize().unwrap()).await.unwrap();
+    assert!(registry.state_by_udid(&udid).unwrap().trusts(&host_id));
+
+    let mut lockdown = LockdownClient::connect(&provider).await.unwrap();
+    lockdown.start_session(&record).await.unwrap();
+    let name = lockdown.get_value(Some("DeviceName"), None).await.unwrap();
+    assert_eq!(name.as_string(), Some(registry.all()[0].name.as_str()));
+
+    registry.state_by_udid(&udid).unwrap().unpair(&host_id);
+    let mut lockdown = LockdownClient::connect(&provider).await.unwrap();
+    assert!(lockdown.start_session(&record).await.is_err(), "an unpaired host is refused");
 }
