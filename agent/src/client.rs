@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use lifeboat_shared::ids::{AgentId, ChunkId, RunId, SnapshotId, TenantId};
 use lifeboat_shared::wire::{
-    self, ALPN, Auth, BYTES_PART, Data, Enrolled, ErrorCode, Hello, MAX_CONTROL_FRAME_BYTES, MAX_DATA_FRAME_BYTES,
-    Request, Response, VERSIONS, Welcome,
+    self, ALPN, Auth, BYTES_PART, Data, DataRef, Enrolled, ErrorCode, Hello, MAX_CONTROL_FRAME_BYTES,
+    MAX_DATA_FRAME_BYTES, Request, Response, VERSIONS, Welcome,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -197,7 +197,7 @@ impl Client {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         wire::write_frame(&mut send, &Request::PutChunks { run }).await?;
         for (id, blob) in blobs {
-            wire::write_frame(&mut send, &Data::Blob { id: *id, blob: blob.clone() }).await?;
+            wire::write_frame(&mut send, &DataRef::Blob { id: *id, blob }).await?;
         }
         wire::write_frame(&mut send, &Data::End).await?;
         let _ = send.finish();

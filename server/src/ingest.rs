@@ -18,13 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_io::{AsyncRead, AsyncWrite};
-use lifeboat_shared::chunk::open_and_verify;
+use lifeboat_shared::chunk::open_and_verify_into;
 use lifeboat_shared::ids::{AgentId, ChunkId, PackId, RunId, SnapshotId, TenantId, Udid};
 use lifeboat_shared::manifest::{DeviceInfo, Manifest};
 use lifeboat_shared::pack::PackBuilder;
 use lifeboat_shared::wire::{
-    self, BYTES_PART, Data, DeviceState, ErrorCode, MAX_CONTROL_FRAME_BYTES, MAX_DATA_FRAME_BYTES, MAX_IDS_PER_REQUEST,
-    Request, Response, RunEnd,
+    self, BYTES_PART, Data, DataRef, DeviceState, ErrorCode, FrameError, MAX_CONTROL_FRAME_BYTES, MAX_DATA_FRAME_BYTES,
+    MAX_IDS_PER_REQUEST, Request, Response, RunEnd,
 };
 
 use crate::chunkstore::{self, ChunkStoreError};
@@ -73,8 +73,8 @@ impl From<deadpool_postgres::PoolError> for Rejection {
     }
 }
 
-impl From<wire::FrameError> for Rejection {
-    fn from(e: wire::FrameError) -> Self {
+impl From<FrameError> for Rejection {
+    fn from(e: FrameError) -> Self {
         Self::new(e.code(), e.to_string())
     }
 }
@@ -424,24 +424,26 @@ impl Hub {
         let keys = self.tenant_keys(s.tenant).await?;
         let buf = self.buffer(run, s.tenant);
         let (mut chunks, mut new_chunks, mut new_bytes) = (0u32, 0u32, 0u64);
+        // One frame buffer and one plaintext buffer for the whole stream: no allocation
+        // (and no fresh pages to fault in and zero) per chunk.
+        let (mut frame, mut plain) = (Vec::new(), Vec::new());
         loop {
-            match wire::expect_frame::<Data, _>(recv, MAX_DATA_FRAME_BYTES).await? {
-                Data::End => break,
-                Data::Blob { id, blob } => {
+            let len =
+                wire::read_frame_into(recv, MAX_DATA_FRAME_BYTES, &mut frame).await?.ok_or(FrameError::Truncated)?;
+            match wire::decode_borrowed::<DataRef<'_>>(&frame[..len])? {
+                DataRef::End => break,
+                DataRef::Blob { id, blob } => {
                     chunks += 1;
                     self.metrics.ingest_received_bytes.inc_by(blob.len() as u64);
-                    let plain = match open_and_verify(&keys.data, &keys.id, &id, &blob) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            self.metrics.ingest_rejected_chunks.inc();
-                            tracing::warn!(agent.id = %s.agent, run.id = %run, chunk.id = %id, error = %e, "refused a chunk");
-                            return Err(Rejection::new(ErrorCode::ChunkMismatch, format!("chunk {id} refused: {e}")));
-                        }
-                    };
+                    if let Err(e) = open_and_verify_into(&keys.data, &keys.id, &id, blob, &mut plain) {
+                        self.metrics.ingest_rejected_chunks.inc();
+                        tracing::warn!(agent.id = %s.agent, run.id = %run, chunk.id = %id, error = %e, "refused a chunk");
+                        return Err(Rejection::new(ErrorCode::ChunkMismatch, format!("chunk {id} refused: {e}")));
+                    }
                     let full = {
                         let mut b = buf.lock().await;
                         if b.pending.insert(id) {
-                            b.pack.push(id, &blob);
+                            b.pack.push(id, blob);
                             b.plain_len.insert(id, plain.len() as u32);
                             b.uploaded_plain_bytes += plain.len() as u64;
                             new_chunks += 1;
@@ -453,7 +455,7 @@ impl Hub {
                         self.flush(&buf).await?;
                     }
                 }
-                Data::Bytes(_) => return Err(Rejection::new(ErrorCode::Malformed, "expected chunk blobs")),
+                DataRef::Bytes(_) => return Err(Rejection::new(ErrorCode::Malformed, "expected chunk blobs")),
             }
         }
         Ok(Response::Stored { chunks, new_chunks, new_bytes })

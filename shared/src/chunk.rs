@@ -56,26 +56,40 @@ impl DataKey {
         Self { key: aead::LessSafeKey::new(unbound) }
     }
 
-    /// Seals `plaintext` in place into `out` (`out` is cleared first), with `aad` authenticated.
+    /// Appends `ciphertext || tag` of `plaintext` to `out`, with `aad` authenticated; the
+    /// plaintext is copied once, into `out`, and encrypted there.
     pub fn seal_into(&self, nonce: [u8; NONCE_BYTES], aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
+        out.reserve(plaintext.len() + crate::format::TAG_BYTES);
         out.extend_from_slice(plaintext);
-        let mut body = out.split_off(start);
         // Invariant: ring fails sealing only for inputs over ~64 GiB; callers pass at most a chunk.
-        self.key
-            .seal_in_place_append_tag(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(aad), &mut body)
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(aad),
+                &mut out[start..],
+            )
             .expect("AES-GCM input within size limits");
-        out.extend_from_slice(&body);
+        out.extend_from_slice(tag.as_ref());
     }
 
     /// Opens a sealed `ciphertext || tag`; `None` if it was not sealed under this key and `aad`.
     pub fn open(&self, nonce: [u8; NONCE_BYTES], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-        let mut buf = sealed.to_vec();
-        let plain =
-            self.key.open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(aad), &mut buf).ok()?;
-        let n = plain.len();
-        buf.truncate(n);
+        let mut buf = Vec::new();
+        self.open_into(nonce, aad, sealed, &mut buf)?;
         Some(buf)
+    }
+
+    /// Like [`DataKey::open`], into `out` (cleared first): a caller that opens many blobs
+    /// reuses one buffer instead of allocating (and page-faulting) one per blob.
+    pub fn open_into(&self, nonce: [u8; NONCE_BYTES], aad: &[u8], sealed: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        out.clear();
+        out.extend_from_slice(sealed);
+        let n =
+            self.key.open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(aad), out).ok()?.len();
+        out.truncate(n);
+        Some(())
     }
 }
 
@@ -196,6 +210,14 @@ pub fn seal_chunk(key: &DataKey, id: &ChunkId, plaintext: &[u8], nonce: [u8; NON
 
 /// Opens a blob and returns the chunk's plaintext. Does not check the id; see [`open_and_verify`].
 pub fn open_chunk(key: &DataKey, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, BlobError> {
+    let mut out = Vec::new();
+    open_chunk_into(key, id, blob, &mut out)?;
+    Ok(out)
+}
+
+/// Like [`open_chunk`], into `out` (cleared first; reused across blobs by callers that
+/// open many).
+pub fn open_chunk_into(key: &DataKey, id: &ChunkId, blob: &[u8], out: &mut Vec<u8>) -> Result<(), BlobError> {
     if blob.len() > MAX_BLOB_BYTES {
         return Err(BlobError::TooLarge(blob.len()));
     }
@@ -212,23 +234,37 @@ pub fn open_chunk(key: &DataKey, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, B
     };
     let mut nonce = [0u8; NONCE_BYTES];
     nonce.copy_from_slice(&blob[2..2 + NONCE_BYTES]);
-    let body = key.open(nonce, &blob_aad(id, blob[1]), &blob[2 + NONCE_BYTES..]).ok_or(BlobError::Unauthentic(*id))?;
-    match compression {
-        Compression::None => Ok(body),
-        Compression::Zstd => zstd::bulk::decompress(&body, CHUNK_MAX_BYTES as usize)
-            .map_err(|e| BlobError::Decompress(*id, e.to_string())),
+    key.open_into(nonce, &blob_aad(id, blob[1]), &blob[2 + NONCE_BYTES..], out).ok_or(BlobError::Unauthentic(*id))?;
+    if compression == Compression::Zstd {
+        let plain = zstd::bulk::decompress(out, CHUNK_MAX_BYTES as usize)
+            .map_err(|e| BlobError::Decompress(*id, e.to_string()))?;
+        *out = plain;
     }
+    Ok(())
 }
 
 /// Opens a blob and checks that its plaintext really has id `id`: what the server does
 /// with every new chunk before indexing it, and every restore with every chunk.
 pub fn open_and_verify(data: &DataKey, ids: &IdKey, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, BlobError> {
-    let plain = open_chunk(data, id, blob)?;
-    let actual = ids.chunk_id(&plain);
+    let mut plain = Vec::new();
+    open_and_verify_into(data, ids, id, blob, &mut plain)?;
+    Ok(plain)
+}
+
+/// Like [`open_and_verify`], into `out` (cleared first; reused across blobs).
+pub fn open_and_verify_into(
+    data: &DataKey,
+    ids: &IdKey,
+    id: &ChunkId,
+    blob: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), BlobError> {
+    open_chunk_into(data, id, blob, out)?;
+    let actual = ids.chunk_id(out);
     if actual != *id {
         return Err(BlobError::WrongContent { id: *id, actual });
     }
-    Ok(plain)
+    Ok(())
 }
 
 #[cfg(test)]

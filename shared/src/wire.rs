@@ -228,6 +228,19 @@ pub enum Data {
     End,
 }
 
+/// [`Data`] borrowing its bytes: the same encoding, so a sender need not copy a blob into
+/// a message and a receiver can decode a frame without copying it out of its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataRef<'a> {
+    Blob {
+        id: ChunkId,
+        #[serde(borrow, with = "serde_bytes")]
+        blob: &'a [u8],
+    },
+    Bytes(#[serde(borrow, with = "serde_bytes")] &'a [u8]),
+    End,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Ok,
@@ -269,6 +282,11 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     let len = (frame.len() - 4) as u32;
     frame[..4].copy_from_slice(&len.to_be_bytes());
     frame
+}
+
+/// Decodes one frame's payload, borrowing bytes from it (for [`DataRef`]).
+pub fn decode_borrowed<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
 /// Decodes one frame's payload.
@@ -318,6 +336,31 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
         return Err(FrameError::Truncated);
     }
     decode(&payload).map(Some)
+}
+
+/// Reads one frame's payload into `buf` (grown as needed, never shrunk, so a reader of
+/// many frames allocates and zeroes once) and returns its length; `None` at a clean end
+/// of stream. Decode `&buf[..len]`, for example as a [`DataRef`].
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    buf: &mut Vec<u8>,
+) -> Result<Option<usize>, FrameError> {
+    let mut len = [0u8; 4];
+    if !read_exact_or_eof(r, &mut len).await? {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge(len, max));
+    }
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    if !read_exact_or_eof(r, &mut buf[..len]).await? && len > 0 {
+        return Err(FrameError::Truncated);
+    }
+    Ok(Some(len))
 }
 
 /// Reads one frame that must be there.
@@ -389,6 +432,37 @@ mod tests {
         assert_eq!(block_on(read_frame::<Hello, _>(&mut s, MAX_CONTROL_FRAME_BYTES)).unwrap(), Some(hello));
         assert_eq!(block_on(read_frame::<Data, _>(&mut s, MAX_DATA_FRAME_BYTES)).unwrap(), Some(data));
         assert_eq!(block_on(read_frame::<Data, _>(&mut s, MAX_DATA_FRAME_BYTES)).unwrap(), None);
+    }
+
+    #[test]
+    fn borrowed_data_has_the_owned_encoding_and_reads_into_a_reused_buffer() {
+        let owned = [
+            Data::Blob { id: ChunkId([3; 32]), blob: vec![9; 1000] },
+            Data::Bytes(vec![1, 2]),
+            Data::End,
+            Data::Blob { id: ChunkId([4; 32]), blob: vec![] },
+        ];
+        let borrowed = [
+            DataRef::Blob { id: ChunkId([3; 32]), blob: &[9; 1000] },
+            DataRef::Bytes(&[1, 2]),
+            DataRef::End,
+            DataRef::Blob { id: ChunkId([4; 32]), blob: &[] },
+        ];
+        let mut s = MemStream::default();
+        for (o, b) in owned.iter().zip(&borrowed) {
+            assert_eq!(encode(o), encode(b));
+            block_on(write_frame(&mut s, b)).unwrap();
+        }
+        let mut buf = Vec::new();
+        for b in &borrowed {
+            let len = block_on(read_frame_into(&mut s, MAX_DATA_FRAME_BYTES, &mut buf)).unwrap().unwrap();
+            assert_eq!(decode_borrowed::<DataRef<'_>>(&buf[..len]).unwrap(), *b);
+        }
+        assert_eq!(buf.len(), 1000 + 32 + 3, "grown to the largest frame, never shrunk");
+        assert_eq!(block_on(read_frame_into(&mut s, MAX_DATA_FRAME_BYTES, &mut buf)).unwrap(), None);
+        let mut s = MemStream { buf: (u32::MAX).to_be_bytes().to_vec(), pos: 0 };
+        let err = block_on(read_frame_into(&mut s, MAX_DATA_FRAME_BYTES, &mut buf)).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(_, MAX_DATA_FRAME_BYTES)));
     }
 
     #[test]

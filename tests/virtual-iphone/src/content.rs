@@ -3027,7 +3027,6 @@ const CITIES: &[(&str, f64, f64)] = &[
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
-    use std::time::Instant;
 
     fn read_all(c: &Content, key: &FileKey) -> Vec<u8> {
         let mut out = Vec::new();
@@ -3450,14 +3449,10 @@ mod tests {
 
     #[test]
     fn simulate_use_on_small_changes_about_one_percent() {
-        let t = Instant::now();
         let original = Content::generate(8, Profile::Small).unwrap();
-        let generated = t.elapsed();
         let total = original.total_bytes();
         let mut c = original.clone();
-        let t = Instant::now();
         let summary = c.simulate_use(0.01, 99).unwrap();
-        eprintln!("small: generate {generated:?}, simulate_use(0.01) {:?}: {summary:?}", t.elapsed());
         let touched = summary.added_bytes + summary.changed_bytes;
         assert!(touched * 200 >= total && touched * 100 <= total * 3, "{touched} of {total}: {summary:?}");
         assert!(summary.added > 0 && summary.changed > 0 && summary.deleted > 0, "{summary:?}");
@@ -3494,9 +3489,7 @@ mod tests {
 
     #[test]
     fn medium_catalog_is_about_two_gigabytes() {
-        let t = Instant::now();
         let c = Content::generate(9, Profile::Medium).unwrap();
-        eprintln!("medium: generate {:?}, {} files, {} bytes", t.elapsed(), c.files.len(), c.total_bytes());
         assert!((1_800_000_000..=2_300_000_000).contains(&c.total_bytes()), "{}", c.total_bytes());
         assert!((45_000..=55_000).contains(&c.files.len()), "{}", c.files.len());
         assert!(c.app_bundles().len() >= 30);
@@ -3540,25 +3533,5 @@ mod tests {
         assert!(matches!(Content::load(&path), Err(ContentError::Invalid(_))));
         std::fs::write(&path, b"{").unwrap();
         assert!(matches!(Content::load(&path), Err(ContentError::Json(_))));
-    }
-
-    /// Timings: `cargo test -- --ignored --nocapture timings`.
-    #[test]
-    #[ignore]
-    fn timings() {
-        for profile in [Profile::Tiny, Profile::Small] {
-            let t = Instant::now();
-            let c = Content::generate(1, profile).unwrap();
-            let generated = t.elapsed();
-            let t = Instant::now();
-            let lines = c.expect(blobs()).unwrap();
-            let hashed = t.elapsed();
-            eprintln!(
-                "{profile}: {} files, {} bytes; generate {generated:?}, expect {hashed:?} ({:.0} MB/s)",
-                lines.len(),
-                c.total_bytes(),
-                c.total_bytes() as f64 / hashed.as_secs_f64() / 1e6
-            );
-        }
     }
 }
