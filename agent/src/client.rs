@@ -149,7 +149,11 @@ fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, ClientErr
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
+    // Path-MTU discovery up to jumbo frames, as the server does (see its `MTU_UPPER_BOUND`).
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(8_952);
     transport
+        .mtu_discovery_config(Some(mtu))
         .stream_receive_window((16u32 * 1024 * 1024).into())
         .receive_window((64u32 * 1024 * 1024).into())
         .send_window(64 * 1024 * 1024)

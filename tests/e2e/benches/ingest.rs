@@ -7,7 +7,6 @@
 
 use std::time::Instant;
 
-use futures_util::future::join_all;
 use lifeboat_e2e::{enrol, open_run, server_config};
 use lifeboat_server::{serve, tenants, testing};
 use lifeboat_shared::chunk::seal_chunk;
@@ -70,19 +69,32 @@ async fn run(clients: usize) -> anyhow::Result<f64> {
             files: vec![FileEntry { path: "data".into(), size, mode: 0o644, mtime_unix_seconds: 0, chunks: refs }],
         };
         let sealed = manifest.seal(data, [9; 12])?;
-        jobs.push((client, run, snapshot, blobs, sealed));
+        // Batches moved (not copied) out of the list before the clock starts.
+        let mut blobs = blobs.into_iter();
+        let batches: Vec<Vec<(ChunkId, Vec<u8>)>> =
+            std::iter::from_fn(|| Some(blobs.by_ref().take(BATCH).collect::<Vec<_>>()).filter(|b| !b.is_empty()))
+                .collect();
+        jobs.push((client, run, snapshot, batches, sealed));
     }
 
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (client, run, snapshot, blobs, sealed) in jobs {
         tasks.push(tokio::spawn(async move {
-            // Four streams in flight per client, as the agent uploads.
-            for group in blobs.chunks(BATCH * 4) {
-                let parts: Vec<_> = group.chunks(BATCH).map(|b| client.put_chunks(run, b)).collect();
-                for r in join_all(parts).await {
-                    r?;
+            // Four streams in flight per client at all times, as the agent uploads.
+            let client = std::sync::Arc::new(client);
+            let mut uploads = tokio::task::JoinSet::new();
+            for batch in blobs {
+                if uploads.len() == 4
+                    && let Some(done) = uploads.join_next().await
+                {
+                    done??;
                 }
+                let client = client.clone();
+                uploads.spawn(async move { client.put_chunks(run, &batch).await.map(drop) });
+            }
+            while let Some(done) = uploads.join_next().await {
+                done??;
             }
             client.commit(run, snapshot, &sealed).await?;
             anyhow::Ok(())
