@@ -90,7 +90,13 @@ struct RunBuffer {
     pending: HashSet<ChunkId>,
     plain_len: HashMap<ChunkId, u32>,
     uploaded_plain_bytes: u64,
+    /// Full packs being written and indexed in the background, oldest first.
+    in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Reply>>,
 }
+
+/// Full packs of one run written in the background at once: more lets uploads run ahead
+/// of storage; each holds a pack (32 MiB) in memory.
+const FLUSHES_IN_FLIGHT: usize = 2;
 
 /// Shared state of all agent connections of this server process.
 #[derive(Debug)]
@@ -338,6 +344,7 @@ impl Hub {
                     pending: HashSet::new(),
                     plain_len: HashMap::new(),
                     uploaded_plain_bytes: 0,
+                    in_flight: std::collections::VecDeque::new(),
                 }))
             })
             .clone()
@@ -452,7 +459,7 @@ impl Hub {
                         b.pack.len() >= self.pack_target_bytes
                     };
                     if full {
-                        self.flush(&buf).await?;
+                        self.start_flush(&buf).await?;
                     }
                 }
                 DataRef::Bytes(_) => return Err(Rejection::new(ErrorCode::Malformed, "expected chunk blobs")),
@@ -461,61 +468,46 @@ impl Hub {
         Ok(Response::Stored { chunks, new_chunks, new_bytes })
     }
 
-    /// Writes the buffer's pack (if any) to storage, then indexes it.
-    async fn flush(&self, buf: &tokio::sync::Mutex<RunBuffer>) -> Reply {
-        let (tenant, pack, lens) = {
+    /// Hands the buffer's pack (if any) to a background task that writes it to storage and
+    /// then indexes it, so the upload stream that filled it reads on. With
+    /// [`FLUSHES_IN_FLIGHT`] already running, waits for the oldest (and reports its failure).
+    async fn start_flush(&self, buf: &Arc<tokio::sync::Mutex<RunBuffer>>) -> Reply {
+        let oldest = {
             let mut b = buf.lock().await;
-            if b.pack.is_empty() {
-                return Ok(());
+            if !b.pack.is_empty() {
+                let pack = std::mem::replace(&mut b.pack, PackBuilder::with_capacity(self.pack_capacity()));
+                let lens: Vec<u32> =
+                    pack.entries().iter().map(|e| b.plain_len.get(&e.id).copied().unwrap_or(0)).collect();
+                let job = PackJob {
+                    storage: self.storage.clone(),
+                    db: self.db.clone(),
+                    metrics: self.metrics.clone(),
+                    buf: buf.clone(),
+                    tenant: b.tenant,
+                };
+                b.in_flight.push_back(tokio::spawn(job.run(pack, lens)));
             }
-            let pack = std::mem::replace(&mut b.pack, PackBuilder::with_capacity(self.pack_capacity()));
-            let lens: Vec<u32> = pack.entries().iter().map(|e| b.plain_len.get(&e.id).copied().unwrap_or(0)).collect();
-            (b.tenant, pack, lens)
+            if b.in_flight.len() > FLUSHES_IN_FLIGHT { b.in_flight.pop_front() } else { None }
         };
-        let (pack_id, bytes, entries) = pack.finish();
-        let size = bytes.len() as i64;
-        self.storage
-            .write(&storage::pack_path(&tenant, &pack_id), bytes)
-            .await
-            .map_err(|e| Rejection::internal("writing a pack to storage", e))?;
-        self.metrics.ingest_stored_bytes.inc_by(size as u64);
-        self.index_pack(tenant, pack_id, size, &entries, &lens).await?;
-        let mut b = buf.lock().await;
-        for e in &entries {
-            b.pending.remove(&e.id);
-            b.plain_len.remove(&e.id);
+        match oldest {
+            Some(handle) => joined(handle.await),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    async fn index_pack(
-        &self,
-        tenant: TenantId,
-        pack: PackId,
-        size: i64,
-        entries: &[lifeboat_shared::pack::PackEntry],
-        plain_lens: &[u32],
-    ) -> Reply {
-        let mut client = self.db.get().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO packs (tenant_id, id, size_bytes, blob_count) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            &[&tenant.0, &&pack.0[..], &size, &(entries.len() as i32)],
-        )
-        .await?;
-        let ids: Vec<&[u8]> = entries.iter().map(|e| &e.id.0[..]).collect();
-        let offsets: Vec<i64> = entries.iter().map(|e| e.offset as i64).collect();
-        let lengths: Vec<i32> = entries.iter().map(|e| e.length as i32).collect();
-        let plains: Vec<i32> = plain_lens.iter().map(|l| *l as i32).collect();
-        tx.execute(
-            "INSERT INTO chunks (tenant_id, id, pack_id, offset_bytes, length_bytes, plain_bytes) \
-             SELECT $1, u.id, $2, u.off, u.len, u.plain FROM unnest($3::bytea[], $4::bigint[], $5::int[], $6::int[]) \
-             AS u(id, off, len, plain) ON CONFLICT DO NOTHING",
-            &[&tenant.0, &&pack.0[..], &ids, &offsets, &lengths, &plains],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+    /// Writes and indexes everything the buffer holds, and waits for its background
+    /// flushes: afterwards every chunk the run uploaded is durable and indexed (or the
+    /// first failure is returned, and the chunks that failed are missing again).
+    async fn flush(&self, buf: &Arc<tokio::sync::Mutex<RunBuffer>>) -> Reply {
+        self.start_flush(buf).await?;
+        let handles: Vec<_> = buf.lock().await.in_flight.drain(..).collect();
+        let mut first = Ok(());
+        for handle in handles {
+            if let Err(e) = joined(handle.await) {
+                first = first.and(Err(e));
+            }
+        }
+        first
     }
 
     async fn commit<R: AsyncRead + Unpin>(
@@ -738,4 +730,72 @@ pub async fn read_bytes<R: AsyncRead + Unpin>(recv: &mut R, max: usize) -> Resul
             Data::Blob { .. } => return Err(Rejection::new(ErrorCode::Malformed, "expected bytes, got a chunk")),
         }
     }
+}
+
+fn joined(r: Result<Reply, tokio::task::JoinError>) -> Reply {
+    r.unwrap_or_else(|e| Err(Rejection::internal("writing a pack", e)))
+}
+
+/// One full pack on its way to storage and the chunk index, with what it needs to get there.
+struct PackJob {
+    storage: opendal::Operator,
+    db: deadpool_postgres::Pool,
+    metrics: Arc<Metrics>,
+    buf: Arc<tokio::sync::Mutex<RunBuffer>>,
+    tenant: TenantId,
+}
+
+impl PackJob {
+    /// Writes the pack, then indexes it (a crash between the two leaves an unreferenced
+    /// pack, never an index entry without its bytes). Its chunks stop being pending either
+    /// way: indexed, or missing again so the agent re-sends them.
+    async fn run(self, pack: PackBuilder, lens: Vec<u32>) -> Reply {
+        let (pack_id, bytes, entries) = pack.finish();
+        let size = bytes.len() as i64;
+        let result = async {
+            self.storage
+                .write(&storage::pack_path(&self.tenant, &pack_id), bytes)
+                .await
+                .map_err(|e| Rejection::internal("writing a pack to storage", e))?;
+            self.metrics.ingest_stored_bytes.inc_by(size as u64);
+            index_pack(&self.db, self.tenant, pack_id, size, &entries, &lens).await
+        }
+        .await;
+        let mut b = self.buf.lock().await;
+        for e in &entries {
+            b.pending.remove(&e.id);
+            b.plain_len.remove(&e.id);
+        }
+        result
+    }
+}
+
+async fn index_pack(
+    db: &deadpool_postgres::Pool,
+    tenant: TenantId,
+    pack: PackId,
+    size: i64,
+    entries: &[lifeboat_shared::pack::PackEntry],
+    plain_lens: &[u32],
+) -> Reply {
+    let mut client = db.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO packs (tenant_id, id, size_bytes, blob_count) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        &[&tenant.0, &&pack.0[..], &size, &(entries.len() as i32)],
+    )
+    .await?;
+    let ids: Vec<&[u8]> = entries.iter().map(|e| &e.id.0[..]).collect();
+    let offsets: Vec<i64> = entries.iter().map(|e| e.offset as i64).collect();
+    let lengths: Vec<i32> = entries.iter().map(|e| e.length as i32).collect();
+    let plains: Vec<i32> = plain_lens.iter().map(|l| *l as i32).collect();
+    tx.execute(
+        "INSERT INTO chunks (tenant_id, id, pack_id, offset_bytes, length_bytes, plain_bytes) \
+         SELECT $1, u.id, $2, u.off, u.len, u.plain FROM unnest($3::bytea[], $4::bigint[], $5::int[], $6::int[]) \
+         AS u(id, off, len, plain) ON CONFLICT DO NOTHING",
+        &[&tenant.0, &&pack.0[..], &ids, &offsets, &lengths, &plains],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
