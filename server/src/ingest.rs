@@ -94,8 +94,9 @@ struct RunBuffer {
     in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Reply>>,
 }
 
-/// Full packs of one run written in the background at once: more lets uploads run ahead
-/// of storage; each holds a pack (32 MiB) in memory.
+/// Full packs of one run left writing in the background when a stream hands over another:
+/// beyond this it waits for the oldest, so at most this many plus one are written at once
+/// (each holding its 32 MiB in memory), and uploads run ahead of storage by that much.
 const FLUSHES_IN_FLIGHT: usize = 2;
 
 /// Shared state of all agent connections of this server process.
