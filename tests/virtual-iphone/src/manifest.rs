@@ -266,6 +266,9 @@ pub fn read_manifest_db(bytes: &[u8]) -> Result<Vec<ManifestFile>, ManifestError
         let flags: i64 = row.get(3)?;
         let blob: Option<Vec<u8>> = row.get(4)?;
         let bad = |reason: String| ManifestError::BadRecord { file_id: file_id.clone(), reason };
+        if file_id.len() != 40 || !file_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(bad("fileID is not 40 lowercase hex digits".into()));
+        }
         let flags = u32::try_from(flags).map_err(|_| bad(format!("flags {flags} out of range")))?;
         let blob = blob.ok_or_else(|| bad("no MBFile record (file is NULL)".into()))?;
         let record = decode_mbfile(&blob).map_err(bad)?;
@@ -619,23 +622,34 @@ mod tests {
         drop(db);
         assert!(matches!(read_manifest_db(&std::fs::read(&path).unwrap()), Err(ManifestError::Sqlite(_))));
 
-        // A Files row whose MBFile blob is not a plist, or lacks Size.
-        for blob in [b"garbage".to_vec(), {
+        // A Files row whose MBFile blob is not a plist, or lacks Size; or whose fileID is not
+        // one (a host's manifest names blob paths with it).
+        let good_id = file_id("HomeDomain", "x");
+        let good_blob = mbfile_blob(&ManifestFile::file("HomeDomain", "x", 1, 0, 0o100644));
+        let no_size = {
             let mut d = Dictionary::new();
             d.insert(
                 "$objects".into(),
                 Value::Array(vec![Value::String("$null".into()), Value::Dictionary(Dictionary::new())]),
             );
             binary_plist(&Value::Dictionary(d))
-        }] {
+        };
+        for (id, blob, why) in [
+            (good_id.as_str(), b"garbage".to_vec(), "not a plist"),
+            (good_id.as_str(), no_size, "no Size"),
+            ("ab", good_blob.clone(), "40 lowercase hex"),
+            ("../../../../etc/passwd/000000000000000000", good_blob, "40 lowercase hex"),
+        ] {
             let path = dir.path().join("bad.db");
             let _ = std::fs::remove_file(&path);
             let db = rusqlite::Connection::open(&path).unwrap();
             db.execute_batch(MANIFEST_DDL).unwrap();
-            db.execute("INSERT INTO Files VALUES ('ab', 'HomeDomain', 'x', 1, ?1)", [blob]).unwrap();
+            db.execute("INSERT INTO Files VALUES (?1, 'HomeDomain', 'x', 1, ?2)", rusqlite::params![id, blob]).unwrap();
             drop(db);
             let err = read_manifest_db(&std::fs::read(&path).unwrap()).unwrap_err();
             assert!(matches!(err, ManifestError::BadRecord { .. }), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(why), "{why}: {text}");
         }
     }
 
