@@ -27,8 +27,8 @@ const AUDIENCE: &str = "lifeboat-agent";
 const TOKEN_PREFIX: &str = "lbe1_";
 const SIGNING_SECRET: &str = "access-token-signing-key";
 
-/// What an enrolment token carries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What an enrolment token carries. `Debug` hides the secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollToken {
     /// `host:port` of the server's QUIC endpoint.
     pub server: String,
@@ -53,6 +53,12 @@ impl EnrollToken {
         let b64 = s.trim().strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Malformed)?;
         let bytes = URL_SAFE_NO_PAD.decode(b64).map_err(|_| TokenError::Malformed)?;
         postcard::from_bytes(&bytes).map_err(|_| TokenError::Malformed)
+    }
+}
+
+impl std::fmt::Debug for EnrollToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollToken").field("server", &self.server).field("secret", &"***").finish_non_exhaustive()
     }
 }
 
@@ -306,6 +312,7 @@ mod tests {
         assert!(s.starts_with("lbe1_"));
         assert_eq!(EnrollToken::decode(&s).unwrap(), t);
         assert_eq!(t.to_string(), "enrolment token for backup.example:4433");
+        assert!(!format!("{t:?}").contains("2, 2"), "Debug shows no secret: {t:?}");
         for bad in ["", "lbe1_", "lbe1_!!!", "xyz", &s[..s.len() - 4]] {
             assert!(EnrollToken::decode(bad).is_err(), "{bad}");
         }
