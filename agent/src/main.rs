@@ -1,21 +1,162 @@
-//! The `lifeboat-agent` command. The device watcher, backup pipeline and restore land with
-//! the agent issue; until then it only identifies itself, so nothing pretends to back up.
+//! The `lifeboat-agent` command: `enroll` a workstation with a one-time token, `backup` an
+//! attached iPhone now. The long-running service, restore and status are not built yet.
 
-use clap::Parser;
+use std::path::PathBuf;
 
-/// Lifeboat agent: notices iPhones on USB and backs them up to a Lifeboat server.
-///
-/// Not functional yet: enrolment, device watching, backup and restore are being built
-/// (see README.md, "Status").
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use lifeboat_agent::client::Client;
+use lifeboat_agent::device::{self, DeviceError, Provider};
+use lifeboat_agent::state::AgentState;
+use lifeboat_agent::transfer;
+use lifeboat_shared::manifest::DeviceInfo;
+use lifeboat_shared::token::EnrollToken;
+use lifeboat_shared::wire::{Auth, Request, Response, RunEnd};
+use plist::Value;
+
+/// Lifeboat agent: backs up iPhones attached to this workstation to a Lifeboat server.
 #[derive(Debug, Parser)]
 #[command(name = "lifeboat-agent", version)]
-struct Cli {}
+struct Cli {
+    /// Where the agent keeps its identity, keys and local backup mirror.
+    #[arg(long, global = true, env = "LIFEBOAT_AGENT_STATE_DIR", default_value = "./lifeboat-agent")]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    eprintln!(
-        "lifeboat-agent {}: backup and restore are not implemented yet; see README.md",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enrol this workstation with a one-time token from `lifeboat-server token create`.
+    Enroll {
+        /// The `lbe1_…` token.
+        token: String,
+    },
+    /// Back up an attached iPhone now (usbmuxd: the system's, or USBMUXD_SOCKET_ADDRESS).
+    Backup {
+        /// The iPhone's UDID.
+        #[arg(long)]
+        device: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
+    // quinn and idevice both use rustls: one process-wide provider, ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Enroll { token } => enroll(&cli.state_dir, &token).await,
+            Command::Backup { device, json } => backup(&cli.state_dir, &device, json).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn enroll(state_dir: &std::path::Path, token: &str) -> anyhow::Result<()> {
+    if AgentState::path(state_dir).exists() {
+        anyhow::bail!("{} is already enrolled; use another --state-dir or remove it", state_dir.display());
+    }
+    let token = EnrollToken::decode(token)?;
+    let auth = Auth::Enroll {
+        token_secret: token.secret.to_vec(),
+        hostname: hostname(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let client = Client::connect(&token.server, token.cert_sha256, auth)
+        .await
+        .with_context(|| format!("enrolling with {}", token.server))?;
+    let accepted = client.accepted.clone();
+    let enrolled = accepted.enrolled.as_ref().context("the server accepted the token but sent no keys")?;
+    AgentState::new(token.server.clone(), token.cert_sha256, accepted.agent, accepted.tenant, enrolled)
+        .save(state_dir)?;
+    client.close().await;
+    println!("enrolled as agent {} with {}; state in {}", accepted.agent, token.server, state_dir.display());
+    Ok(())
+}
+
+async fn backup(state_dir: &std::path::Path, udid: &str, json: bool) -> anyhow::Result<()> {
+    let state = AgentState::load(state_dir)?;
+    let keys = state.keys().context("damaged keys")?;
+    let auth = state.refresh_auth().context("damaged refresh secret")?;
+    let fingerprint = state.fingerprint().context("damaged fingerprint")?;
+    let provider = Provider::find(device::usbmuxd_addr()?, udid).await?;
+    let values = provider.values().await?;
+    let text = |k: &str| values.get(k).and_then(Value::as_string).unwrap_or_default().to_string();
+    let info = DeviceInfo {
+        udid: udid.parse().map_err(|e| anyhow::anyhow!("{udid} is not a UDID: {e}"))?,
+        name: text("DeviceName"),
+        product_type: text("ProductType"),
+        ios_version: text("ProductVersion"),
+    };
+    let client = Client::connect(&state.server, fingerprint, auth)
+        .await
+        .with_context(|| format!("connecting to {}", state.server))?;
+    let serial = Some(text("SerialNumber")).filter(|s| !s.is_empty());
+    client.request(&Request::RegisterDevice { device: info.clone(), serial_number: serial }).await?;
+    let (run, snapshot) = match client.request(&Request::OpenRun { udid: info.udid.clone(), resume: None }).await? {
+        Response::RunOpened { run, snapshot, .. } => (run, snapshot),
+        other => anyhow::bail!("the server did not open a run: {other:?}"),
+    };
+    eprintln!("backing up {} ({}, iOS {}) …", info.name, info.product_type, info.ios_version);
+    let dir = match provider.backup(&state_dir.join("mirror"), &values).await {
+        Ok(dir) => dir,
+        Err(e) => {
+            end_failed(&client, run, &e).await;
+            return Err(e.into());
+        }
+    };
+    let (report, committed) = transfer::upload_dir(&client, &keys, run, snapshot, info, &dir, transfer::now_unix_ms())
+        .await
+        .context("uploading the backup")?;
+    client.close().await;
+    let Response::Committed { snapshot, files, logical_bytes } = committed else {
+        anyhow::bail!("the server did not commit the snapshot: {committed:?}");
+    };
+    if json {
+        let out = serde_json::json!({
+            "snapshot": snapshot.to_string(), "files": files, "logical_bytes": logical_bytes,
+            "chunks": report.chunks, "chunks_sent": report.chunks_sent, "blob_bytes_sent": report.blob_bytes_sent,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "snapshot {snapshot}: {files} files, {logical_bytes} bytes; sent {} of {} chunks ({} bytes)",
+            report.chunks_sent, report.chunks, report.blob_bytes_sent
+        );
+    }
+    Ok(())
+}
+
+async fn end_failed(client: &Client, run: lifeboat_shared::ids::RunId, e: &DeviceError) {
+    let end = RunEnd::Failed { reason: e.reason().into(), message: e.to_string() };
+    if let Err(err) = client.request(&Request::EndRun { run, end }).await {
+        tracing::warn!(run.id = %run, error = %err, "could not report the failed run");
+    }
 }

@@ -10,6 +10,7 @@ pub mod ids;
 pub mod manifest;
 pub mod pack;
 pub mod secret;
+pub mod token;
 pub mod wire;
 
 pub use secret::Secret;

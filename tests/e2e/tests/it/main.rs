@@ -3,6 +3,7 @@
 // Test code: an unwrap is an assertion, and its panic message is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod agent;
 mod api;
 mod crash_resume;
 mod ingest;

@@ -1,0 +1,178 @@
+//! The iPhone side of the agent, through idevice: finding a device on usbmuxd, reading
+//! its identity over lockdown, and a MobileBackup2 backup into the local mirror (so the
+//! phone can make its own incremental backups next time).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use idevice::provider::IdeviceProvider;
+use idevice::services::lockdown::LockdownClient;
+use idevice::services::mobilebackup2::{FsBackupDelegate, MobileBackup2Client};
+use idevice::usbmuxd::{UsbmuxdAddr, UsbmuxdConnection};
+use idevice::{IdeviceError, IdeviceService as _};
+use plist::{Dictionary, Value};
+
+const LABEL: &str = "lifeboat-agent";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("USBMUXD_SOCKET_ADDRESS: {0}")]
+    Address(String),
+    #[error("cannot reach usbmuxd at {addr}: {cause}")]
+    Usbmuxd { addr: String, cause: IdeviceError },
+    #[error("no iPhone {0} is attached")]
+    NotAttached(String),
+    #[error("the iPhone went away or the connection broke: {0}")]
+    Disconnected(IdeviceError),
+    #[error("the iPhone is locked: enter the passcode on it and try again")]
+    Locked,
+    #[error("the iPhone refused the backup (error {code}): {description}")]
+    Refused { code: u64, description: String },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl DeviceError {
+    /// The run-end reason reported to the server.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Disconnected(_) | Self::NotAttached(_) => "device-disconnected",
+            Self::Locked => "needs-passcode",
+            Self::Refused { code: 105, .. } => "out-of-space",
+            Self::Refused { .. } => "device-error",
+            _ => "backup-failed",
+        }
+    }
+}
+
+fn classify(e: IdeviceError) -> DeviceError {
+    match e {
+        IdeviceError::DeviceLocked => DeviceError::Locked,
+        IdeviceError::Socket(_) => DeviceError::Disconnected(e),
+        other => DeviceError::Failed(other.to_string()),
+    }
+}
+
+/// Where usbmuxd is: `USBMUXD_SOCKET_ADDRESS` (`host:port` or a socket path), else the
+/// system's socket.
+pub fn usbmuxd_addr() -> Result<UsbmuxdAddr, DeviceError> {
+    UsbmuxdAddr::from_env_var().map_err(|e| DeviceError::Address(e.to_string()))
+}
+
+/// An idevice provider for one device. idevice's own leaves Nagle's algorithm on for TCP
+/// usbmuxd and writes each message's length and body separately, so every exchange waits
+/// for a delayed ACK (40 ms); this one sets `TCP_NODELAY`.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    addr: UsbmuxdAddr,
+    device_id: u32,
+    pub udid: String,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, IdeviceError>> + Send>>;
+
+async fn mux(addr: &UsbmuxdAddr) -> Result<UsbmuxdConnection, IdeviceError> {
+    match addr {
+        UsbmuxdAddr::TcpSocket(a) => {
+            let stream = tokio::net::TcpStream::connect(a).await?;
+            stream.set_nodelay(true)?;
+            Ok(UsbmuxdConnection::new(Box::new(stream), 1))
+        }
+        other => other.connect(1).await,
+    }
+}
+
+impl IdeviceProvider for Provider {
+    fn connect(&self, port: u16) -> BoxFuture<idevice::Idevice> {
+        let (addr, device_id) = (self.addr.clone(), self.device_id);
+        Box::pin(async move { mux(&addr).await?.connect_to_device(device_id, port, LABEL).await })
+    }
+
+    fn label(&self) -> &str {
+        LABEL
+    }
+
+    fn get_pairing_file(&self) -> BoxFuture<idevice::pairing_file::PairingFile> {
+        let (addr, udid) = (self.addr.clone(), self.udid.clone());
+        Box::pin(async move { mux(&addr).await?.get_pair_record(&udid).await })
+    }
+}
+
+impl Provider {
+    /// The attached device `udid`.
+    pub async fn find(addr: UsbmuxdAddr, udid: &str) -> Result<Self, DeviceError> {
+        let where_ = match &addr {
+            UsbmuxdAddr::TcpSocket(a) => a.to_string(),
+            #[allow(unreachable_patterns)]
+            _ => "the system socket".to_string(),
+        };
+        let mut conn = mux(&addr).await.map_err(|cause| DeviceError::Usbmuxd { addr: where_.clone(), cause })?;
+        let devices = conn.get_devices().await.map_err(|cause| DeviceError::Usbmuxd { addr: where_, cause })?;
+        let device =
+            devices.into_iter().find(|d| d.udid == udid).ok_or_else(|| DeviceError::NotAttached(udid.into()))?;
+        Ok(Self { addr, device_id: device.device_id, udid: udid.to_string() })
+    }
+
+    /// The device's lockdown values (inside a session, as hosts read them).
+    pub async fn values(&self) -> Result<Dictionary, DeviceError> {
+        let pairing = self.get_pairing_file().await.map_err(classify)?;
+        let mut lockdown = LockdownClient::connect(self).await.map_err(classify)?;
+        lockdown.start_session(&pairing).await.map_err(classify)?;
+        match lockdown.get_value(None, None).await.map_err(classify)? {
+            Value::Dictionary(d) => Ok(d),
+            other => Err(DeviceError::Failed(format!("lockdown values are not a dictionary: {other:?}"))),
+        }
+    }
+
+    /// Backs the device up into `mirror/<udid>` (incremental when the mirror holds the
+    /// previous backup), checks the device's verdict and Status.plist, and writes the
+    /// Info.plist hosts write. Returns the backup directory.
+    pub async fn backup(&self, mirror: &Path, values: &Dictionary) -> Result<PathBuf, DeviceError> {
+        std::fs::create_dir_all(mirror).map_err(|e| DeviceError::Failed(format!("{}: {e}", mirror.display())))?;
+        let mut client = MobileBackup2Client::connect(self).await.map_err(classify)?;
+        let reply =
+            client.backup_from_path(mirror, Some(&self.udid), None, &FsBackupDelegate).await.map_err(classify)?;
+        let _ = client.disconnect().await;
+        let reply = reply.ok_or_else(|| DeviceError::Failed("the iPhone ended the backup without a verdict".into()))?;
+        let code = reply.get("ErrorCode").and_then(Value::as_unsigned_integer).unwrap_or(0);
+        if code == 208 {
+            return Err(DeviceError::Locked);
+        }
+        if code != 0 {
+            let description =
+                reply.get("ErrorDescription").and_then(Value::as_string).unwrap_or("no description").to_string();
+            return Err(DeviceError::Refused { code, description });
+        }
+        let dir = mirror.join(&self.udid);
+        let status: Dictionary = plist::from_file(dir.join("Status.plist"))
+            .map_err(|e| DeviceError::Failed(format!("the backup has no readable Status.plist: {e}")))?;
+        if status.get("SnapshotState").and_then(Value::as_string) != Some("finished") {
+            return Err(DeviceError::Failed("the backup's Status.plist does not say finished".into()));
+        }
+        plist::to_file_xml(dir.join("Info.plist"), &info_plist(&self.udid, values))
+            .map_err(|e| DeviceError::Failed(format!("writing Info.plist: {e}")))?;
+        Ok(dir)
+    }
+}
+
+/// Info.plist as libimobiledevice and pymobiledevice3 write it (restores read it).
+pub fn info_plist(udid: &str, values: &Dictionary) -> Dictionary {
+    let text = |k: &str| values.get(k).and_then(Value::as_string).unwrap_or_default().to_string();
+    let mut info = Dictionary::new();
+    info.insert("Build Version".into(), text("BuildVersion").into());
+    info.insert("Device Name".into(), text("DeviceName").into());
+    info.insert("Display Name".into(), text("DeviceName").into());
+    info.insert("GUID".into(), uuid::Uuid::new_v4().simple().to_string().to_uppercase().into());
+    info.insert("Product Type".into(), text("ProductType").into());
+    info.insert("Product Version".into(), text("ProductVersion").into());
+    info.insert("Serial Number".into(), text("SerialNumber").into());
+    info.insert("Target Identifier".into(), udid.into());
+    info.insert("Target Type".into(), "Device".into());
+    info.insert("Unique Identifier".into(), udid.to_uppercase().into());
+    info.insert("Last Backup Date".into(), Value::Date(std::time::SystemTime::now().into()));
+    info.insert("Installed Applications".into(), Value::Array(Vec::new()));
+    info.insert("Applications".into(), Value::Dictionary(Dictionary::new()));
+    info.insert("iTunes Version".into(), "12.13".into());
+    info
+}

@@ -1,0 +1,125 @@
+//! The real `lifeboat-agent` binary against a real server process and a virtual iPhone:
+//! enrol with a token, back the phone up, and find exactly the phone's content in the
+//! committed snapshot; a second backup after a little use sends only what changed.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use lifeboat_agent::client::Client;
+use lifeboat_agent::state::AgentState;
+use lifeboat_agent::transfer;
+use lifeboat_e2e::{ServerProcess, bin, have_postgres, server_cli, tempdir};
+use virtual_iphone::content::Profile;
+use virtual_iphone::{Config, Registry, manifest, usbmuxd};
+
+fn agent(state: &Path, usbmuxd: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin("lifeboat-agent"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .env("USBMUXD_SOCKET_ADDRESS", usbmuxd)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A restored backup directory in `expect`'s format (domain, path, size, sha256).
+fn content(dir: &Path) -> Vec<String> {
+    let rows = manifest::read_manifest_db(&std::fs::read(dir.join("Manifest.db")).unwrap()).unwrap();
+    let mut lines: Vec<String> = rows
+        .iter()
+        .filter(|r| r.flags == 1)
+        .map(|r| {
+            let bytes = std::fs::read(dir.join(&r.file_id[..2]).join(&r.file_id)).unwrap();
+            let sha: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{}\t{}\t{}\t{sha}", r.domain, r.path, bytes.len())
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
+    if !have_postgres() {
+        return;
+    }
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let server = ServerProcess::start(&data, &[]).unwrap();
+    let (ok, _, err) = server_cli(&data, &["tenant", "create", "acme"]);
+    assert!(ok, "{err}");
+    let out = std::process::Command::new(bin("lifeboat-server"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--quic-advertise", &server.quic_addr.to_string(), "token", "create", "--tenant", "acme"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    // A virtual iPhone in this process.
+    let phone_state = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mux = listener.local_addr().unwrap().to_string();
+    let config = Config { seed: 3, devices: 1, profile: Profile::Tiny, state_dir: phone_state.path().to_path_buf() };
+    let registry = Arc::new(Registry::new(config).unwrap());
+    tokio::spawn(usbmuxd::serve(listener, registry.clone()));
+    let udid = registry.all()[0].udid.clone();
+    let phone = registry.state_by_udid(&udid).unwrap();
+
+    let state = dir.path().join("agent");
+    let run = |args: Vec<String>| {
+        let (state, mux) = (state.clone(), mux.clone());
+        tokio::task::spawn_blocking(move || agent(&state, &mux, &args.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    let (ok, out, err) = run(vec!["enroll".into(), token.clone()]).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(out.starts_with("enrolled as agent "), "{out}");
+    let (ok, _, err) = run(vec!["enroll".into(), token]).await.unwrap();
+    assert!(!ok && err.contains("already enrolled"), "{err}");
+
+    let (ok, out, err) = run(vec!["backup".into(), "--device".into(), udid.clone(), "--json".into()]).await.unwrap();
+    assert!(ok, "{err}");
+    let first: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let snapshot = first["snapshot"].as_str().unwrap().parse().unwrap();
+
+    // The committed snapshot, downloaded with the agent's keys, holds exactly the phone.
+    let agent_state = AgentState::load(&state).unwrap();
+    let client =
+        Client::connect(&agent_state.server, agent_state.fingerprint().unwrap(), agent_state.refresh_auth().unwrap())
+            .await
+            .unwrap();
+    let restored = tempfile::tempdir().unwrap();
+    let dest = restored.path().join("snap");
+    transfer::download_snapshot(&client, &agent_state.keys().unwrap(), snapshot, &dest).await.unwrap();
+    client.close().await;
+    assert_eq!(content(&dest), phone.expect().unwrap());
+    let info: plist::Dictionary = plist::from_file(dest.join("Info.plist")).unwrap();
+    assert_eq!(info["Target Identifier"].as_string(), Some(udid.as_str()));
+
+    // A little use, then an incremental backup: the phone sends only the changes, and the
+    // agent sends only their chunks plus the rewritten metadata.
+    let used = phone.simulate_use(0.01, 5).unwrap();
+    let (ok, out, err) = run(vec!["backup".into(), "--device".into(), udid.clone(), "--json".into()]).await.unwrap();
+    assert!(ok, "{err}");
+    let second: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(phone.stats().last_backup_files, used.added + used.changed, "the phone made an incremental backup");
+    let sent = second["blob_bytes_sent"].as_u64().unwrap();
+    let total = second["logical_bytes"].as_u64().unwrap();
+    assert!(sent < total / 4, "sent {sent} of {total} bytes after {used:?}");
+    assert!(sent >= used.added_bytes / 2, "sent {sent} bytes, though {} bytes were added", used.added_bytes);
+
+    // An unknown device is a clear error.
+    let (ok, _, err) = run(vec!["backup".into(), "--device".into(), "00000000-0000000000000000".into()]).await.unwrap();
+    assert!(!ok && err.contains("no iPhone 00000000-0000000000000000 is attached"), "{err}");
+    drop(server);
+}
