@@ -99,14 +99,25 @@ impl IdeviceProvider for Provider {
     }
 }
 
+/// The UDIDs of the iPhones usbmuxd lists now.
+pub async fn attached(addr: &UsbmuxdAddr) -> Result<Vec<String>, DeviceError> {
+    let mut conn = mux(addr).await.map_err(|cause| DeviceError::Usbmuxd { addr: describe(addr), cause })?;
+    let devices = conn.get_devices().await.map_err(|cause| DeviceError::Usbmuxd { addr: describe(addr), cause })?;
+    Ok(devices.into_iter().map(|d| d.udid).collect())
+}
+
+fn describe(addr: &UsbmuxdAddr) -> String {
+    match addr {
+        UsbmuxdAddr::TcpSocket(a) => a.to_string(),
+        #[allow(unreachable_patterns)]
+        _ => "the system socket".to_string(),
+    }
+}
+
 impl Provider {
     /// The attached device `udid`.
     pub async fn find(addr: UsbmuxdAddr, udid: &str) -> Result<Self, DeviceError> {
-        let where_ = match &addr {
-            UsbmuxdAddr::TcpSocket(a) => a.to_string(),
-            #[allow(unreachable_patterns)]
-            _ => "the system socket".to_string(),
-        };
+        let where_ = describe(&addr);
         let mut conn = mux(&addr).await.map_err(|cause| DeviceError::Usbmuxd { addr: where_.clone(), cause })?;
         let devices = conn.get_devices().await.map_err(|cause| DeviceError::Usbmuxd { addr: where_, cause })?;
         let device =

@@ -1,5 +1,6 @@
 //! The `lifeboat-agent` command: `enroll` a workstation with a one-time token, `backup` an
-//! attached iPhone now. The long-running service, restore and status are not built yet.
+//! attached iPhone now, `status` of the attached iPhones. The long-running service and
+//! restore are not built yet.
 
 use std::path::PathBuf;
 
@@ -32,6 +33,12 @@ enum Command {
         /// The `lbe1_…` token.
         token: String,
     },
+    /// The attached iPhones, their last backup and when the next is due.
+    Status {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Back up an attached iPhone now (usbmuxd: the system's, or USBMUXD_SOCKET_ADDRESS).
     Backup {
         /// The iPhone's UDID.
@@ -62,6 +69,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Enroll { token } => enroll(&cli.state_dir, &token).await,
             Command::Backup { device, json } => backup(&cli.state_dir, &device, json).await,
+            Command::Status { json } => status(&cli.state_dir, json).await,
         }
     });
     match result {
@@ -132,9 +140,16 @@ async fn backup(state_dir: &std::path::Path, udid: &str, json: bool) -> anyhow::
             return Err(e.into());
         }
     };
-    let (report, committed) = transfer::upload_dir(&client, &keys, run, snapshot, info, &dir, transfer::now_unix_ms())
-        .await
-        .context("uploading the backup")?;
+    let uploaded = transfer::upload_dir(&client, &keys, run, snapshot, info, &dir, transfer::now_unix_ms()).await;
+    let (report, committed) = match uploaded {
+        Ok(r) => r,
+        Err(e) => {
+            // The run stays resumable until its lease expires; say why it stopped.
+            let end = RunEnd::Failed { reason: "upload-failed".into(), message: e.to_string() };
+            let _ = client.request(&Request::EndRun { run, end }).await;
+            return Err(anyhow::Error::new(e).context("uploading the backup"));
+        }
+    };
     client.close().await;
     let Response::Committed { snapshot, files, logical_bytes } = committed else {
         anyhow::bail!("the server did not commit the snapshot: {committed:?}");
@@ -159,4 +174,77 @@ async fn end_failed(client: &Client, run: lifeboat_shared::ids::RunId, e: &Devic
     if let Err(err) = client.request(&Request::EndRun { run, end }).await {
         tracing::warn!(run.id = %run, error = %err, "could not report the failed run");
     }
+}
+
+/// Backups are due when the last successful one is older than this (the default policy).
+const BACKUP_INTERVAL_MS: i64 = 24 * 3600 * 1000;
+
+async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let state = AgentState::load(state_dir)?;
+    let addr = device::usbmuxd_addr()?;
+    let mut devices = Vec::new();
+    for udid in device::attached(&addr).await? {
+        let provider = Provider::find(addr.clone(), &udid).await?;
+        let values = provider.values().await.ok();
+        let text =
+            |k: &str| values.as_ref().and_then(|v| v.get(k)).and_then(Value::as_string).unwrap_or_default().to_string();
+        devices.push((udid, text("DeviceName"), text("ProductType"), text("ProductVersion")));
+    }
+    // The server knows each device's last backup; without it, say so rather than guess.
+    let server = match (state.fingerprint(), state.refresh_auth()) {
+        (Some(fp), Some(auth)) => Client::connect(&state.server, fp, auth).await.map_err(|e| e.to_string()),
+        _ => Err("damaged agent state".to_string()),
+    };
+    let now = transfer::now_unix_ms();
+    let mut rows = Vec::new();
+    for (udid, name, model, ios) in devices {
+        let last = match (&server, udid.parse()) {
+            (Ok(client), Ok(parsed)) => match client.request(&Request::LatestSnapshot { udid: parsed }).await {
+                Ok(Response::Snapshot { created_unix_ms, .. }) => Some(created_unix_ms),
+                _ => None,
+            },
+            _ => None,
+        };
+        let next_due = last.map_or(now, |t| t + BACKUP_INTERVAL_MS);
+        let state = if next_due <= now { "due" } else { "idle" };
+        rows.push(serde_json::json!({
+            "udid": udid, "name": name, "product_type": model, "ios_version": ios, "state": state,
+            "last_backup_unix_ms": last, "next_backup_due_unix_ms": next_due,
+        }));
+    }
+    let server_state = match &server {
+        Ok(_) => serde_json::json!({"address": state.server, "reachable": true}),
+        Err(e) => serde_json::json!({"address": state.server, "reachable": false, "error": e}),
+    };
+    if let Ok(client) = server {
+        client.close().await;
+    }
+    if json {
+        println!("{}", serde_json::json!({"agent": state.agent.to_string(), "server": server_state, "devices": rows}));
+        return Ok(());
+    }
+    println!(
+        "agent {} → {} ({})",
+        state.agent,
+        state.server,
+        if server_state["reachable"] == true { "reachable" } else { "unreachable" }
+    );
+    if rows.is_empty() {
+        println!("no iPhone attached");
+    }
+    for r in &rows {
+        let last = match r["last_backup_unix_ms"].as_i64() {
+            Some(ms) => format!("last backup {} min ago", (now - ms) / 60_000),
+            None => "never backed up".to_string(),
+        };
+        println!(
+            "{}  {} ({}, iOS {})  {}  {last}",
+            r["udid"].as_str().unwrap_or_default(),
+            r["name"].as_str().unwrap_or_default(),
+            r["product_type"].as_str().unwrap_or_default(),
+            r["ios_version"].as_str().unwrap_or_default(),
+            r["state"].as_str().unwrap_or_default(),
+        );
+    }
+    Ok(())
 }

@@ -87,8 +87,24 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     let (ok, _, err) = run(vec!["enroll".into(), token]).await.unwrap();
     assert!(!ok && err.contains("already enrolled"), "{err}");
 
+    let status = |rows: &serde_json::Value| rows["devices"][0]["state"].as_str().unwrap().to_string();
+    let (ok, out, err) = run(vec!["status".into(), "--json".into()]).await.unwrap();
+    assert!(ok, "{err}");
+    let before: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(before["server"]["reachable"], true, "{before}");
+    assert_eq!(before["devices"][0]["udid"], udid.as_str());
+    assert_eq!(
+        (status(&before), &before["devices"][0]["last_backup_unix_ms"]),
+        ("due".into(), &serde_json::Value::Null)
+    );
+
     let (ok, out, err) = run(vec!["backup".into(), "--device".into(), udid.clone(), "--json".into()]).await.unwrap();
     assert!(ok, "{err}");
+    let (ok, status_out, err) = run(vec!["status".into(), "--json".into()]).await.unwrap();
+    assert!(ok, "{err}");
+    let after: serde_json::Value = serde_json::from_str(&status_out).unwrap();
+    assert_eq!(status(&after), "idle", "backed up just now: {after}");
+    assert!(after["devices"][0]["last_backup_unix_ms"].is_i64());
     let first: serde_json::Value = serde_json::from_str(&out).unwrap();
     let snapshot = first["snapshot"].as_str().unwrap().parse().unwrap();
 
