@@ -8,7 +8,7 @@ use std::pin::Pin;
 
 use idevice::provider::IdeviceProvider;
 use idevice::services::lockdown::LockdownClient;
-use idevice::services::mobilebackup2::{FsBackupDelegate, MobileBackup2Client};
+use idevice::services::mobilebackup2::{FsBackupDelegate, MobileBackup2Client, RestoreOptions};
 use idevice::usbmuxd::{UsbmuxdAddr, UsbmuxdConnection};
 use idevice::{IdeviceError, IdeviceService as _};
 use plist::{Dictionary, Value};
@@ -167,6 +167,62 @@ impl Provider {
     }
 }
 
+impl Provider {
+    /// Restores the backup in `root/<source>` onto this device (which may be another
+    /// model), as a MobileBackup2 Restore with `source` as SourceIdentifier. With `reboot`
+    /// the device restarts afterwards; see [`wait_for_reboot`].
+    pub async fn restore(&self, root: &Path, source: &str, reboot: bool) -> Result<(), DeviceError> {
+        let mut client = MobileBackup2Client::connect(self).await.map_err(classify)?;
+        let options = RestoreOptions::new().with_reboot(reboot).with_system_files(true);
+        let reply =
+            client.restore_from_path(root, Some(source), Some(options), &FsBackupDelegate).await.map_err(classify)?;
+        let _ = client.disconnect().await;
+        let reply =
+            reply.ok_or_else(|| DeviceError::Failed("the iPhone ended the restore without a verdict".into()))?;
+        match reply.get("ErrorCode").and_then(Value::as_unsigned_integer).unwrap_or(0) {
+            0 => Ok(()),
+            208 => Err(DeviceError::Locked),
+            code => Err(DeviceError::Refused {
+                code,
+                description: reply
+                    .get("ErrorDescription")
+                    .and_then(Value::as_string)
+                    .unwrap_or("no description")
+                    .into(),
+            }),
+        }
+    }
+}
+
+/// Waits until `udid` has left usbmuxd's list and come back (a reboot), at most `timeout`.
+pub async fn wait_for_reboot(addr: &UsbmuxdAddr, udid: &str, timeout: std::time::Duration) -> Result<(), DeviceError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut gone = false;
+    while tokio::time::Instant::now() < deadline {
+        let present = attached(addr).await?.iter().any(|u| u == udid);
+        if !present {
+            gone = true;
+        } else if gone {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    Err(DeviceError::Failed(format!(
+        "the iPhone did not come back within {} s after the restore; check it",
+        timeout.as_secs()
+    )))
+}
+
+/// Whether dotted version `a` is older than `b` ("17.5.1" < "17.6").
+pub fn version_older(a: &str, b: &str) -> bool {
+    let parse = |v: &str| v.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
+    let (mut a, mut b) = (parse(a), parse(b));
+    let n = a.len().max(b.len());
+    a.resize(n, 0);
+    b.resize(n, 0);
+    a < b
+}
+
 /// Info.plist as libimobiledevice and pymobiledevice3 write it (restores read it).
 pub fn info_plist(udid: &str, values: &Dictionary) -> Dictionary {
     let text = |k: &str| values.get(k).and_then(Value::as_string).unwrap_or_default().to_string();
@@ -186,4 +242,17 @@ pub fn info_plist(udid: &str, values: &Dictionary) -> Dictionary {
     info.insert("Applications".into(), Value::Dictionary(Dictionary::new()));
     info.insert("iTunes Version".into(), "12.13".into());
     info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(version_older("17.5.1", "17.6"));
+        assert!(version_older("9.3", "17.0"));
+        assert!(!version_older("17.10", "17.9"));
+        assert!(!version_older("17.5", "17.5.0"));
+    }
 }

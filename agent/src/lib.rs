@@ -7,7 +7,7 @@
 //! - `device`: usbmuxd, lockdown and MobileBackup2 through idevice, into the local mirror.
 //!
 //! Not built yet: the long-running service (`run`: watching usbmuxd, scheduling,
-//! retries), restore onto a device, the progress bar.
+//! retries), restore jobs from the API, the progress bar.
 
 pub mod client;
 pub mod device;

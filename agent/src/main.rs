@@ -1,13 +1,13 @@
 //! The `lifeboat-agent` command: `enroll` a workstation with a one-time token, `backup` an
-//! attached iPhone now, `status` of the attached iPhones. The long-running service and
-//! restore are not built yet.
+//! attached iPhone now, `status` of the attached iPhones, `restore` a snapshot onto one.
+//! The long-running service is not built yet.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lifeboat_agent::client::Client;
-use lifeboat_agent::device::{self, DeviceError, Provider};
+use lifeboat_agent::device::{self, DeviceError, Provider, version_older};
 use lifeboat_agent::state::AgentState;
 use lifeboat_agent::transfer;
 use lifeboat_shared::manifest::DeviceInfo;
@@ -32,6 +32,26 @@ enum Command {
     Enroll {
         /// The `lbe1_…` token.
         token: String,
+    },
+    /// Restore a snapshot onto an attached iPhone (also of another model): a replacement
+    /// phone gets the old one's data.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["snapshot", "from_device"])))]
+    Restore {
+        /// The UDID of the iPhone to restore onto.
+        #[arg(long)]
+        device: String,
+        /// The snapshot to restore.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Restore the latest snapshot of this device (the old phone's UDID).
+        #[arg(long)]
+        from_device: Option<String>,
+        /// Do not restart the iPhone afterwards.
+        #[arg(long)]
+        no_reboot: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// The attached iPhones, their last backup and when the next is due.
     Status {
@@ -70,6 +90,9 @@ fn main() -> std::process::ExitCode {
             Command::Enroll { token } => enroll(&cli.state_dir, &token).await,
             Command::Backup { device, json } => backup(&cli.state_dir, &device, json).await,
             Command::Status { json } => status(&cli.state_dir, json).await,
+            Command::Restore { device, snapshot, from_device, no_reboot, json } => {
+                restore(&cli.state_dir, &device, snapshot, from_device, !no_reboot, json).await
+            }
         }
     });
     match result {
@@ -245,6 +268,75 @@ async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             r["ios_version"].as_str().unwrap_or_default(),
             r["state"].as_str().unwrap_or_default(),
         );
+    }
+    Ok(())
+}
+
+async fn restore(
+    state_dir: &std::path::Path,
+    target: &str,
+    snapshot: Option<String>,
+    from_device: Option<String>,
+    reboot: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let state = AgentState::load(state_dir)?;
+    let keys = state.keys().context("damaged keys")?;
+    let auth = state.refresh_auth().context("damaged refresh secret")?;
+    let fingerprint = state.fingerprint().context("damaged fingerprint")?;
+    let addr = device::usbmuxd_addr()?;
+    let provider = Provider::find(addr.clone(), target).await?;
+    let values = provider.values().await?;
+    let target_ios = values.get("ProductVersion").and_then(Value::as_string).unwrap_or_default().to_string();
+    let client = Client::connect(&state.server, fingerprint, auth)
+        .await
+        .with_context(|| format!("connecting to {}", state.server))?;
+    let snapshot: lifeboat_shared::ids::SnapshotId = match (snapshot, from_device) {
+        (Some(id), _) => id.parse().map_err(|e| anyhow::anyhow!("{id} is not a snapshot id: {e}"))?,
+        (None, Some(udid)) => {
+            let parsed = udid.parse().map_err(|e| anyhow::anyhow!("{udid} is not a UDID: {e}"))?;
+            match client.request(&Request::LatestSnapshot { udid: parsed }).await? {
+                Response::Snapshot { snapshot, .. } => snapshot,
+                other => anyhow::bail!("no snapshot of {udid}: {other:?}"),
+            }
+        }
+        (None, None) => anyhow::bail!("say which snapshot: --snapshot ID or --from-device UDID"),
+    };
+
+    // Download and verify every chunk into a restore directory, then pre-flight.
+    let root = state_dir.join("restore").join(snapshot.to_string());
+    let _ = std::fs::remove_dir_all(&root);
+    let download = root.join("download");
+    eprintln!("downloading snapshot {snapshot} …");
+    let manifest =
+        transfer::download_snapshot(&client, &keys, snapshot, &download).await.context("downloading the snapshot")?;
+    client.close().await;
+    let source = manifest.device.udid.as_str().to_string();
+    if version_older(&target_ios, &manifest.device.ios_version) {
+        anyhow::bail!(
+            "the snapshot is from iOS {}, newer than the target's iOS {target_ios}: update the iPhone first",
+            manifest.device.ios_version
+        );
+    }
+    std::fs::rename(&download, root.join(&source)).context("preparing the restore directory")?;
+    eprintln!(
+        "restoring {} ({}, iOS {}) onto {target} (iOS {target_ios}) …",
+        manifest.device.name, manifest.device.product_type, manifest.device.ios_version
+    );
+    provider.restore(&root, &source, reboot).await?;
+    if reboot {
+        eprintln!("the iPhone restarts …");
+        device::wait_for_reboot(&addr, target, std::time::Duration::from_secs(180)).await?;
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    let files = manifest.files.len();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"snapshot": snapshot.to_string(), "source": source, "target": target, "files": files, "rebooted": reboot})
+        );
+    } else {
+        println!("restored snapshot {snapshot} of {source} onto {target}: {files} files");
     }
     Ok(())
 }

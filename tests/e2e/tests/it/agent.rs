@@ -70,7 +70,7 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     let phone_state = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mux = listener.local_addr().unwrap().to_string();
-    let config = Config { seed: 3, devices: 1, profile: Profile::Tiny, state_dir: phone_state.path().to_path_buf() };
+    let config = Config { seed: 3, devices: 2, profile: Profile::Tiny, state_dir: phone_state.path().to_path_buf() };
     let registry = Arc::new(Registry::new(config).unwrap());
     tokio::spawn(usbmuxd::serve(listener, registry.clone()));
     let udid = registry.all()[0].udid.clone();
@@ -133,6 +133,31 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     let total = second["logical_bytes"].as_u64().unwrap();
     assert!(sent < total / 4, "sent {sent} of {total} bytes after {used:?}");
     assert!(sent >= used.added_bytes / 2, "sent {sent} bytes, though {} bytes were added", used.added_bytes);
+
+    // The help desk restores that snapshot onto a replacement phone of another model; the
+    // phone restarts, and then holds exactly the old phone's data.
+    let replacement = registry.all()[1].clone();
+    assert_ne!(replacement.product_type, registry.all()[0].product_type);
+    let (ok, out, err) = run(vec![
+        "restore".into(),
+        "--device".into(),
+        replacement.udid.clone(),
+        "--from-device".into(),
+        udid.clone(),
+        "--json".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    let restored: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(restored["source"], udid.as_str());
+    assert_eq!(restored["snapshot"], second["snapshot"]);
+    let new_phone = registry.state_by_udid(&replacement.udid).unwrap();
+    assert_eq!(new_phone.expect().unwrap(), phone.expect().unwrap(), "the replacement holds the old phone's data");
+    assert_eq!(new_phone.stats().restores, 1);
+    assert!(new_phone.is_plugged(), "back after its restart");
+    let (ok, _, err) = run(vec!["restore".into(), "--device".into(), replacement.udid.clone()]).await.unwrap();
+    assert!(!ok && err.contains("--from-device"), "a restore needs a snapshot: {err}");
 
     // An unknown device is a clear error.
     let (ok, _, err) = run(vec!["backup".into(), "--device".into(), "00000000-0000000000000000".into()]).await.unwrap();
