@@ -8,7 +8,9 @@ use std::pin::Pin;
 
 use idevice::provider::IdeviceProvider;
 use idevice::services::lockdown::LockdownClient;
-use idevice::services::mobilebackup2::{FsBackupDelegate, MobileBackup2Client, RestoreOptions};
+use idevice::services::mobilebackup2::{
+    BackupDelegate, BackupProgress, DirEntryInfo, FsBackupDelegate, MobileBackup2Client, RestoreOptions,
+};
 use idevice::usbmuxd::{UsbmuxdAddr, UsbmuxdConnection};
 use idevice::{IdeviceError, IdeviceService as _};
 use plist::{Dictionary, Value};
@@ -138,12 +140,18 @@ impl Provider {
 
     /// Backs the device up into `mirror/<udid>` (incremental when the mirror holds the
     /// previous backup), checks the device's verdict and Status.plist, and writes the
-    /// Info.plist hosts write. Returns the backup directory.
-    pub async fn backup(&self, mirror: &Path, values: &Dictionary) -> Result<PathBuf, DeviceError> {
+    /// Info.plist hosts write. Returns the backup directory. `started` is signalled when
+    /// the device begins (on iOS 16.1 and later it first waits for its passcode).
+    pub async fn backup(
+        &self,
+        mirror: &Path,
+        values: &Dictionary,
+        started: tokio::sync::watch::Sender<bool>,
+    ) -> Result<PathBuf, DeviceError> {
         std::fs::create_dir_all(mirror).map_err(|e| DeviceError::Failed(format!("{}: {e}", mirror.display())))?;
         let mut client = MobileBackup2Client::connect(self).await.map_err(classify)?;
-        let reply =
-            client.backup_from_path(mirror, Some(&self.udid), None, &FsBackupDelegate).await.map_err(classify)?;
+        let delegate = Watched { started };
+        let reply = client.backup_from_path(mirror, Some(&self.udid), None, &delegate).await.map_err(classify)?;
         let _ = client.disconnect().await;
         let reply = reply.ok_or_else(|| DeviceError::Failed("the iPhone ended the backup without a verdict".into()))?;
         let code = reply.get("ErrorCode").and_then(Value::as_unsigned_integer).unwrap_or(0);
@@ -191,6 +199,69 @@ impl Provider {
                     .into(),
             }),
         }
+    }
+}
+
+/// idevice's file-system delegate, noting the device's first request: until then a
+/// device on iOS 16.1 or later is waiting for its passcode.
+struct Watched {
+    started: tokio::sync::watch::Sender<bool>,
+}
+
+type DelegateFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl Watched {
+    fn seen(&self) {
+        self.started.send_if_modified(|s| !std::mem::replace(s, true));
+    }
+}
+
+impl BackupDelegate for Watched {
+    fn get_free_disk_space(&self, path: &Path) -> u64 {
+        self.seen();
+        FsBackupDelegate.get_free_disk_space(path)
+    }
+    fn open_file_read<'a>(
+        &'a self,
+        path: &'a Path,
+    ) -> DelegateFuture<'a, Result<Box<dyn std::io::Read + Send>, IdeviceError>> {
+        self.seen();
+        FsBackupDelegate.open_file_read(path)
+    }
+    fn create_file_write<'a>(
+        &'a self,
+        path: &'a Path,
+    ) -> DelegateFuture<'a, Result<Box<dyn std::io::Write + Send>, IdeviceError>> {
+        self.seen();
+        FsBackupDelegate.create_file_write(path)
+    }
+    fn create_dir_all<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
+        // Not a sign of the device: idevice creates the backup directory before it asks.
+        FsBackupDelegate.create_dir_all(path)
+    }
+    fn remove<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
+        FsBackupDelegate.remove(path)
+    }
+    fn rename<'a>(&'a self, from: &'a Path, to: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
+        FsBackupDelegate.rename(from, to)
+    }
+    fn copy<'a>(&'a self, src: &'a Path, dst: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
+        FsBackupDelegate.copy(src, dst)
+    }
+    fn exists<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, bool> {
+        FsBackupDelegate.exists(path)
+    }
+    fn is_dir<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, bool> {
+        FsBackupDelegate.is_dir(path)
+    }
+    fn list_dir<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<Vec<DirEntryInfo>, IdeviceError>> {
+        FsBackupDelegate.list_dir(path)
+    }
+    fn on_file_received(&self, path: &str, count: u32) {
+        FsBackupDelegate.on_file_received(path, count);
+    }
+    fn on_progress(&self, progress: BackupProgress) {
+        FsBackupDelegate.on_progress(progress);
     }
 }
 

@@ -156,13 +156,48 @@ async fn backup(state_dir: &std::path::Path, udid: &str, json: bool) -> anyhow::
         other => anyhow::bail!("the server did not open a run: {other:?}"),
     };
     eprintln!("backing up {} ({}, iOS {}) …", info.name, info.product_type, info.ios_version);
-    let dir = match provider.backup(&state_dir.join("mirror"), &values).await {
+    let (started_tx, mut started) = tokio::sync::watch::channel(false);
+    let mirror = state_dir.join("mirror");
+    let backup = provider.backup(&mirror, &values, started_tx);
+    tokio::pin!(backup);
+    let local = LocalState::new(state_dir, udid);
+    local.set("backing-up");
+    // iOS 16.1 and later ask for the passcode before a backup starts; until the device asks
+    // for its first file it is waiting for it. Say so here, to the server, and in `status`.
+    let result = tokio::select! {
+        r = &mut backup => r,
+        () = tokio::time::sleep(PASSCODE_HINT_AFTER) => {
+            let mut result = None;
+            if !*started.borrow() {
+                eprintln!("Enter the passcode on the iPhone to start the backup.");
+                local.set("needs-passcode");
+                report(&client, &info, lifeboat_shared::wire::DeviceState::NeedsPasscode, "waiting for the passcode").await;
+                tokio::select! {
+                    r = &mut backup => result = Some(r),
+                    _ = started.wait_for(|s| *s) => {}
+                }
+                if result.is_none() {
+                    eprintln!("passcode entered; backing up …");
+                    local.set("backing-up");
+                    report(&client, &info, lifeboat_shared::wire::DeviceState::BackingUp, "backing up").await;
+                }
+            }
+            match result {
+                Some(r) => r,
+                None => backup.await,
+            }
+        }
+    };
+    let dir = match result {
         Ok(dir) => dir,
         Err(e) => {
+            local.set(if matches!(e, DeviceError::Locked) { "needs-passcode" } else { "failing" });
             end_failed(&client, run, &e).await;
             return Err(e.into());
         }
     };
+    local.set("idle");
+    report(&client, &info, lifeboat_shared::wire::DeviceState::Idle, "backed up").await;
     let uploaded = transfer::upload_dir(&client, &keys, run, snapshot, info, &dir, transfer::now_unix_ms()).await;
     let (report, committed) = match uploaded {
         Ok(r) => r,
@@ -190,6 +225,51 @@ async fn backup(state_dir: &std::path::Path, udid: &str, json: bool) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// How long a backup may stay silent before the agent says the iPhone wants its passcode.
+const PASSCODE_HINT_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+
+async fn report(client: &Client, info: &DeviceInfo, state: lifeboat_shared::wire::DeviceState, message: &str) {
+    let req = Request::ReportState { udid: info.udid.clone(), state, message: Some(message.into()) };
+    if let Err(e) = client.request(&req).await {
+        tracing::warn!(device.udid = %info.udid, error = %e, "could not report the device's state");
+    }
+}
+
+/// What a running `backup` says about its device, for `status` in another process:
+/// `<state>/devices/<udid>.state`.
+struct LocalState {
+    path: PathBuf,
+}
+
+impl LocalState {
+    fn new(state_dir: &std::path::Path, udid: &str) -> Self {
+        Self { path: state_dir.join("devices").join(format!("{udid}.state")) }
+    }
+
+    fn set(&self, state: &str) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = self.path.with_extension("tmp");
+        let line = format!("{state} {}\n", std::process::id());
+        if std::fs::write(&tmp, line).and_then(|()| std::fs::rename(&tmp, &self.path)).is_err() {
+            tracing::warn!(path = %self.path.display(), "could not record the device's state");
+        }
+    }
+
+    /// The state a backup recorded; a backing-up or needs-passcode state whose process is
+    /// gone (killed) no longer counts.
+    fn get(state_dir: &std::path::Path, udid: &str) -> Option<String> {
+        let text = std::fs::read_to_string(Self::new(state_dir, udid).path).ok()?;
+        let (state, pid) = text.trim().split_once(' ')?;
+        let live = matches!(state, "backing-up" | "needs-passcode");
+        if live && !std::path::Path::new("/proc").join(pid).exists() {
+            return None;
+        }
+        Some(state.to_string())
+    }
 }
 
 async fn end_failed(client: &Client, run: lifeboat_shared::ids::RunId, e: &DeviceError) {
@@ -229,7 +309,12 @@ async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             _ => None,
         };
         let next_due = last.map_or(now, |t| t + BACKUP_INTERVAL_MS);
-        let state = if next_due <= now { "due" } else { "idle" };
+        let local = LocalState::get(state_dir, &udid).filter(|s| s != "idle");
+        let state = match local.as_deref() {
+            Some(s) => s.to_string(),
+            None if next_due <= now => "due".into(),
+            None => "idle".into(),
+        };
         rows.push(serde_json::json!({
             "udid": udid, "name": name, "product_type": model, "ios_version": ios, "state": state,
             "last_backup_unix_ms": last, "next_backup_due_unix_ms": next_due,

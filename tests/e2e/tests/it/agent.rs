@@ -159,6 +159,35 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     let (ok, _, err) = run(vec!["restore".into(), "--device".into(), replacement.udid.clone()]).await.unwrap();
     assert!(!ok && err.contains("--from-device"), "a restore needs a snapshot: {err}");
 
+    // A phone that wants its passcode: the agent says so in `status` and to the server
+    // (the API shows needs-passcode), and goes on once it is entered.
+    let (ok, out, err) = server_cli(&data, &["user", "create", "--tenant", "acme", "--role", "viewer"]);
+    assert!(ok, "{err}");
+    let credential = out.split_whitespace().find(|w| w.starts_with("lbu1_")).unwrap().to_string();
+    phone.require_passcode(std::time::Duration::from_secs(60));
+    let backup = run(vec!["backup".into(), "--device".into(), udid.clone(), "--json".into()]);
+    let mut seen_status = false;
+    for _ in 0..150 {
+        let (ok, out, _) = run(vec!["status".into(), "--json".into()]).await.unwrap();
+        if ok && serde_json::from_str::<serde_json::Value>(&out).unwrap()["devices"][0]["state"] == "needs-passcode" {
+            seen_status = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(seen_status, "status never showed needs-passcode");
+    let (code, body) = lifeboat_e2e::http_get(server.http_addr, "/api/v1/devices", Some(&credential)).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let devices: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let listed = devices.as_array().or_else(|| devices["devices"].as_array()).unwrap();
+    let row = listed.iter().find(|d| d["udid"] == udid.as_str()).unwrap();
+    assert_eq!(row["state"], "needs-passcode", "{row}");
+    assert!(phone.waiting_for_passcode());
+    phone.enter_passcode();
+    let (ok, _, err) = backup.await.unwrap();
+    assert!(ok, "{err}");
+    assert!(err.contains("Enter the passcode on the iPhone to start the backup."), "{err}");
+
     // An unknown device is a clear error.
     let (ok, _, err) = run(vec!["backup".into(), "--device".into(), "00000000-0000000000000000".into()]).await.unwrap();
     assert!(!ok && err.contains("no iPhone 00000000-0000000000000000 is attached"), "{err}");
