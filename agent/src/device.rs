@@ -29,7 +29,7 @@ pub enum DeviceError {
     Disconnected(IdeviceError),
     #[error("the iPhone is locked: enter the passcode on it and try again")]
     Locked,
-    #[error("the iPhone refused the backup (error {code}): {description}")]
+    #[error("the iPhone refused (error {code}): {description}")]
     Refused { code: u64, description: String },
     #[error("{0}")]
     Failed(String),

@@ -115,6 +115,13 @@ async fn enroll(state_dir: &std::path::Path, token: &str) -> anyhow::Result<()> 
         anyhow::bail!("{} is already enrolled; use another --state-dir or remove it", state_dir.display());
     }
     let token = EnrollToken::decode(token)?;
+    // The token is spent on first use: make sure the identity can be kept before using it.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let probe = state_dir.join(".write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("{} is not writable", state_dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
     let auth = Auth::Enroll {
         token_secret: token.secret.to_vec(),
         hostname: hostname(),
@@ -188,30 +195,39 @@ async fn backup(state_dir: &std::path::Path, udid: &str, json: bool) -> anyhow::
             }
         }
     };
+    use lifeboat_shared::wire::DeviceState as Ds;
     let dir = match result {
         Ok(dir) => dir,
         Err(e) => {
-            local.set(if matches!(e, DeviceError::Locked) { "needs-passcode" } else { "failing" });
+            let (local_state, server_state) =
+                if matches!(e, DeviceError::Locked) { ("locked", Ds::NeedsPasscode) } else { ("failing", Ds::Failing) };
+            local.finish(local_state);
+            report(&client, &info, server_state, &e.to_string()).await;
             end_failed(&client, run, &e).await;
             return Err(e.into());
         }
     };
-    local.set("idle");
-    report(&client, &info, lifeboat_shared::wire::DeviceState::Idle, "backed up").await;
-    let uploaded = transfer::upload_dir(&client, &keys, run, snapshot, info, &dir, transfer::now_unix_ms()).await;
-    let (report, committed) = match uploaded {
+    let uploaded =
+        transfer::upload_dir(&client, &keys, run, snapshot, info.clone(), &dir, transfer::now_unix_ms()).await;
+    let (report_, committed) = match uploaded {
         Ok(r) => r,
         Err(e) => {
-            // The run stays resumable until its lease expires; say why it stopped.
+            // Say why it stopped; the chunks already sent stay on the server for the next run.
+            local.finish("failing");
+            report(&client, &info, Ds::Failing, &e.to_string()).await;
             let end = RunEnd::Failed { reason: "upload-failed".into(), message: e.to_string() };
             let _ = client.request(&Request::EndRun { run, end }).await;
             return Err(anyhow::Error::new(e).context("uploading the backup"));
         }
     };
-    client.close().await;
     let Response::Committed { snapshot, files, logical_bytes } = committed else {
+        local.finish("failing");
         anyhow::bail!("the server did not commit the snapshot: {committed:?}");
     };
+    local.finish("idle");
+    report(&client, &info, Ds::Idle, "backed up").await;
+    client.close().await;
+    let report = report_;
     if json {
         let out = serde_json::json!({
             "snapshot": snapshot.to_string(), "files": files, "logical_bytes": logical_bytes,
@@ -248,27 +264,36 @@ impl LocalState {
         Self { path: state_dir.join("devices").join(format!("{udid}.state")) }
     }
 
+    /// A state while this process works on the device (`backing-up`, `needs-passcode`):
+    /// recorded with its pid, so a killed backup does not look busy forever.
     fn set(&self, state: &str) {
+        self.write(&format!("{state} {}", std::process::id()));
+    }
+
+    /// How the backup ended (`idle`, `failing`, `locked`): kept until the next one.
+    fn finish(&self, state: &str) {
+        self.write(state);
+    }
+
+    fn write(&self, line: &str) {
         if let Some(dir) = self.path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
         let tmp = self.path.with_extension("tmp");
-        let line = format!("{state} {}\n", std::process::id());
-        if std::fs::write(&tmp, line).and_then(|()| std::fs::rename(&tmp, &self.path)).is_err() {
+        if std::fs::write(&tmp, format!("{line}\n")).and_then(|()| std::fs::rename(&tmp, &self.path)).is_err() {
             tracing::warn!(path = %self.path.display(), "could not record the device's state");
         }
     }
 
-    /// The state a backup recorded; a backing-up or needs-passcode state whose process is
-    /// gone (killed) no longer counts.
+    /// The state a backup recorded; an in-progress one whose process is gone no longer
+    /// counts (`locked` reads as needs-passcode: the next backup will ask again).
     fn get(state_dir: &std::path::Path, udid: &str) -> Option<String> {
         let text = std::fs::read_to_string(Self::new(state_dir, udid).path).ok()?;
-        let (state, pid) = text.trim().split_once(' ')?;
-        let live = matches!(state, "backing-up" | "needs-passcode");
-        if live && !std::path::Path::new("/proc").join(pid).exists() {
-            return None;
+        match text.trim().split_once(' ') {
+            Some((state, pid)) => std::path::Path::new("/proc").join(pid).exists().then(|| state.to_string()),
+            None if text.trim() == "locked" => Some("needs-passcode".into()),
+            None => Some(text.trim().to_string()),
         }
-        Some(state.to_string())
     }
 }
 
@@ -287,7 +312,8 @@ async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let addr = device::usbmuxd_addr()?;
     let mut devices = Vec::new();
     for udid in device::attached(&addr).await? {
-        let provider = Provider::find(addr.clone(), &udid).await?;
+        // A phone unplugged since the listing is simply not there any more.
+        let Ok(provider) = Provider::find(addr.clone(), &udid).await else { continue };
         let values = provider.values().await.ok();
         let text =
             |k: &str| values.as_ref().and_then(|v| v.get(k)).and_then(Value::as_string).unwrap_or_default().to_string();
@@ -391,6 +417,8 @@ async fn restore(
     // Download and verify every chunk into a restore directory, then pre-flight.
     let root = state_dir.join("restore").join(snapshot.to_string());
     let _ = std::fs::remove_dir_all(&root);
+    // The download is the phone's data in the clear: it goes, however the restore ends.
+    let _cleanup = RemoveOnDrop(root.clone());
     let download = root.join("download");
     eprintln!("downloading snapshot {snapshot} …");
     let manifest =
@@ -413,7 +441,6 @@ async fn restore(
         eprintln!("the iPhone restarts …");
         device::wait_for_reboot(&addr, target, std::time::Duration::from_secs(180)).await?;
     }
-    let _ = std::fs::remove_dir_all(&root);
     let files = manifest.files.len();
     if json {
         println!(
@@ -424,4 +451,13 @@ async fn restore(
         println!("restored snapshot {snapshot} of {source} onto {target}: {files} files");
     }
     Ok(())
+}
+
+/// Removes a directory tree when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

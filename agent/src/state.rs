@@ -100,8 +100,10 @@ impl AgentState {
             let path = path.to_path_buf();
             move |cause| StateError::Io { path, cause }
         };
-        std::fs::create_dir_all(state_dir).map_err(io(state_dir))?;
-        let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700));
+        if !state_dir.exists() {
+            std::fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+            let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700));
+        }
         let path = Self::path(state_dir);
         let tmp = state_dir.join(format!("{FILE}.tmp"));
         let json = serde_json::to_vec_pretty(self)

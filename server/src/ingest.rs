@@ -90,14 +90,15 @@ struct RunBuffer {
     pending: HashSet<ChunkId>,
     plain_len: HashMap<ChunkId, u32>,
     uploaded_plain_bytes: u64,
-    /// Full packs being written and indexed in the background, oldest first.
-    in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Reply>>,
+    /// Full packs being written and indexed in the background.
+    in_flight: Vec<tokio::task::JoinHandle<Reply>>,
+    /// One permit per pack write that may run at once.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
-/// Full packs of one run left writing in the background when a stream hands over another:
-/// beyond this it waits for the oldest, so at most this many plus one are written at once
-/// (each holding its 32 MiB in memory), and uploads run ahead of storage by that much.
-const FLUSHES_IN_FLIGHT: usize = 2;
+/// Full packs of one run written in the background at once (each holds ~32 MiB in
+/// memory): uploads run ahead of storage by that much.
+const PACK_WRITES_PER_RUN: usize = 3;
 
 /// Shared state of all agent connections of this server process.
 #[derive(Debug)]
@@ -345,7 +346,8 @@ impl Hub {
                     pending: HashSet::new(),
                     plain_len: HashMap::new(),
                     uploaded_plain_bytes: 0,
-                    in_flight: std::collections::VecDeque::new(),
+                    in_flight: Vec::new(),
+                    slots: Arc::new(tokio::sync::Semaphore::new(PACK_WRITES_PER_RUN)),
                 }))
             })
             .clone()
@@ -460,7 +462,7 @@ impl Hub {
                         b.pack.len() >= self.pack_target_bytes
                     };
                     if full {
-                        self.start_flush(&buf).await?;
+                        self.start_flush(&buf, false).await?;
                     }
                 }
                 DataRef::Bytes(_) => return Err(Rejection::new(ErrorCode::Malformed, "expected chunk blobs")),
@@ -470,39 +472,43 @@ impl Hub {
     }
 
     /// Hands the buffer's pack (if any) to a background task that writes it to storage and
-    /// then indexes it, so the upload stream that filled it reads on. With
-    /// [`FLUSHES_IN_FLIGHT`] already running, waits for the oldest (and reports its failure).
-    async fn start_flush(&self, buf: &Arc<tokio::sync::Mutex<RunBuffer>>) -> Reply {
-        let oldest = {
-            let mut b = buf.lock().await;
-            if !b.pack.is_empty() {
-                let pack = std::mem::replace(&mut b.pack, PackBuilder::with_capacity(self.pack_capacity()));
-                let lens: Vec<u32> =
-                    pack.entries().iter().map(|e| b.plain_len.get(&e.id).copied().unwrap_or(0)).collect();
-                let job = PackJob {
-                    storage: self.storage.clone(),
-                    db: self.db.clone(),
-                    metrics: self.metrics.clone(),
-                    buf: buf.clone(),
-                    tenant: b.tenant,
-                };
-                b.in_flight.push_back(tokio::spawn(job.run(pack, lens)));
-            }
-            if b.in_flight.len() > FLUSHES_IN_FLIGHT { b.in_flight.pop_front() } else { None }
-        };
-        match oldest {
-            Some(handle) => joined(handle.await),
-            None => Ok(()),
+    /// then indexes it, so the upload stream that filled it reads on. At most
+    /// [`PACK_WRITES_PER_RUN`] such tasks run per run: beyond that the stream waits for a
+    /// slot (and the pack keeps filling meanwhile).
+    /// Without `force`, a pack another stream already handed over (while this one waited
+    /// for a slot) is not handed over again half-empty.
+    async fn start_flush(&self, buf: &Arc<tokio::sync::Mutex<RunBuffer>>, force: bool) -> Reply {
+        let slots = buf.lock().await.slots.clone();
+        let permit =
+            slots.acquire_owned().await.map_err(|e| Rejection::internal("waiting for a pack write slot", e))?;
+        let mut b = buf.lock().await;
+        if b.pack.is_empty() || (!force && b.pack.len() < self.pack_target_bytes) {
+            return Ok(());
         }
+        let pack = std::mem::replace(&mut b.pack, PackBuilder::with_capacity(self.pack_capacity()));
+        let lens: Vec<u32> = pack.entries().iter().map(|e| b.plain_len.get(&e.id).copied().unwrap_or(0)).collect();
+        let job = PackJob {
+            storage: self.storage.clone(),
+            db: self.db.clone(),
+            metrics: self.metrics.clone(),
+            buf: buf.clone(),
+            tenant: b.tenant,
+        };
+        b.in_flight.push(tokio::spawn(async move {
+            let result = job.run(pack, lens).await;
+            drop(permit);
+            result
+        }));
+        Ok(())
     }
 
-    /// Writes and indexes everything the buffer holds, and waits for its background
-    /// flushes: afterwards every chunk the run uploaded is durable and indexed (or the
-    /// first failure is returned, and the chunks that failed are missing again).
+    /// Writes and indexes everything the buffer holds and waits for all its background
+    /// writes: afterwards every chunk the run uploaded is durable and indexed, or the first
+    /// failure is returned (and the chunks that failed are missing again).
     async fn flush(&self, buf: &Arc<tokio::sync::Mutex<RunBuffer>>) -> Reply {
-        self.start_flush(buf).await?;
-        let handles: Vec<_> = buf.lock().await.in_flight.drain(..).collect();
-        let mut first = Ok(());
+        let started = self.start_flush(buf, true).await;
+        let handles: Vec<_> = std::mem::take(&mut buf.lock().await.in_flight);
+        let mut first = started;
         for handle in handles {
             if let Err(e) = joined(handle.await) {
                 first = first.and(Err(e));

@@ -216,7 +216,8 @@ pub fn open_chunk(key: &DataKey, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, B
 }
 
 /// Like [`open_chunk`], into `out` (cleared first; reused across blobs by callers that
-/// open many).
+/// open many — a chunk stored raw needs no other buffer, a compressed one is decompressed
+/// into a new one).
 pub fn open_chunk_into(key: &DataKey, id: &ChunkId, blob: &[u8], out: &mut Vec<u8>) -> Result<(), BlobError> {
     if blob.len() > MAX_BLOB_BYTES {
         return Err(BlobError::TooLarge(blob.len()));
@@ -285,6 +286,16 @@ mod tests {
                 s as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn a_maximal_incompressible_chunk_is_within_the_blob_limit() {
+        let (dk, ik) = keys();
+        let data = noise(CHUNK_MAX_BYTES as usize, 3);
+        let id = ik.chunk_id(&data);
+        let blob = seal_chunk(&dk, &id, &data, [5; NONCE_BYTES]);
+        assert_eq!(blob.len(), MAX_BLOB_BYTES, "stored raw: the largest blob there is");
+        assert_eq!(open_and_verify(&dk, &ik, &id, &blob).unwrap(), data);
     }
 
     #[test]

@@ -23,8 +23,9 @@ pub const CHUNK_MAX_BYTES: u32 = 4 * 1024 * 1024;
 pub const NONCE_BYTES: usize = 12;
 pub const TAG_BYTES: usize = 16;
 
-/// Largest blob a reader accepts: a maximal chunk stored raw plus framing.
-pub const MAX_BLOB_BYTES: usize = CHUNK_MAX_BYTES as usize + 1 + NONCE_BYTES + TAG_BYTES;
+/// Largest blob a reader accepts: a maximal chunk stored raw plus its framing (version
+/// byte, compression byte, nonce, tag).
+pub const MAX_BLOB_BYTES: usize = CHUNK_MAX_BYTES as usize + 2 + NONCE_BYTES + TAG_BYTES;
 /// Largest pack index a reader accepts (about 400,000 entries).
 pub const MAX_PACK_INDEX_BYTES: usize = 32 * 1024 * 1024;
 /// Largest decoded snapshot manifest a reader accepts.

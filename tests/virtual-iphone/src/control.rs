@@ -117,9 +117,12 @@ pub fn execute(registry: &Registry, request: Request) -> Response {
             s.enter_passcode();
             Response::Ok
         }),
-        Request::SetFaults { udid, faults } => device(&udid).map(|s| {
+        Request::SetFaults { udid, faults } => device(&udid).and_then(|s| {
+            if faults.throttle_mb_per_s.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                return Err("the throttle must be a positive number of MB/s".to_string());
+            }
             s.set_faults(faults);
-            Response::Ok
+            Ok(Response::Ok)
         }),
     };
     result.unwrap_or_else(|message| Response::Error { message })

@@ -220,7 +220,17 @@ impl DeviceState {
             p.waiting = true;
             p.timeout
         };
-        let deadline = tokio::time::Instant::now() + timeout;
+        // Whatever ends the wait (entered, timed out, or the host gone and this future
+        // dropped), the device is no longer waiting.
+        struct NotWaiting<'a>(&'a Mutex<Passcode>);
+        impl Drop for NotWaiting<'_> {
+            fn drop(&mut self) {
+                lock(self.0).waiting = false;
+            }
+        }
+        let _not_waiting = NotWaiting(&self.passcode);
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(timeout).unwrap_or(now + Duration::from_secs(86_400 * 365));
         loop {
             let notified = self.passcode_entered.notified();
             {

@@ -146,9 +146,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Link<'_, S> {
         }
         self.s.write_all(bytes).await?;
         self.sent += bytes.len() as u64;
-        if let Some(mbps) = faults.throttle_mb_per_s.filter(|r| *r > 0.0) {
-            let due = Duration::from_secs_f64(self.sent as f64 / (mbps * 1e6));
-            tokio::time::sleep_until(self.started + due).await;
+        // At least 1 kB/s, so any rate a test asks for gives a finite wait.
+        if let Some(mbps) = faults.throttle_mb_per_s.filter(|r| r.is_finite() && *r > 0.0) {
+            let due = Duration::from_secs_f64(self.sent as f64 / (mbps.max(0.001) * 1e6));
+            if let Some(at) = self.started.checked_add(due) {
+                tokio::time::sleep_until(at).await;
+            }
         }
         Ok(())
     }
@@ -224,6 +227,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Link<'_, S> {
             }
             if len > MAX_PATH {
                 return Err(protocol("a path in the file stream", format!("{len} bytes")));
+            }
+            if out.len() == paths.len() {
+                return Err(protocol("no more files than were asked for", paths.len() + 1));
             }
             let mut name = vec![0u8; len];
             self.s.read_exact(&mut name).await?;

@@ -37,8 +37,8 @@ pub enum PairingError {
     Tls(#[from] rustls::Error),
 }
 
-/// A certificate and its key, PEM and DER.
-#[derive(Debug, Clone)]
+/// A certificate and its key, PEM and DER. `Debug` shows no key.
+#[derive(Clone)]
 struct Certified {
     cert_der: CertificateDer<'static>,
     cert_pem: String,
@@ -46,7 +46,8 @@ struct Certified {
 }
 
 /// The process's keys and certificates, and the TLS server configuration built on them.
-#[derive(Debug, Clone)]
+/// `Debug` shows no key.
+#[derive(Clone)]
 pub struct Identity {
     root: Certified,
     host: Certified,
@@ -56,6 +57,18 @@ pub struct Identity {
     /// `HostID` of the pre-made pair records.
     pub host_id: String,
     tls: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for Certified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certified").field("cert_der_len", &self.cert_der.len()).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("host_id", &self.host_id).finish_non_exhaustive()
+    }
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
