@@ -323,19 +323,11 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Option<T>, FrameError> {
-    let mut len = [0u8; 4];
-    if !read_exact_or_eof(r, &mut len).await? {
-        return Ok(None);
+    let mut payload = Vec::new();
+    match read_frame_into(r, max, &mut payload).await? {
+        None => Ok(None),
+        Some(len) => decode(&payload[..len]).map(Some),
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(FrameError::TooLarge(len, max));
-    }
-    let mut payload = vec![0u8; len];
-    if !read_exact_or_eof(r, &mut payload).await? && len > 0 {
-        return Err(FrameError::Truncated);
-    }
-    decode(&payload).map(Some)
 }
 
 /// Reads one frame's payload into `buf` (grown as needed, never shrunk, so a reader of
