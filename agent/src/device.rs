@@ -101,11 +101,11 @@ impl IdeviceProvider for Provider {
     }
 }
 
-/// The UDIDs of the iPhones usbmuxd lists now.
-pub async fn attached(addr: &UsbmuxdAddr) -> Result<Vec<String>, DeviceError> {
+/// The iPhones usbmuxd lists now.
+pub async fn attached(addr: &UsbmuxdAddr) -> Result<Vec<Provider>, DeviceError> {
     let mut conn = mux(addr).await.map_err(|cause| DeviceError::Usbmuxd { addr: describe(addr), cause })?;
     let devices = conn.get_devices().await.map_err(|cause| DeviceError::Usbmuxd { addr: describe(addr), cause })?;
-    Ok(devices.into_iter().map(|d| d.udid).collect())
+    Ok(devices.into_iter().map(|d| Provider { addr: addr.clone(), device_id: d.device_id, udid: d.udid }).collect())
 }
 
 fn describe(addr: &UsbmuxdAddr) -> String {
@@ -119,12 +119,7 @@ fn describe(addr: &UsbmuxdAddr) -> String {
 impl Provider {
     /// The attached device `udid`.
     pub async fn find(addr: UsbmuxdAddr, udid: &str) -> Result<Self, DeviceError> {
-        let where_ = describe(&addr);
-        let mut conn = mux(&addr).await.map_err(|cause| DeviceError::Usbmuxd { addr: where_.clone(), cause })?;
-        let devices = conn.get_devices().await.map_err(|cause| DeviceError::Usbmuxd { addr: where_, cause })?;
-        let device =
-            devices.into_iter().find(|d| d.udid == udid).ok_or_else(|| DeviceError::NotAttached(udid.into()))?;
-        Ok(Self { addr, device_id: device.device_id, udid: udid.to_string() })
+        attached(&addr).await?.into_iter().find(|p| p.udid == udid).ok_or_else(|| DeviceError::NotAttached(udid.into()))
     }
 
     /// The device's lockdown values (inside a session, as hosts read them).
@@ -270,7 +265,7 @@ pub async fn wait_for_reboot(addr: &UsbmuxdAddr, udid: &str, timeout: std::time:
     let deadline = tokio::time::Instant::now() + timeout;
     let mut gone = false;
     while tokio::time::Instant::now() < deadline {
-        let present = attached(addr).await?.iter().any(|u| u == udid);
+        let present = attached(addr).await?.iter().any(|p| p.udid == udid);
         if !present {
             gone = true;
         } else if gone {

@@ -311,10 +311,10 @@ async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let state = AgentState::load(state_dir)?;
     let addr = device::usbmuxd_addr()?;
     let mut devices = Vec::new();
-    for udid in device::attached(&addr).await? {
-        // A phone unplugged since the listing is simply not there any more.
-        let Ok(provider) = Provider::find(addr.clone(), &udid).await else { continue };
+    for provider in device::attached(&addr).await? {
+        // A phone unplugged since the listing shows without its values.
         let values = provider.values().await.ok();
+        let udid = provider.udid.clone();
         let text =
             |k: &str| values.as_ref().and_then(|v| v.get(k)).and_then(Value::as_string).unwrap_or_default().to_string();
         devices.push((udid, text("DeviceName"), text("ProductType"), text("ProductVersion")));

@@ -187,8 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Link<'_, S> {
                 }
                 buf[..4].copy_from_slice(&(n as u32 + 1).to_be_bytes());
                 buf[4] = CODE_FILE_DATA;
-                let block = buf[..n + 5].to_vec();
-                self.write_raw(&block).await?;
+                self.write_raw(&buf[..n + 5]).await?;
             }
             self.write_raw(&[0, 0, 0, 1, CODE_SUCCESS]).await?;
         }
