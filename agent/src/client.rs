@@ -127,8 +127,8 @@ pub async fn connect_raw(
     Ok((endpoint, conn))
 }
 
-/// An authenticated connection to a Lifeboat server.
-#[derive(Debug)]
+/// An authenticated connection to a Lifeboat server. Clones share the connection.
+#[derive(Debug, Clone)]
 pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use idevice::provider::IdeviceProvider;
 use idevice::services::lockdown::LockdownClient;
@@ -14,6 +15,8 @@ use idevice::services::mobilebackup2::{
 use idevice::usbmuxd::{UsbmuxdAddr, UsbmuxdConnection};
 use idevice::{IdeviceError, IdeviceService as _};
 use plist::{Dictionary, Value};
+
+use crate::progress::{Phase, Progress};
 
 const LABEL: &str = "lifeboat-agent";
 
@@ -29,6 +32,8 @@ pub enum DeviceError {
     Disconnected(IdeviceError),
     #[error("the iPhone is locked: enter the passcode on it and try again")]
     Locked,
+    #[error("the iPhone does not trust this computer yet: unlock it and tap Trust")]
+    NotTrusted,
     #[error("the iPhone refused (error {code}): {description}")]
     Refused { code: u64, description: String },
     #[error("{0}")]
@@ -41,6 +46,7 @@ impl DeviceError {
         match self {
             Self::Disconnected(_) | Self::NotAttached(_) => "device-disconnected",
             Self::Locked => "needs-passcode",
+            Self::NotTrusted => "needs-trust",
             Self::Refused { code: 105, .. } => "out-of-space",
             Self::Refused { .. } => "device-error",
             _ => "backup-failed",
@@ -74,7 +80,8 @@ pub struct Provider {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, IdeviceError>> + Send>>;
 
-async fn mux(addr: &UsbmuxdAddr) -> Result<UsbmuxdConnection, IdeviceError> {
+/// A connection to usbmuxd.
+pub async fn mux(addr: &UsbmuxdAddr) -> Result<UsbmuxdConnection, IdeviceError> {
     match addr {
         UsbmuxdAddr::TcpSocket(a) => {
             let stream = tokio::net::TcpStream::connect(a).await?;
@@ -108,7 +115,8 @@ pub async fn attached(addr: &UsbmuxdAddr) -> Result<Vec<Provider>, DeviceError> 
     Ok(devices.into_iter().map(|d| Provider { addr: addr.clone(), device_id: d.device_id, udid: d.udid }).collect())
 }
 
-fn describe(addr: &UsbmuxdAddr) -> String {
+/// Where usbmuxd is, for messages.
+pub fn describe(addr: &UsbmuxdAddr) -> String {
     match addr {
         UsbmuxdAddr::TcpSocket(a) => a.to_string(),
         #[allow(unreachable_patterns)]
@@ -117,6 +125,20 @@ fn describe(addr: &UsbmuxdAddr) -> String {
 }
 
 impl Provider {
+    pub fn new(addr: UsbmuxdAddr, device_id: u32, udid: String) -> Self {
+        Self { addr, device_id, udid }
+    }
+
+    /// Where its usbmuxd is.
+    pub fn addr(&self) -> &UsbmuxdAddr {
+        &self.addr
+    }
+
+    /// usbmuxd's number for the device while it stays attached.
+    pub fn device_id(&self) -> u32 {
+        self.device_id
+    }
+
     /// The attached device `udid`.
     pub async fn find(addr: UsbmuxdAddr, udid: &str) -> Result<Self, DeviceError> {
         attached(&addr).await?.into_iter().find(|p| p.udid == udid).ok_or_else(|| DeviceError::NotAttached(udid.into()))
@@ -124,7 +146,12 @@ impl Provider {
 
     /// The device's lockdown values (inside a session, as hosts read them).
     pub async fn values(&self) -> Result<Dictionary, DeviceError> {
-        let pairing = self.get_pairing_file().await.map_err(classify)?;
+        // usbmuxd keeps a pair record once the user has tapped Trust (its preflight pairs
+        // a newly attached device and the iPhone asks); until then there is none.
+        let pairing = self.get_pairing_file().await.map_err(|e| match e {
+            IdeviceError::UnexpectedResponse(_) | IdeviceError::NotFound => DeviceError::NotTrusted,
+            other => classify(other),
+        })?;
         let mut lockdown = LockdownClient::connect(self).await.map_err(classify)?;
         lockdown.start_session(&pairing).await.map_err(classify)?;
         match lockdown.get_value(None, None).await.map_err(classify)? {
@@ -133,19 +160,23 @@ impl Provider {
         }
     }
 
+    /// The values lockdown gives any host, trusted or not (name, model, iOS version).
+    pub async fn public_values(&self) -> Result<Dictionary, DeviceError> {
+        let mut lockdown = LockdownClient::connect(self).await.map_err(classify)?;
+        match lockdown.get_value(None, None).await.map_err(classify)? {
+            Value::Dictionary(d) => Ok(d),
+            other => Err(DeviceError::Failed(format!("lockdown values are not a dictionary: {other:?}"))),
+        }
+    }
+
     /// Backs the device up into `mirror/<udid>` (incremental when the mirror holds the
     /// previous backup), checks the device's verdict and Status.plist, and writes the
-    /// Info.plist hosts write. Returns the backup directory. `started` is signalled when
-    /// the device begins (on iOS 16.1 and later it first waits for its passcode).
-    pub async fn backup(
-        &self,
-        mirror: &Path,
-        values: &Dictionary,
-        started: tokio::sync::watch::Sender<bool>,
-    ) -> Result<PathBuf, DeviceError> {
+    /// Info.plist hosts write. Returns the backup directory. Each file the phone finishes
+    /// goes to `sink.finished` while the phone goes on.
+    pub async fn backup(&self, mirror: &Path, values: &Dictionary, sink: BackupSink) -> Result<PathBuf, DeviceError> {
         std::fs::create_dir_all(mirror).map_err(|e| DeviceError::Failed(format!("{}: {e}", mirror.display())))?;
         let mut client = MobileBackup2Client::connect(self).await.map_err(classify)?;
-        let delegate = Watched { started };
+        let delegate = MirrorDelegate { sink, current: std::sync::Mutex::new(None) };
         let reply = client.backup_from_path(mirror, Some(&self.udid), None, &delegate).await.map_err(classify)?;
         let _ = client.disconnect().await;
         let reply = reply.ok_or_else(|| DeviceError::Failed("the iPhone ended the backup without a verdict".into()))?;
@@ -197,66 +228,164 @@ impl Provider {
     }
 }
 
-/// idevice's file-system delegate, noting the device's first request: until then a
-/// device on iOS 16.1 or later is waiting for its passcode.
-struct Watched {
-    started: tokio::sync::watch::Sender<bool>,
+/// What a backup hands the device side: where finished files go, live counters, and how
+/// much disk the mirror may use.
+#[derive(Debug, Clone)]
+pub struct BackupSink {
+    /// Signalled when the device begins (on iOS 16.1 and later it first waits for its
+    /// passcode).
+    pub started: tokio::sync::watch::Sender<bool>,
+    /// Every file the phone finishes, as its path in the mirror.
+    pub finished: crate::pipeline::Feed,
+    pub progress: Arc<Progress>,
+    /// The most the mirror may hold (bytes); the phone is told there is no more room.
+    pub budget: Option<u64>,
+    /// What the mirror holds now (bytes), counted against the budget.
+    pub mirror_bytes: u64,
+}
+
+/// The host side of a MobileBackup2 backup into the local mirror. File operations are
+/// plain system calls on the calling thread (each takes microseconds; idevice's
+/// `FsBackupDelegate` pays a blocking-pool round trip for each, which caps a backup of
+/// many small files at about 80 MB/s here). Each finished file goes to the upload
+/// pipeline at once, while the phone sends the next.
+struct MirrorDelegate {
+    sink: BackupSink,
+    /// The file being written, handed on when the phone says it is complete.
+    current: std::sync::Mutex<Option<PathBuf>>,
 }
 
 type DelegateFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-impl Watched {
+fn internal(e: std::io::Error) -> IdeviceError {
+    IdeviceError::InternalError(e.to_string())
+}
+
+impl MirrorDelegate {
     fn seen(&self) {
-        self.started.send_if_modified(|s| !std::mem::replace(s, true));
+        if self.sink.started.send_if_modified(|s| !std::mem::replace(s, true)) {
+            self.sink.progress.set_phase(Phase::Receiving);
+        }
     }
 }
 
-impl BackupDelegate for Watched {
+impl BackupDelegate for MirrorDelegate {
     fn get_free_disk_space(&self, path: &Path) -> u64 {
         self.seen();
-        FsBackupDelegate.get_free_disk_space(path)
+        let free = FsBackupDelegate.get_free_disk_space(path);
+        match self.sink.budget {
+            // The mirror may grow to the budget; what it holds now can be replaced.
+            Some(budget) => free.min(budget.saturating_sub(self.sink.mirror_bytes)),
+            None => free,
+        }
     }
     fn open_file_read<'a>(
         &'a self,
         path: &'a Path,
     ) -> DelegateFuture<'a, Result<Box<dyn std::io::Read + Send>, IdeviceError>> {
         self.seen();
-        FsBackupDelegate.open_file_read(path)
+        Box::pin(async move {
+            // Missing files must be NotFound: that is how "no previous backup" reads.
+            match std::fs::File::open(path) {
+                Ok(f) => Ok(Box::new(f) as Box<dyn std::io::Read + Send>),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(IdeviceError::NotFound),
+                Err(e) => Err(internal(e)),
+            }
+        })
     }
     fn create_file_write<'a>(
         &'a self,
         path: &'a Path,
     ) -> DelegateFuture<'a, Result<Box<dyn std::io::Write + Send>, IdeviceError>> {
         self.seen();
-        FsBackupDelegate.create_file_write(path)
+        Box::pin(async move {
+            let file = std::fs::File::create(path).map_err(internal)?;
+            *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path.to_path_buf());
+            Ok(Box::new(Counted { file, progress: self.sink.progress.clone() }) as Box<dyn std::io::Write + Send>)
+        })
     }
     fn create_dir_all<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
         // Not a sign of the device: idevice creates the backup directory before it asks.
-        FsBackupDelegate.create_dir_all(path)
+        Box::pin(async move { std::fs::create_dir_all(path).map_err(internal) })
     }
     fn remove<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
-        FsBackupDelegate.remove(path)
+        Box::pin(async move {
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+                _ => std::fs::remove_file(path),
+            }
+            .map_err(internal)
+        })
     }
     fn rename<'a>(&'a self, from: &'a Path, to: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
-        FsBackupDelegate.rename(from, to)
+        Box::pin(async move { std::fs::rename(from, to).map_err(internal) })
     }
     fn copy<'a>(&'a self, src: &'a Path, dst: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
-        FsBackupDelegate.copy(src, dst)
+        Box::pin(async move {
+            if std::fs::metadata(src).is_ok_and(|m| m.is_dir()) {
+                std::fs::create_dir_all(dst)
+            } else {
+                std::fs::copy(src, dst).map(|_| ())
+            }
+            .map_err(internal)
+        })
     }
     fn exists<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, bool> {
-        FsBackupDelegate.exists(path)
+        Box::pin(async move { path.exists() })
     }
     fn is_dir<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, bool> {
-        FsBackupDelegate.is_dir(path)
+        Box::pin(async move { path.is_dir() })
     }
     fn list_dir<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<Vec<DirEntryInfo>, IdeviceError>> {
-        FsBackupDelegate.list_dir(path)
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for entry in std::fs::read_dir(path).map_err(internal)? {
+                let entry = entry.map_err(internal)?;
+                let meta = entry.metadata().ok();
+                out.push(DirEntryInfo {
+                    name: entry.file_name().to_string_lossy().into_owned(),
+                    is_dir: meta.as_ref().is_some_and(|m| m.is_dir()),
+                    is_file: meta.as_ref().is_some_and(|m| m.is_file()),
+                    size: meta.as_ref().map_or(0, |m| m.len()),
+                    modified: meta.and_then(|m| m.modified().ok()),
+                });
+            }
+            Ok(out)
+        })
     }
-    fn on_file_received(&self, path: &str, count: u32) {
-        FsBackupDelegate.on_file_received(path, count);
+    fn on_file_received(&self, _path: &str, _count: u32) {
+        Progress::add(&self.sink.progress.files_received, 1);
+        if let Some(path) = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            // The pipeline may have stopped (an upload failed): the backup ends anyway.
+            let _ = self.sink.finished.file(path);
+        }
     }
     fn on_progress(&self, progress: BackupProgress) {
-        FsBackupDelegate.on_progress(progress);
+        let p = &self.sink.progress;
+        if progress.session_bytes_total > 0 {
+            p.bytes_expected.store(progress.session_bytes_total, std::sync::atomic::Ordering::Relaxed);
+        }
+        if progress.overall_progress >= 0.0 {
+            p.device_percent_x100
+                .store((progress.overall_progress.min(100.0) * 100.0) as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// A file being received, counting its bytes.
+struct Counted {
+    file: std::fs::File,
+    progress: Arc<Progress>,
+}
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        Progress::add(&self.progress.bytes_received, n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 }
 

@@ -1,27 +1,29 @@
-//! The `lifeboat-agent` command: `enroll` a workstation with a one-time token, `backup` an
-//! attached iPhone now, `status` of the attached iPhones, `restore` a snapshot onto one.
-//! The long-running service is not built yet.
+//! The `lifeboat-agent` command: `enroll` a workstation with a one-time token, `run` the
+//! service that backs up every iPhone attached, `backup` one now, `status` of the
+//! attached iPhones, `restore` a snapshot onto one.
 
-use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lifeboat_agent::client::Client;
-use lifeboat_agent::device::{self, DeviceError, Provider, version_older};
+use lifeboat_agent::config::{Config, Overrides};
+use lifeboat_agent::device::{self, Provider};
+use lifeboat_agent::job::{self, Agent, LocalState};
+use lifeboat_agent::progress::{Phase, Progress};
 use lifeboat_agent::state::AgentState;
-use lifeboat_agent::transfer;
-use lifeboat_shared::manifest::DeviceInfo;
+use lifeboat_agent::{service, transfer};
 use lifeboat_shared::token::EnrollToken;
-use lifeboat_shared::wire::{Auth, Request, Response, RunEnd};
+use lifeboat_shared::wire::{Auth, Request, Response};
 use plist::Value;
 
 /// Lifeboat agent: backs up iPhones attached to this workstation to a Lifeboat server.
 #[derive(Debug, Parser)]
 #[command(name = "lifeboat-agent", version)]
 struct Cli {
-    /// Where the agent keeps its identity, keys and local backup mirror.
-    #[arg(long, global = true, env = "LIFEBOAT_AGENT_STATE_DIR", default_value = "./lifeboat-agent")]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    settings: Overrides,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +35,10 @@ enum Command {
         /// The `lbe1_…` token.
         token: String,
     },
+    /// The service: back up every iPhone attached to this workstation whenever it is due
+    /// (the server's policy: by default when its last backup is older than a day), retry
+    /// failures, resume interrupted uploads. Stops on Ctrl-C or SIGTERM.
+    Run,
     /// Restore a snapshot onto an attached iPhone (also of another model): a replacement
     /// phone gets the old one's data.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["snapshot", "from_device"])))]
@@ -53,31 +59,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The attached iPhones, their last backup and when the next is due.
+    /// The attached iPhones, their state, last backup and when the next is due.
     Status {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Back up an attached iPhone now (usbmuxd: the system's, or USBMUXD_SOCKET_ADDRESS).
+    /// Back up an attached iPhone now, with a progress bar.
     Backup {
         /// The iPhone's UDID.
         #[arg(long)]
         device: String,
-        /// Print the result as JSON.
+        /// Print the result as JSON (and no progress bar).
         #[arg(long)]
         json: bool,
     },
 }
 
 fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.settings) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // idevice warns about what is normal (no Status.plist before a first backup).
+    let default_log = if matches!(cli.command, Command::Run) { "info,idevice=error" } else { "warn,idevice=error" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            config
+                .log
+                .as_deref()
+                .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+                .unwrap_or_else(|| default_log.into()),
+        )
         .init();
     // quinn and idevice both use rustls: one process-wide provider, ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -85,13 +107,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let state_dir = config.state_dir.clone();
     let result = rt.block_on(async {
         match cli.command {
-            Command::Enroll { token } => enroll(&cli.state_dir, &token).await,
-            Command::Backup { device, json } => backup(&cli.state_dir, &device, json).await,
-            Command::Status { json } => status(&cli.state_dir, json).await,
+            Command::Enroll { token } => enroll(&state_dir, &token).await,
+            Command::Run => run(&config).await,
+            Command::Backup { device, json } => backup(&config, &device, json).await,
+            Command::Status { json } => status(&config, json).await,
             Command::Restore { device, snapshot, from_device, no_reboot, json } => {
-                restore(&cli.state_dir, &device, snapshot, from_device, !no_reboot, json).await
+                restore(&config, &device, snapshot, from_device, !no_reboot, json).await
             }
         }
     });
@@ -139,177 +163,107 @@ async fn enroll(state_dir: &std::path::Path, token: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn backup(state_dir: &std::path::Path, udid: &str, json: bool) -> anyhow::Result<()> {
-    let state = AgentState::load(state_dir)?;
-    let keys = state.keys().context("damaged keys")?;
-    let auth = state.refresh_auth().context("damaged refresh secret")?;
-    let fingerprint = state.fingerprint().context("damaged fingerprint")?;
-    let provider = Provider::find(device::usbmuxd_addr()?, udid).await?;
-    let values = provider.values().await?;
-    let text = |k: &str| values.get(k).and_then(Value::as_string).unwrap_or_default().to_string();
-    let info = DeviceInfo {
-        udid: udid.parse().map_err(|e| anyhow::anyhow!("{udid} is not a UDID: {e}"))?,
-        name: text("DeviceName"),
-        product_type: text("ProductType"),
-        ios_version: text("ProductVersion"),
-    };
-    let client = Client::connect(&state.server, fingerprint, auth)
-        .await
-        .with_context(|| format!("connecting to {}", state.server))?;
-    let serial = Some(text("SerialNumber")).filter(|s| !s.is_empty());
-    client.request(&Request::RegisterDevice { device: info.clone(), serial_number: serial }).await?;
-    let (run, snapshot) = match client.request(&Request::OpenRun { udid: info.udid.clone(), resume: None }).await? {
-        Response::RunOpened { run, snapshot, .. } => (run, snapshot),
-        other => anyhow::bail!("the server did not open a run: {other:?}"),
-    };
-    eprintln!("backing up {} ({}, iOS {}) …", info.name, info.product_type, info.ios_version);
-    let (started_tx, mut started) = tokio::sync::watch::channel(false);
-    let mirror = state_dir.join("mirror");
-    let backup = provider.backup(&mirror, &values, started_tx);
-    tokio::pin!(backup);
-    let local = LocalState::new(state_dir, udid);
-    local.set("backing-up");
-    // iOS 16.1 and later ask for the passcode before a backup starts; until the device asks
-    // for its first file it is waiting for it. Say so here, to the server, and in `status`.
-    let result = tokio::select! {
-        r = &mut backup => r,
-        () = tokio::time::sleep(PASSCODE_HINT_AFTER) => {
-            let mut result = None;
-            if !*started.borrow() {
-                eprintln!("Enter the passcode on the iPhone to start the backup.");
-                local.set("needs-passcode");
-                report(&client, &info, lifeboat_shared::wire::DeviceState::NeedsPasscode, "waiting for the passcode").await;
-                tokio::select! {
-                    r = &mut backup => result = Some(r),
-                    _ = started.wait_for(|s| *s) => {}
-                }
-                if result.is_none() {
-                    eprintln!("passcode entered; backing up …");
-                    local.set("backing-up");
-                    report(&client, &info, lifeboat_shared::wire::DeviceState::BackingUp, "backing up").await;
-                }
+async fn run(config: &Config) -> anyhow::Result<()> {
+    let agent = Arc::new(Agent::load(&config.state_dir, config.mirror_budget)?);
+    let addr = config.usbmuxd_addr()?;
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot handle SIGTERM");
+                return std::future::pending().await;
             }
-            match result {
-                Some(r) => r,
-                None => backup.await,
-            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
+        tracing::info!("stopping; interrupted backups resume at the next start");
     };
-    use lifeboat_shared::wire::DeviceState as Ds;
-    let dir = match result {
-        Ok(dir) => dir,
-        Err(e) => {
-            let (local_state, server_state) =
-                if matches!(e, DeviceError::Locked) { ("locked", Ds::NeedsPasscode) } else { ("failing", Ds::Failing) };
-            local.finish(local_state);
-            report(&client, &info, server_state, &e.to_string()).await;
-            end_failed(&client, run, &e).await;
-            return Err(e.into());
-        }
-    };
-    let uploaded =
-        transfer::upload_dir(&client, &keys, run, snapshot, info.clone(), &dir, transfer::now_unix_ms()).await;
-    let (report_, committed) = match uploaded {
-        Ok(r) => r,
-        Err(e) => {
-            // Say why it stopped; the chunks already sent stay on the server for the next run.
-            local.finish("failing");
-            report(&client, &info, Ds::Failing, &e.to_string()).await;
-            let end = RunEnd::Failed { reason: "upload-failed".into(), message: e.to_string() };
-            let _ = client.request(&Request::EndRun { run, end }).await;
-            return Err(anyhow::Error::new(e).context("uploading the backup"));
-        }
-    };
-    let Response::Committed { snapshot, files, logical_bytes } = committed else {
-        local.finish("failing");
-        anyhow::bail!("the server did not commit the snapshot: {committed:?}");
-    };
-    local.finish("idle");
-    report(&client, &info, Ds::Idle, "backed up").await;
-    client.close().await;
-    let report = report_;
+    service::run(agent, addr, config.service.clone(), shutdown).await
+}
+
+async fn backup(config: &Config, udid: &str, json: bool) -> anyhow::Result<()> {
+    let agent = Agent::load(&config.state_dir, config.mirror_budget)?;
+    let provider = Provider::find(config.usbmuxd_addr()?, udid).await?;
+    let progress = Arc::new(Progress::new());
+    let bar = tokio::spawn(show_progress(progress.clone(), !json));
+    let result = job::backup(&agent, &provider, progress.clone()).await;
+    progress.set_phase(Phase::Done);
+    let _ = bar.await;
+    let o = result?;
     if json {
         let out = serde_json::json!({
-            "snapshot": snapshot.to_string(), "files": files, "logical_bytes": logical_bytes,
-            "chunks": report.chunks, "chunks_sent": report.chunks_sent, "blob_bytes_sent": report.blob_bytes_sent,
+            "snapshot": o.snapshot.to_string(), "files": o.files, "logical_bytes": o.logical_bytes,
+            "chunks": o.upload.chunks, "chunks_sent": o.upload.chunks_sent,
+            "blob_bytes_sent": o.upload.blob_bytes_sent, "quic_bytes_sent": o.quic_bytes_sent,
+            "cached_files": o.cached_files,
         });
         println!("{out}");
     } else {
         println!(
-            "snapshot {snapshot}: {files} files, {logical_bytes} bytes; sent {} of {} chunks ({} bytes)",
-            report.chunks_sent, report.chunks, report.blob_bytes_sent
+            "snapshot {}: {} files, {}; sent {} of {} chunks ({})",
+            o.snapshot,
+            o.files,
+            indicatif::HumanBytes(o.logical_bytes),
+            o.upload.chunks_sent,
+            o.upload.chunks,
+            indicatif::HumanBytes(o.upload.blob_bytes_sent)
         );
     }
     Ok(())
 }
 
-/// How long a backup may stay silent before the agent says the iPhone wants its passcode.
-const PASSCODE_HINT_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
-
-async fn report(client: &Client, info: &DeviceInfo, state: lifeboat_shared::wire::DeviceState, message: &str) {
-    let req = Request::ReportState { udid: info.udid.clone(), state, message: Some(message.into()) };
-    if let Err(e) = client.request(&req).await {
-        tracing::warn!(device.udid = %info.udid, error = %e, "could not report the device's state");
-    }
-}
-
-/// What a running `backup` says about its device, for `status` in another process:
-/// `<state>/devices/<udid>.state`.
-struct LocalState {
-    path: PathBuf,
-}
-
-impl LocalState {
-    fn new(state_dir: &std::path::Path, udid: &str) -> Self {
-        Self { path: state_dir.join("devices").join(format!("{udid}.state")) }
-    }
-
-    /// A state while this process works on the device (`backing-up`, `needs-passcode`):
-    /// recorded with its pid, so a killed backup does not look busy forever.
-    fn set(&self, state: &str) {
-        self.write(&format!("{state} {}", std::process::id()));
-    }
-
-    /// How the backup ended (`idle`, `failing`, `locked`): kept until the next one.
-    fn finish(&self, state: &str) {
-        self.write(state);
-    }
-
-    fn write(&self, line: &str) {
-        if let Some(dir) = self.path.parent() {
-            let _ = std::fs::create_dir_all(dir);
+/// The progress bar of `backup`: phase, files, bytes, rate and ETA (hidden with `--json`
+/// or when stderr is not a terminal; what the user must do is printed either way).
+async fn show_progress(progress: Arc<Progress>, visible: bool) {
+    let bar = if visible { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
+    let say = |line: &str| bar.suspend(|| eprintln!("{line}"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:<22} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut last = Phase::Connecting;
+    loop {
+        let phase = progress.phase();
+        if phase != last {
+            match phase {
+                Phase::WaitingForPasscode => say("Enter the passcode on the iPhone to start the backup."),
+                Phase::Receiving if last == Phase::WaitingForPasscode => say("passcode entered; backing up …"),
+                _ => {}
+            }
+            last = phase;
         }
-        let tmp = self.path.with_extension("tmp");
-        if std::fs::write(&tmp, format!("{line}\n")).and_then(|()| std::fs::rename(&tmp, &self.path)).is_err() {
-            tracing::warn!(path = %self.path.display(), "could not record the device's state");
+        let received = Progress::get(&progress.bytes_received);
+        let (pos, len) = match phase {
+            Phase::Uploading | Phase::Committing | Phase::Done => {
+                (Progress::get(&progress.bytes_chunked), received.max(Progress::get(&progress.bytes_chunked)))
+            }
+            _ => (received, Progress::get(&progress.bytes_expected).max(received)),
+        };
+        bar.set_length(len);
+        bar.set_position(pos);
+        bar.set_message(format!(
+            "{} · {} files · {} sent",
+            phase.as_str(),
+            Progress::get(&progress.files_received),
+            indicatif::HumanBytes(Progress::get(&progress.bytes_uploaded))
+        ));
+        if phase == Phase::Done {
+            bar.finish_and_clear();
+            return;
         }
-    }
-
-    /// The state a backup recorded; an in-progress one whose process is gone no longer
-    /// counts (`locked` reads as needs-passcode: the next backup will ask again).
-    fn get(state_dir: &std::path::Path, udid: &str) -> Option<String> {
-        let text = std::fs::read_to_string(Self::new(state_dir, udid).path).ok()?;
-        match text.trim().split_once(' ') {
-            Some((state, pid)) => std::path::Path::new("/proc").join(pid).exists().then(|| state.to_string()),
-            None if text.trim() == "locked" => Some("needs-passcode".into()),
-            None => Some(text.trim().to_string()),
-        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-async fn end_failed(client: &Client, run: lifeboat_shared::ids::RunId, e: &DeviceError) {
-    let end = RunEnd::Failed { reason: e.reason().into(), message: e.to_string() };
-    if let Err(err) = client.request(&Request::EndRun { run, end }).await {
-        tracing::warn!(run.id = %run, error = %err, "could not report the failed run");
-    }
-}
-
-/// Backups are due when the last successful one is older than this (the default policy).
-const BACKUP_INTERVAL_MS: i64 = 24 * 3600 * 1000;
-
-async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let state_dir = config.state_dir.as_path();
     let state = AgentState::load(state_dir)?;
-    let addr = device::usbmuxd_addr()?;
+    let addr = config.usbmuxd_addr()?;
     let mut devices = Vec::new();
     for provider in device::attached(&addr).await? {
         // A phone unplugged since the listing shows without its values.
@@ -324,6 +278,11 @@ async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         (Some(fp), Some(auth)) => Client::connect(&state.server, fp, auth).await.map_err(|e| e.to_string()),
         _ => Err("damaged agent state".to_string()),
     };
+    let interval = match &server {
+        Ok(client) => service::policy_interval(client).await.unwrap_or(service::DEFAULT_INTERVAL),
+        Err(_) => service::DEFAULT_INTERVAL,
+    };
+    let interval_ms = interval.as_millis() as i64;
     let now = transfer::now_unix_ms();
     let mut rows = Vec::new();
     for (udid, name, model, ios) in devices {
@@ -334,7 +293,7 @@ async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             },
             _ => None,
         };
-        let next_due = last.map_or(now, |t| t + BACKUP_INTERVAL_MS);
+        let next_due = last.map_or(now, |t| t + interval_ms);
         let local = LocalState::get(state_dir, &udid).filter(|s| s != "idle");
         let state = match local.as_deref() {
             Some(s) => s.to_string(),
@@ -368,11 +327,15 @@ async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     }
     for r in &rows {
         let last = match r["last_backup_unix_ms"].as_i64() {
-            Some(ms) => format!("last backup {} min ago", (now - ms) / 60_000),
+            Some(ms) => format!("last backup {} ago", ago(now - ms)),
             None => "never backed up".to_string(),
         };
+        let due = match r["next_backup_due_unix_ms"].as_i64() {
+            Some(ms) if ms > now => format!("next due in {}", ago(ms - now)),
+            _ => "due now".to_string(),
+        };
         println!(
-            "{}  {} ({}, iOS {})  {}  {last}",
+            "{}  {} ({}, iOS {})  {}  {last}, {due}",
             r["udid"].as_str().unwrap_or_default(),
             r["name"].as_str().unwrap_or_default(),
             r["product_type"].as_str().unwrap_or_default(),
@@ -383,81 +346,50 @@ async fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A duration in milliseconds for people: "42 s", "17 min", "5 h 3 min", "3 d".
+fn ago(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d", s / 86400),
+    }
+}
+
 async fn restore(
-    state_dir: &std::path::Path,
+    config: &Config,
     target: &str,
     snapshot: Option<String>,
     from_device: Option<String>,
     reboot: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let state = AgentState::load(state_dir)?;
-    let keys = state.keys().context("damaged keys")?;
-    let auth = state.refresh_auth().context("damaged refresh secret")?;
-    let fingerprint = state.fingerprint().context("damaged fingerprint")?;
-    let addr = device::usbmuxd_addr()?;
-    let provider = Provider::find(addr.clone(), target).await?;
-    let values = provider.values().await?;
-    let target_ios = values.get("ProductVersion").and_then(Value::as_string).unwrap_or_default().to_string();
-    let client = Client::connect(&state.server, fingerprint, auth)
-        .await
-        .with_context(|| format!("connecting to {}", state.server))?;
+    let agent = Agent::load(&config.state_dir, config.mirror_budget)?;
+    let provider = Provider::find(config.usbmuxd_addr()?, target).await?;
     let snapshot: lifeboat_shared::ids::SnapshotId = match (snapshot, from_device) {
         (Some(id), _) => id.parse().map_err(|e| anyhow::anyhow!("{id} is not a snapshot id: {e}"))?,
         (None, Some(udid)) => {
             let parsed = udid.parse().map_err(|e| anyhow::anyhow!("{udid} is not a UDID: {e}"))?;
-            match client.request(&Request::LatestSnapshot { udid: parsed }).await? {
-                Response::Snapshot { snapshot, .. } => snapshot,
-                other => anyhow::bail!("no snapshot of {udid}: {other:?}"),
+            let client = agent.connect().await.with_context(|| format!("connecting to {}", agent.state.server))?;
+            let latest = client.request(&Request::LatestSnapshot { udid: parsed }).await;
+            client.close().await;
+            match latest {
+                Ok(Response::Snapshot { snapshot, .. }) => snapshot,
+                Ok(other) => anyhow::bail!("no snapshot of {udid}: {other:?}"),
+                Err(e) => anyhow::bail!("no snapshot of {udid}: {e}"),
             }
         }
         (None, None) => anyhow::bail!("say which snapshot: --snapshot ID or --from-device UDID"),
     };
-
-    // Download and verify every chunk into a restore directory, then pre-flight.
-    let root = state_dir.join("restore").join(snapshot.to_string());
-    let _ = std::fs::remove_dir_all(&root);
-    // The download is the phone's data in the clear: it goes, however the restore ends.
-    let _cleanup = RemoveOnDrop(root.clone());
-    let download = root.join("download");
-    eprintln!("downloading snapshot {snapshot} …");
-    let manifest =
-        transfer::download_snapshot(&client, &keys, snapshot, &download).await.context("downloading the snapshot")?;
-    client.close().await;
-    let source = manifest.device.udid.as_str().to_string();
-    if version_older(&target_ios, &manifest.device.ios_version) {
-        anyhow::bail!(
-            "the snapshot is from iOS {}, newer than the target's iOS {target_ios}: update the iPhone first",
-            manifest.device.ios_version
-        );
-    }
-    std::fs::rename(&download, root.join(&source)).context("preparing the restore directory")?;
-    eprintln!(
-        "restoring {} ({}, iOS {}) onto {target} (iOS {target_ios}) …",
-        manifest.device.name, manifest.device.product_type, manifest.device.ios_version
-    );
-    provider.restore(&root, &source, reboot).await?;
-    if reboot {
-        eprintln!("the iPhone restarts …");
-        device::wait_for_reboot(&addr, target, std::time::Duration::from_secs(180)).await?;
-    }
-    let files = manifest.files.len();
+    let r = job::restore(&agent, &provider, snapshot, reboot, &|line| eprintln!("{line}")).await?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"snapshot": snapshot.to_string(), "source": source, "target": target, "files": files, "rebooted": reboot})
+            serde_json::json!({"snapshot": r.snapshot.to_string(), "source": r.source, "target": target, "files": r.files, "rebooted": r.rebooted})
         );
     } else {
-        println!("restored snapshot {snapshot} of {source} onto {target}: {files} files");
+        println!("restored snapshot {} of {} onto {target}: {} files", r.snapshot, r.source, r.files);
     }
     Ok(())
-}
-
-/// Removes a directory tree when dropped.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -1,10 +1,10 @@
 //! Moving a directory tree (an iPhone backup directory) to the server as a snapshot, and
 //! a snapshot back into a directory.
 //!
-//! Upload: walk the tree in path order; cut each file into content-defined chunks; ask
-//! the server in batches which chunk ids it lacks; seal and upload only those, on
-//! parallel streams; then seal the manifest and commit. Memory is bounded by the batch
-//! size, not by file or tree size.
+//! Upload: the backup pipeline ([`crate::pipeline`]) given the whole tree: cut each file
+//! into content-defined chunks; ask the server in batches which chunk ids it lacks; seal
+//! and upload only those, on parallel streams; then seal the manifest and commit. Memory
+//! is bounded by the batches in flight, not by file or tree size.
 //!
 //! Download: open the manifest, fetch the chunks of a batch of files, verify every chunk
 //! (decrypt, decompress, re-hash) and write the files; a restore never writes a byte
@@ -12,21 +12,23 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
-use lifeboat_shared::chunk::{DataKey, IdKey, open_and_verify, seal_chunk, stream_chunks};
+use lifeboat_shared::chunk::{DataKey, IdKey, open_and_verify};
 use lifeboat_shared::ids::{ChunkId, RunId, SnapshotId};
-use lifeboat_shared::manifest::{ChunkRef, DeviceInfo, FileEntry, Manifest};
-use lifeboat_shared::wire::{MAX_IDS_PER_REQUEST, Request, Response};
+use lifeboat_shared::manifest::{DeviceInfo, FileEntry, Manifest};
+use lifeboat_shared::wire::{MAX_IDS_PER_REQUEST, Response};
 
 use crate::client::{Client, ClientError};
+use crate::pipeline::{FileCache, Pipeline};
 
-/// Plaintext held per missing-chunks round trip.
+/// Plaintext held per batch of downloaded files.
 const BATCH_BYTES: usize = 64 * 1024 * 1024;
-/// Upload streams in flight at once.
+/// Download streams in flight at once.
 const PARALLEL_STREAMS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,15 +46,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
 }
 
 /// The tenant keys an enrolled agent holds.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Keys {
     pub id: IdKey,
-    pub data: DataKey,
+    pub data: Arc<DataKey>,
 }
 
 impl Keys {
     pub fn from_bytes(id: [u8; 32], data: [u8; 32]) -> Self {
-        Self { id: IdKey::from_bytes(id), data: DataKey::from_bytes(&data) }
+        Self { id: IdKey::from_bytes(id), data: Arc::new(DataKey::from_bytes(&data)) }
     }
 }
 
@@ -64,9 +66,11 @@ pub struct UploadReport {
     pub chunks: u64,
     pub chunks_sent: u64,
     pub blob_bytes_sent: u64,
+    /// Files whose chunks came from the local cache (not read at all).
+    pub files_from_cache: u64,
 }
 
-fn nonce() -> Result<[u8; 12], TransferError> {
+pub(crate) fn nonce() -> Result<[u8; 12], TransferError> {
     let mut n = [0u8; 12];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)
         .map_err(|_| TransferError::Invalid("the system random number generator failed".into()))?;
@@ -96,7 +100,8 @@ pub fn list_files(root: &Path) -> Result<Vec<String>, TransferError> {
     Ok(out)
 }
 
-/// Uploads the tree at `root` into an open run and commits it as `snapshot`.
+/// Uploads the tree at `root` into an open run and commits it as `snapshot` (the
+/// pipeline of a backup, given the whole directory at once).
 pub async fn upload_dir(
     client: &Client,
     keys: &Keys,
@@ -106,80 +111,17 @@ pub async fn upload_dir(
     root: &Path,
     created_unix_ms: i64,
 ) -> Result<(UploadReport, Response), TransferError> {
-    let seed = keys.id.chunker_seed();
-    let mut report = UploadReport::default();
-    let mut files = Vec::new();
-    let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::new();
-    let mut batch_bytes = 0usize;
-    let mut seen: HashSet<ChunkId> = HashSet::new();
-
-    for rel in list_files(root)? {
-        let path = root.join(&rel);
-        let meta = std::fs::metadata(&path).map_err(io(&path))?;
-        let file = std::fs::File::open(&path).map_err(io(&path))?;
-        let mut chunks = Vec::new();
-        let mut size = 0u64;
-        for chunk in stream_chunks(std::io::BufReader::with_capacity(1 << 20, file), seed) {
-            let chunk = chunk.map_err(io(&path))?;
-            let id = keys.id.chunk_id(&chunk);
-            size += chunk.len() as u64;
-            chunks.push(ChunkRef { id, length: chunk.len() as u32 });
-            report.chunks += 1;
-            if seen.insert(id) {
-                batch_bytes += chunk.len();
-                batch.push((id, chunk));
-            }
-            if batch_bytes >= BATCH_BYTES || batch.len() >= MAX_IDS_PER_REQUEST {
-                send_batch(client, keys, run, std::mem::take(&mut batch), &mut report).await?;
-                batch_bytes = 0;
-            }
-        }
-        report.files += 1;
-        report.logical_bytes += size;
-        files.push(FileEntry {
-            path: rel,
-            size,
-            mode: meta.permissions().mode() & 0o7777,
-            mtime_unix_seconds: meta.mtime(),
-            chunks,
-        });
-    }
-    send_batch(client, keys, run, batch, &mut report).await?;
-
-    let manifest = Manifest { snapshot, device, created_unix_ms, files };
-    let sealed = manifest.seal(&keys.data, nonce()?).map_err(|e| TransferError::Invalid(e.to_string()))?;
-    let committed = client.commit(run, snapshot, &sealed).await?;
+    let progress = Arc::new(crate::progress::Progress::new());
+    let pipeline = Pipeline::start(client.clone(), keys.clone(), run, FileCache::default(), progress);
+    let (files, _cache, report) = pipeline.finish(root).await?;
+    let committed = commit(client, keys, run, Manifest { snapshot, device, created_unix_ms, files }).await?;
     Ok((report, committed))
 }
 
-async fn send_batch(
-    client: &Client,
-    keys: &Keys,
-    run: RunId,
-    batch: Vec<(ChunkId, Vec<u8>)>,
-    report: &mut UploadReport,
-) -> Result<(), TransferError> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
-    let missing: HashSet<ChunkId> = match client.request(&Request::MissingChunks { run, ids }).await? {
-        Response::Missing { ids } => ids.into_iter().collect(),
-        other => return Err(TransferError::Invalid(format!("unexpected answer {other:?}"))),
-    };
-    let mut sealed = Vec::with_capacity(missing.len());
-    for (id, plain) in batch.into_iter().filter(|(id, _)| missing.contains(id)) {
-        let blob = seal_chunk(&keys.data, &id, &plain, nonce()?);
-        report.blob_bytes_sent += blob.len() as u64;
-        sealed.push((id, blob));
-    }
-    report.chunks_sent += sealed.len() as u64;
-    let per_stream = sealed.len().div_ceil(PARALLEL_STREAMS).max(1);
-    let uploads = sealed.chunks(per_stream).map(|part| client.put_chunks(run, part));
-    for result in join_all(uploads).await {
-        result?;
-    }
-    Ok(())
+/// Seals `manifest` and commits it as the run's snapshot.
+pub async fn commit(client: &Client, keys: &Keys, run: RunId, manifest: Manifest) -> Result<Response, TransferError> {
+    let sealed = manifest.seal(&keys.data, nonce()?).map_err(|e| TransferError::Invalid(e.to_string()))?;
+    Ok(client.commit(run, manifest.snapshot, &sealed).await?)
 }
 
 /// Downloads `snapshot` into `dest` (which must be empty or absent), verifying every chunk.

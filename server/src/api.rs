@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -35,6 +36,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/runs", get(runs))
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/restore-tests", get(restore_tests))
+        .route("/api/v1/restores", get(restores).post(create_restore))
+        .route("/api/v1/restores/{id}", get(restore_job))
         .with_state(hub)
 }
 
@@ -416,4 +419,124 @@ async fn restore_tests(State(hub): State<Arc<Hub>>, caller: Caller, Query(q): Qu
         })
         .collect();
     Ok(Json(json!({ "restore_tests": list })))
+}
+
+/// A restore job as the API shows it.
+const RESTORE_COLUMNS: &str = concat!(
+    "SELECT j.id, j.snapshot_id, s.udid, j.target_udid, j.status, j.reason, j.message, j.agent_id, ",
+    ts!("j.created_at"),
+    ", ",
+    ts!("j.started_at"),
+    ", ",
+    ts!("j.finished_at"),
+    " FROM restore_jobs j JOIN snapshots s ON s.tenant_id = j.tenant_id AND s.id = j.snapshot_id ",
+);
+
+fn restore_json(r: &tokio_postgres::Row) -> Value {
+    json!({
+        "id": r.get::<_, uuid::Uuid>(0),
+        "snapshot_id": r.get::<_, uuid::Uuid>(1),
+        "source_udid": r.get::<_, String>(2),
+        "target_udid": r.get::<_, String>(3),
+        "status": r.get::<_, String>(4),
+        "reason": r.get::<_, Option<String>>(5),
+        "message": r.get::<_, Option<String>>(6),
+        "agent_id": r.get::<_, Option<uuid::Uuid>>(7),
+        "created_at": r.get::<_, String>(8),
+        "started_at": r.get::<_, Option<String>>(9),
+        "finished_at": r.get::<_, Option<String>>(10),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRestore {
+    /// The iPhone to restore onto (attached to some enrolled workstation).
+    target_udid: String,
+    /// The snapshot to restore…
+    snapshot_id: Option<uuid::Uuid>,
+    /// …or the latest snapshot of this device.
+    from_device: Option<String>,
+}
+
+/// Asks for a snapshot to be restored onto an iPhone: the agent of the workstation where
+/// it is attached picks the job up, restores, and reports. Help desk and admins.
+async fn create_restore(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    body: Result<Json<NewRestore>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    require(&caller, Role::Helpdesk)?;
+    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let target: lifeboat_shared::ids::Udid =
+        req.target_udid.parse().map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("target_udid: {e}")))?;
+    let client = db(&hub).await?;
+    let snapshot = match (req.snapshot_id, req.from_device) {
+        (Some(id), None) => client
+            .query_opt("SELECT id FROM snapshots WHERE tenant_id = $1 AND id = $2", &[&caller.tenant.0, &id])
+            .await
+            .map_err(|e| internal("finding the snapshot", e))?
+            .map(|r| r.get::<_, uuid::Uuid>(0))
+            .ok_or_else(|| not_found(format!("no snapshot {id}")))?,
+        (None, Some(udid)) => client
+            .query_opt(
+                "SELECT id FROM snapshots WHERE tenant_id = $1 AND udid = $2 ORDER BY committed_at DESC LIMIT 1",
+                &[&caller.tenant.0, &udid],
+            )
+            .await
+            .map_err(|e| internal("finding the snapshot", e))?
+            .map(|r| r.get::<_, uuid::Uuid>(0))
+            .ok_or_else(|| not_found(format!("no snapshot of device {udid}")))?,
+        _ => {
+            return Err(ApiError(StatusCode::BAD_REQUEST, "give exactly one of snapshot_id and from_device".into()));
+        }
+    };
+    let inserted = client
+        .query_one(
+            "INSERT INTO restore_jobs (tenant_id, snapshot_id, target_udid, requested_by) VALUES ($1, $2, $3, $4) RETURNING id",
+            &[&caller.tenant.0, &snapshot, &target.as_str(), &caller.user],
+        )
+        .await;
+    let id: uuid::Uuid = match inserted {
+        Ok(row) => row.get(0),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("device {target} already has a restore job queued or running"),
+            ));
+        }
+        Err(e) => return Err(internal("creating the restore job", e)),
+    };
+    tracing::info!(user.id = %caller.user, restore.id = %id, snapshot.id = %snapshot, device.udid = %target, "restore job queued");
+    let row = client
+        .query_one(&format!("{RESTORE_COLUMNS} WHERE j.tenant_id = $1 AND j.id = $2"), &[&caller.tenant.0, &id])
+        .await
+        .map_err(|e| internal("reading the restore job", e))?;
+    Ok((StatusCode::CREATED, Json(restore_json(&row))))
+}
+
+/// Restore jobs, newest first.
+async fn restores(State(hub): State<Arc<Hub>>, caller: Caller) -> ApiResult {
+    require(&caller, Role::Viewer)?;
+    let rows = db(&hub)
+        .await?
+        .query(
+            &format!("{RESTORE_COLUMNS} WHERE j.tenant_id = $1 ORDER BY j.created_at DESC LIMIT 1000"),
+            &[&caller.tenant.0],
+        )
+        .await
+        .map_err(|e| internal("listing restore jobs", e))?;
+    Ok(Json(json!({ "restores": rows.iter().map(restore_json).collect::<Vec<_>>() })))
+}
+
+async fn restore_job(State(hub): State<Arc<Hub>>, caller: Caller, Path(id): Path<String>) -> ApiResult {
+    require(&caller, Role::Viewer)?;
+    let id: uuid::Uuid = id.parse().map_err(|_| not_found(format!("no restore job {id}")))?;
+    let row = db(&hub)
+        .await?
+        .query_opt(&format!("{RESTORE_COLUMNS} WHERE j.tenant_id = $1 AND j.id = $2"), &[&caller.tenant.0, &id])
+        .await
+        .map_err(|e| internal("reading the restore job", e))?
+        .ok_or_else(|| not_found(format!("no restore job {id}")))?;
+    Ok(Json(restore_json(&row)))
 }

@@ -41,6 +41,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "LIFEBOAT_LOG",
     "LIFEBOAT_LOG_FORMAT",
     "LIFEBOAT_PG_BINDIR",
+    "LIFEBOAT_BACKUP_INTERVAL_SECONDS",
 ];
 
 /// The `[...]` sections of the configuration file.
@@ -63,6 +64,15 @@ pub struct FileConfig {
     pub monitoring: MonitoringSection,
     #[serde(default)]
     pub restore_tests: RestoreTestsSection,
+    #[serde(default)]
+    pub backup: BackupSection,
+}
+
+/// The backup policy agents follow.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSection {
+    pub interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -224,6 +234,10 @@ pub struct Overrides {
     /// Log line format [default: text].
     #[arg(long, env = "LIFEBOAT_LOG_FORMAT", value_name = "FORMAT", global = true)]
     pub log_format: Option<LogFormat>,
+    /// Agents back up an attached iPhone when its last successful backup is older than
+    /// this many seconds [default: 86400, a day].
+    #[arg(long, env = "LIFEBOAT_BACKUP_INTERVAL_SECONDS", value_name = "SECONDS", global = true)]
+    pub backup_interval_seconds: Option<u64>,
 }
 
 /// Where the database lives.
@@ -270,6 +284,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Fleet metrics and restore-test runner settings.
     pub fleet: crate::fleet::FleetConfig,
+    /// The policy agents follow: back up a device whose last backup is older than this.
+    pub backup_interval: std::time::Duration,
     /// The file the configuration came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -407,6 +423,12 @@ impl Config {
                 86400,
             )?,
         };
+        let backup_interval = positive(
+            o.backup_interval_seconds.or(file.backup.interval_seconds),
+            "backup.interval_seconds",
+            crate::ingest::DEFAULT_BACKUP_INTERVAL,
+            1,
+        )?;
         let master_key_file =
             o.master_key_file.clone().or(file.master_key_file).unwrap_or_else(|| data_dir.join("master.key"));
         let log_level = o.log.clone().or(file.log.level).unwrap_or_else(|| DEFAULT_LOG.into());
@@ -424,6 +446,7 @@ impl Config {
             log_level,
             log_format,
             fleet,
+            backup_interval,
             source: o.config.clone(),
         })
     }
@@ -433,7 +456,8 @@ impl Config {
 pub fn unknown_env_vars() -> Vec<String> {
     std::env::vars_os()
         .filter_map(|(k, _)| k.into_string().ok())
-        .filter(|k| k.starts_with("LIFEBOAT_") && !KNOWN_ENV.contains(&k.as_str()))
+        // LIFEBOAT_AGENT_* belong to lifeboat-agent, which may share the environment.
+        .filter(|k| k.starts_with("LIFEBOAT_") && !k.starts_with("LIFEBOAT_AGENT_") && !KNOWN_ENV.contains(&k.as_str()))
         .collect()
 }
 
@@ -548,5 +572,6 @@ mod tests {
                 && rt.sample_percent.is_some()
                 && rt.window_days.is_some()
         );
+        assert!(file.backup.interval_seconds.is_some());
     }
 }

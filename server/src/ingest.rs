@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use futures_io::{AsyncRead, AsyncWrite};
 use lifeboat_shared::chunk::open_and_verify_into;
-use lifeboat_shared::ids::{AgentId, ChunkId, PackId, RunId, SnapshotId, TenantId, Udid};
+use lifeboat_shared::ids::{AgentId, ChunkId, PackId, RestoreJobId, RunId, SnapshotId, TenantId, Udid};
 use lifeboat_shared::manifest::{DeviceInfo, Manifest};
 use lifeboat_shared::pack::PackBuilder;
 use lifeboat_shared::wire::{
     self, BYTES_PART, Data, DataRef, DeviceState, ErrorCode, FrameError, MAX_CONTROL_FRAME_BYTES, MAX_DATA_FRAME_BYTES,
-    MAX_IDS_PER_REQUEST, Request, Response, RunEnd,
+    MAX_IDS_PER_REQUEST, Request, Response, RestoreEnd, RunEnd,
 };
 
 use crate::chunkstore::{self, ChunkStoreError};
@@ -100,6 +100,9 @@ struct RunBuffer {
 /// memory): uploads run ahead of storage by that much.
 const PACK_WRITES_PER_RUN: usize = 3;
 
+/// The default policy: back up a device once a day.
+pub const DEFAULT_BACKUP_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
 /// Shared state of all agent connections of this server process.
 #[derive(Debug)]
 pub struct Hub {
@@ -110,6 +113,9 @@ pub struct Hub {
     pub metrics: Arc<Metrics>,
     pub pack_target_bytes: usize,
     pub lease: Duration,
+    /// The backup policy agents ask for: a device is due when its last successful backup
+    /// is older than this.
+    pub backup_interval: Duration,
     runs: Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<RunBuffer>>>>,
     keys: Mutex<HashMap<TenantId, Arc<TenantKeys>>>,
 }
@@ -145,6 +151,7 @@ impl Hub {
             metrics,
             pack_target_bytes: 32 * 1024 * 1024,
             lease: Duration::from_secs(600),
+            backup_interval: DEFAULT_BACKUP_INTERVAL,
             runs: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
         }
@@ -221,6 +228,17 @@ impl Hub {
             }
             Request::GetManifest { snapshot } => self.get_manifest(s, snapshot, send).await,
             Request::GetChunks { ids } => self.get_chunks(s, ids, send).await,
+            Request::GetPolicy => {
+                respond(send, &Response::Policy { backup_interval_seconds: self.backup_interval.as_secs() }).await
+            }
+            Request::NextRestore { udid } => {
+                let resp = self.next_restore(s, &udid).await?;
+                respond(send, &resp).await
+            }
+            Request::EndRestore { job, end } => {
+                self.end_restore(s, job, end).await?;
+                ok(send).await
+            }
         }
     }
 
@@ -642,6 +660,50 @@ impl Hub {
             .await?;
         self.metrics.backup_runs.with_label_values(&[status, reason]).inc();
         tracing::info!(agent.id = %s.agent, run.id = %run, run.status = status, run.reason = reason, "run ended");
+        Ok(())
+    }
+
+    /// Claims the oldest queued restore job for the device, for this agent.
+    async fn next_restore(&self, s: Session, udid: &Udid) -> Result<Response, Rejection> {
+        let client = self.db.get().await?;
+        let row = client
+            .query_opt(
+                "UPDATE restore_jobs SET status = 'running', agent_id = $3, started_at = now()                  WHERE tenant_id = $1 AND id = (SELECT id FROM restore_jobs WHERE tenant_id = $1 AND target_udid = $2                  AND status = 'queued' ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)                  RETURNING id, snapshot_id",
+                &[&s.tenant.0, &udid.as_str(), &s.agent.0],
+            )
+            .await?;
+        Ok(match row {
+            Some(row) => {
+                let (job, snapshot) = (RestoreJobId(row.get(0)), SnapshotId(row.get(1)));
+                tracing::info!(agent.id = %s.agent, restore.id = %job, snapshot.id = %snapshot, device.udid = %udid, "restore job claimed");
+                Response::RestoreJob { job, snapshot }
+            }
+            None => Response::Ok,
+        })
+    }
+
+    async fn end_restore(&self, s: Session, job: RestoreJobId, end: RestoreEnd) -> Reply {
+        let (status, reason, message) = match &end {
+            RestoreEnd::Succeeded => ("succeeded", None, None),
+            RestoreEnd::Failed { reason, message } => ("failed", Some(reason.as_str()), Some(message.as_str())),
+        };
+        if reason.is_some_and(|r| !valid_reason(r)) || message.is_some_and(|m| m.len() > 4096) {
+            return Err(Rejection::new(ErrorCode::Malformed, "reason must be a code like device-disconnected"));
+        }
+        let client = self.db.get().await?;
+        let n = client
+            .execute(
+                "UPDATE restore_jobs SET status = $4, reason = $5, message = $6, finished_at = now()                  WHERE tenant_id = $1 AND id = $2 AND agent_id = $3 AND status = 'running'",
+                &[&s.tenant.0, &job.0, &s.agent.0, &status, &reason, &message],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Rejection::new(
+                ErrorCode::NotFound,
+                format!("restore job {job} is not running for this agent"),
+            ));
+        }
+        tracing::info!(agent.id = %s.agent, restore.id = %job, restore.status = status, restore.reason = reason, "restore job ended");
         Ok(())
     }
 

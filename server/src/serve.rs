@@ -110,7 +110,9 @@ async fn bring_up(
     storage::ping(&op, Duration::from_secs(10)).await.map_err(|e| anyhow::anyhow!("storage is not usable: {e}"))?;
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    let hub = Arc::new(Hub::new(pool.clone(), op.clone(), master, signer, metrics.clone()));
+    let mut hub = Hub::new(pool.clone(), op.clone(), master, signer, metrics.clone());
+    hub.backup_interval = config.backup_interval;
+    let hub = Arc::new(hub);
     let app = crate::http::router(AppState { db: pool.clone(), storage: op, metrics, hub: hub.clone() });
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {

@@ -174,11 +174,35 @@ pub async fn http_request(
     path: &str,
     bearer: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    http_send(addr, method, path, bearer, None).await
+}
+
+/// `POST` of a JSON body: returns status and body.
+pub async fn http_post_json(
+    addr: std::net::SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    json: &str,
+) -> std::io::Result<(u16, String)> {
+    http_send(addr, "POST", path, bearer, Some(json)).await
+}
+
+async fn http_send(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    json: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    let body = json.unwrap_or_default();
+    let kind = if json.is_some() { "Content-Type: application/json\r\n" } else { "" };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     stream.write_all(req.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;

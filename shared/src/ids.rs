@@ -173,6 +173,10 @@ uuid_id!(
     /// A committed snapshot.
     SnapshotId
 );
+uuid_id!(
+    /// A restore job: a snapshot to be put onto an iPhone.
+    RestoreJobId
+);
 
 #[cfg(test)]
 mod tests {

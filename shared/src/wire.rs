@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::format::MAX_BLOB_BYTES;
-use crate::ids::{AgentId, ChunkId, RunId, SnapshotId, TenantId, Udid};
+use crate::ids::{AgentId, ChunkId, RestoreJobId, RunId, SnapshotId, TenantId, Udid};
 use crate::manifest::DeviceInfo;
 
 /// QUIC/TLS application protocol name.
@@ -215,6 +215,25 @@ pub enum Request {
     GetChunks {
         ids: Vec<ChunkId>,
     },
+    /// The tenant's backup policy: answered by [`Response::Policy`].
+    GetPolicy,
+    /// Claims the oldest queued restore job for this attached device: answered by
+    /// [`Response::RestoreJob`], or [`Response::Ok`] when there is none.
+    NextRestore {
+        udid: Udid,
+    },
+    /// How a claimed restore job ended.
+    EndRestore {
+        job: RestoreJobId,
+        end: RestoreEnd,
+    },
+}
+
+/// How a restore job ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestoreEnd {
+    Succeeded,
+    Failed { reason: String, message: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,13 +263,46 @@ pub enum DataRef<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Ok,
-    RunOpened { run: RunId, snapshot: SnapshotId, lease_seconds: u32 },
-    Missing { ids: Vec<ChunkId> },
-    Stored { chunks: u32, new_chunks: u32, new_bytes: u64 },
-    Committed { snapshot: SnapshotId, files: u64, logical_bytes: u64 },
-    Snapshot { snapshot: SnapshotId, device: DeviceInfo, created_unix_ms: i64 },
-    Manifest { snapshot: SnapshotId, bytes: u64 },
-    Error { code: ErrorCode, message: String },
+    RunOpened {
+        run: RunId,
+        snapshot: SnapshotId,
+        lease_seconds: u32,
+    },
+    Missing {
+        ids: Vec<ChunkId>,
+    },
+    Stored {
+        chunks: u32,
+        new_chunks: u32,
+        new_bytes: u64,
+    },
+    Committed {
+        snapshot: SnapshotId,
+        files: u64,
+        logical_bytes: u64,
+    },
+    Snapshot {
+        snapshot: SnapshotId,
+        device: DeviceInfo,
+        created_unix_ms: i64,
+    },
+    Manifest {
+        snapshot: SnapshotId,
+        bytes: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// Back up an attached device when its last successful backup is older than this.
+    Policy {
+        backup_interval_seconds: u64,
+    },
+    /// A restore job this agent now holds: restore `snapshot` onto the device.
+    RestoreJob {
+        job: RestoreJobId,
+        snapshot: SnapshotId,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-pub use lifeboat_server::testing::{have_postgres, http_get, in_ci, skip_or_fail};
+pub use lifeboat_server::testing::{have_postgres, http_get, http_post_json, in_ci, skip_or_fail};
 
 /// Path of a workspace binary (`lifeboat-server`, `lifeboat-agent`), built next to this
 /// test executable (`target/<profile>/deps/it-…` → `target/<profile>/<name>`).

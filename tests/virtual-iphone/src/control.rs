@@ -40,6 +40,14 @@ pub enum Request {
     EnterPasscode {
         udid: String,
     },
+    /// usbmuxd forgets the device's pair record: it asks its user to trust the computer.
+    Untrust {
+        udid: String,
+    },
+    /// The user taps Trust: the pair record is there again.
+    Trust {
+        udid: String,
+    },
     SetFaults {
         udid: String,
         faults: Faults,
@@ -115,6 +123,14 @@ pub fn execute(registry: &Registry, request: Request) -> Response {
         }),
         Request::EnterPasscode { udid } => device(&udid).map(|s| {
             s.enter_passcode();
+            Response::Ok
+        }),
+        Request::Untrust { udid } => device(&udid).map(|_| {
+            registry.untrust(&udid);
+            Response::Ok
+        }),
+        Request::Trust { udid } => device(&udid).map(|_| {
+            registry.trust(&udid);
             Response::Ok
         }),
         Request::SetFaults { udid, faults } => device(&udid).and_then(|s| {

@@ -474,6 +474,18 @@ impl Registry {
     pub fn delete_pair_record(&self, udid: &str) {
         lock(&self.pair_records).insert(udid.to_string(), None);
     }
+
+    /// The device has not trusted this computer yet: usbmuxd holds no pair record for it
+    /// (as after a new phone is plugged in, before the user taps Trust).
+    pub fn untrust(&self, udid: &str) {
+        self.delete_pair_record(udid);
+    }
+
+    /// The user tapped Trust: usbmuxd's preflight pairing stored the record (the pre-made
+    /// one, which the device trusts).
+    pub fn trust(&self, udid: &str) {
+        lock(&self.pair_records).remove(udid);
+    }
 }
 
 #[cfg(test)]

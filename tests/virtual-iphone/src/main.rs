@@ -88,6 +88,10 @@ enum CtlOp {
     },
     /// "Enter" the passcode on the device.
     EnterPasscode { udid: String },
+    /// The device does not trust this computer yet (usbmuxd has no pair record for it).
+    Untrust { udid: String },
+    /// "Tap Trust" on the device: usbmuxd has its pair record again.
+    Trust { udid: String },
     /// Inject faults into the device's backups and restores (no flag clears them).
     Fault {
         udid: String,
@@ -172,6 +176,8 @@ async fn ctl(state: &Path, json: bool, op: CtlOp) -> anyhow::Result<()> {
         CtlOp::Use { udid, fraction, seed } => Request::Use { udid, fraction, seed },
         CtlOp::RequirePasscode { udid, timeout_secs } => Request::RequirePasscode { udid, timeout_secs },
         CtlOp::EnterPasscode { udid } => Request::EnterPasscode { udid },
+        CtlOp::Untrust { udid } => Request::Untrust { udid },
+        CtlOp::Trust { udid } => Request::Trust { udid },
         CtlOp::Fault { udid, drop_after, throttle, restore_space } => Request::SetFaults {
             udid,
             faults: Faults {

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod agent;
+mod agent_run;
 mod api;
 mod crash_resume;
 mod ingest;

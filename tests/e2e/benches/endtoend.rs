@@ -1,0 +1,178 @@
+//! Benchmark: end to end, from an unthrottled `medium` virtual iPhone (50,000 files,
+//! 1,984 MB) to a committed snapshot — the release `lifeboat-agent backup` process against
+//! a release `lifeboat-server` process on loopback — beside what a host could do without
+//! Lifeboat on the same data in the same run: libimobiledevice's `idevicebackup2` writing
+//! the backup to disk, then `restic backup` of that directory (Debian's restic). Also the
+//! agent's peak memory (VmHWM) and an incremental backup after ~1 % of use.
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p lifeboat-e2e --bench endtoend`
+//! (needs PostgreSQL; idevicebackup2 and restic are optional: skipped if missing).
+//! Results in docs/performance.md. Target: ≥ 150 MB/s for the agent on the 2-core machine.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lifeboat_e2e::{ServerProcess, bin, server_cli};
+use virtual_iphone::content::Profile;
+use virtual_iphone::{Config, Registry, usbmuxd};
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run())
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool).arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+}
+
+/// Runs `cmd` to completion, sampling its peak resident memory; returns (seconds, peak
+/// bytes, stdout).
+fn timed(mut cmd: Command) -> anyhow::Result<(f64, u64, String)> {
+    let start = Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    let out = std::thread::scope(|s| {
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let o = s.spawn(move || stdout.map(|r| std::io::read_to_string(r).unwrap_or_default()).unwrap_or_default());
+        let e = s.spawn(move || stderr.map(|r| std::io::read_to_string(r).unwrap_or_default()).unwrap_or_default());
+        loop {
+            // VmHWM only grows: the last reading before exit is the peak.
+            if let Ok(text) = std::fs::read_to_string(&status_path)
+                && let Some(kb) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kb * 1024);
+            }
+            if child.try_wait()?.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = child.wait()?;
+        let (out, err) = (o.join().unwrap_or_default(), e.join().unwrap_or_default());
+        anyhow::ensure!(status.success(), "{cmd:?} failed: {status}\n{err}");
+        anyhow::Ok(out)
+    })?;
+    Ok((start.elapsed().as_secs_f64(), peak, out))
+}
+
+fn dir_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+async fn run() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in(std::env::var_os("LIFEBOAT_BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+    let data = dir.path().join("data");
+    let server = ServerProcess::start(&data, &[])?;
+    let (ok, _, err) = server_cli(&data, &["tenant", "create", "bench"]);
+    anyhow::ensure!(ok, "{err}");
+    let out = Command::new(bin("lifeboat-server"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--quic-advertise", &server.quic_addr.to_string(), "token", "create", "--tenant", "bench"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mux = listener.local_addr()?.to_string();
+    let config = Config { seed: 9, devices: 1, profile: Profile::Medium, state_dir: dir.path().join("phones") };
+    let registry = Arc::new(Registry::new(config)?);
+    tokio::spawn(usbmuxd::serve(listener, registry.clone()));
+    let udid = registry.all()[0].udid.clone();
+    let phone = registry.state_by_udid(&udid).ok_or_else(|| anyhow::anyhow!("no phone"))?;
+    let size_mb =
+        phone.expect()?.iter().filter_map(|l| l.split('\t').nth(2)?.parse::<u64>().ok()).sum::<u64>() as f64 / 1e6;
+
+    let state = dir.path().join("agent");
+    let agent = |args: &[&str]| {
+        let mut c = Command::new(bin("lifeboat-agent"));
+        c.arg("--state-dir").arg(&state).args(args).env("USBMUXD_SOCKET_ADDRESS", &mux);
+        c
+    };
+    let (secs, _, _) = tokio::task::block_in_place(|| timed(agent(&["enroll", &token])))?;
+    let _ = secs;
+    println!("end to end: a `medium` virtual iPhone ({size_mb:.0} MB of files) on loopback");
+
+    let (secs, peak, out) = tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    let logical = report["logical_bytes"].as_u64().unwrap_or(0) as f64 / 1e6;
+    println!(
+        "lifeboat-agent backup (full, to a committed snapshot): {secs:6.1} s  {:6.0} MB/s  ({logical:.0} MB incl. Manifest.db; {:.0} MB of chunks sent; peak agent memory {} MiB)",
+        logical / secs,
+        report["blob_bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e6,
+        peak >> 20
+    );
+
+    phone.simulate_use(0.01, 1)?;
+    let (secs, peak, out) = tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    println!(
+        "lifeboat-agent backup after ~1 % of use (incremental): {secs:5.1} s  ({:.1} MB of chunks sent, {} of {} files from the cache; peak agent memory {} MiB)",
+        report["blob_bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e6,
+        report["cached_files"],
+        report["files"],
+        peak >> 20
+    );
+
+    if !have("idevicebackup2") {
+        println!("idevicebackup2: not installed, skipped");
+        return Ok(());
+    }
+    let target = dir.path().join("idevicebackup2");
+    std::fs::create_dir_all(&target)?;
+    let mut cmd = Command::new("idevicebackup2");
+    cmd.args(["-u", &udid, "backup", "--full"]).arg(&target).env("USBMUXD_SOCKET_ADDRESS", &mux);
+    let (ib_secs, _, _) = tokio::task::block_in_place(|| timed(cmd))?;
+    let written = dir_bytes(&target) as f64 / 1e6;
+    println!(
+        "idevicebackup2 backup --full to local disk:             {ib_secs:6.1} s  {:6.0} MB/s  ({written:.0} MB written)",
+        written / ib_secs
+    );
+    if !have("restic") {
+        println!("restic: not installed, skipped");
+        return Ok(());
+    }
+    let repo = dir.path().join("restic-repo");
+    let restic = |args: &[&str]| {
+        let mut c = Command::new("restic");
+        c.arg("--repo")
+            .arg(&repo)
+            .args(args)
+            .env("RESTIC_PASSWORD", "bench")
+            .env("RESTIC_CACHE_DIR", dir.path().join("restic-cache"));
+        c
+    };
+    tokio::task::block_in_place(|| timed(restic(&["init"])))?;
+    let mut cmd = restic(&["backup", "--quiet"]);
+    cmd.arg(&target);
+    let (r_secs, r_peak, _) = tokio::task::block_in_place(|| timed(cmd))?;
+    println!(
+        "then restic backup of that directory (local repository): {r_secs:6.1} s  (peak memory {} MiB)",
+        r_peak >> 20
+    );
+    println!(
+        "idevicebackup2 + restic together:                      {:6.1} s  {:6.0} MB/s",
+        ib_secs + r_secs,
+        written / (ib_secs + r_secs)
+    );
+    drop(server);
+    Ok(())
+}

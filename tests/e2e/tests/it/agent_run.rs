@@ -1,0 +1,409 @@
+//! `lifeboat-agent run` — the service — and the agent's transfer guarantees, with a real
+//! server process, the agent binary and virtual iPhones (`small`: 5,000 files, 199 MB):
+//! first backups happen on their own; an iPhone that does not trust the computer yet shows
+//! needs-trust until Trust is tapped; unplugging mid-backup fails that run as
+//! device-disconnected and leaves the previous snapshot intact, and the next attach backs
+//! up; an incremental backup sends only what changed; an agent killed mid-upload resumes
+//! the same run without sending again what the server holds.
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lifeboat_agent::client::Client;
+use lifeboat_agent::state::AgentState;
+use lifeboat_agent::transfer;
+use lifeboat_e2e::{ServerProcess, bin, have_postgres, http_get, http_post_json, server_cli, tempdir};
+use lifeboat_shared::ids::SnapshotId;
+use lifeboat_shared::wire::{Request, Response};
+use virtual_iphone::content::Profile;
+use virtual_iphone::devices::Faults;
+use virtual_iphone::{Config, Registry, manifest, usbmuxd};
+
+/// A server, a tenant with an enrolled agent state directory, a viewer credential, and
+/// virtual iPhones on an in-process usbmuxd.
+struct World {
+    _dir: tempfile::TempDir,
+    server: ServerProcess,
+    state: PathBuf,
+    mux: String,
+    viewer: String,
+    helpdesk: String,
+    registry: Arc<Registry>,
+    _phones: tempfile::TempDir,
+}
+
+async fn world(server_args: &[&str], devices: u32, seed: u64) -> World {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let server = ServerProcess::start(&data, server_args).unwrap();
+    let (ok, _, err) = server_cli(&data, &["tenant", "create", "acme"]);
+    assert!(ok, "{err}");
+    let out = std::process::Command::new(bin("lifeboat-server"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--quic-advertise", &server.quic_addr.to_string(), "token", "create", "--tenant", "acme"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (ok, out, err) = server_cli(&data, &["user", "create", "--tenant", "acme", "--role", "viewer"]);
+    assert!(ok, "{err}");
+    let viewer = out.split_whitespace().find(|w| w.starts_with("lbu1_")).unwrap().to_string();
+    let (ok, out, err) = server_cli(&data, &["user", "create", "--tenant", "acme", "--role", "helpdesk"]);
+    assert!(ok, "{err}");
+    let helpdesk = out.split_whitespace().find(|w| w.starts_with("lbu1_")).unwrap().to_string();
+
+    let phones = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mux = listener.local_addr().unwrap().to_string();
+    let config = Config { seed, devices, profile: Profile::Small, state_dir: phones.path().to_path_buf() };
+    let registry = Arc::new(Registry::new(config).unwrap());
+    tokio::spawn(usbmuxd::serve(listener, registry.clone()));
+
+    let state = dir.path().join("agent");
+    let (ok, _, err) = agent(&state, &mux, &["enroll", &token]).await;
+    assert!(ok, "{err}");
+    World { _dir: dir, server, state, mux, viewer, helpdesk, registry, _phones: phones }
+}
+
+/// Runs the agent binary to completion.
+async fn agent(state: &Path, mux: &str, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(bin("lifeboat-agent"));
+    cmd.arg("--state-dir").arg(state).args(args).env("USBMUXD_SOCKET_ADDRESS", mux).env("LIFEBOAT_LOG", "info");
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A long-running agent process whose log lines are kept.
+struct AgentProcess {
+    child: std::process::Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl AgentProcess {
+    fn start(state: &Path, mux: &str, args: &[&str]) -> Self {
+        let mut child = std::process::Command::new(bin("lifeboat-agent"))
+            .arg("--state-dir")
+            .arg(state)
+            .args(args)
+            .env("USBMUXD_SOCKET_ADDRESS", mux)
+            .env("LIFEBOAT_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn client(state: &Path) -> (Client, AgentState) {
+    let s = AgentState::load(state).unwrap();
+    let c = Client::connect(&s.server, s.fingerprint().unwrap(), s.refresh_auth().unwrap()).await.unwrap();
+    (c, s)
+}
+
+async fn latest(state: &Path, udid: &str) -> Option<SnapshotId> {
+    let (c, _) = client(state).await;
+    let r = c.request(&Request::LatestSnapshot { udid: udid.parse().unwrap() }).await;
+    c.close().await;
+    match r {
+        Ok(Response::Snapshot { snapshot, .. }) => Some(snapshot),
+        _ => None,
+    }
+}
+
+/// Polls `f` every 200 ms until it gives `Some`, at most `timeout`.
+async fn until<T, F: Future<Output = Option<T>>>(timeout: Duration, what: &str, mut f: impl FnMut() -> F) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A snapshot's files in `expect`'s format (domain, path, size, sha256).
+async fn snapshot_content(state: &Path, snapshot: SnapshotId) -> Vec<String> {
+    let (c, s) = client(state).await;
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("snap");
+    transfer::download_snapshot(&c, &s.keys().unwrap(), snapshot, &dest).await.unwrap();
+    c.close().await;
+    let rows = manifest::read_manifest_db(&std::fs::read(dest.join("Manifest.db")).unwrap()).unwrap();
+    let mut lines: Vec<String> = rows
+        .iter()
+        .filter(|r| r.flags == 1)
+        .map(|r| {
+            let bytes = std::fs::read(dest.join(&r.file_id[..2]).join(&r.file_id)).unwrap();
+            let sha: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{}\t{}\t{}\t{sha}", r.domain, r.path, bytes.len())
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+async fn api(w: &World, path: &str) -> serde_json::Value {
+    let (code, body) = http_get(w.server.http_addr, path, Some(&w.viewer)).await.unwrap();
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn device_state(w: &World, udid: &str) -> Option<String> {
+    let devices = api(w, "/api/v1/devices").await;
+    let list = devices.as_array().cloned().or_else(|| devices["devices"].as_array().cloned()).unwrap_or_default();
+    list.iter().find(|d| d["udid"] == udid).and_then(|d| d["state"].as_str().map(String::from))
+}
+
+async fn runs(w: &World, udid: &str) -> Vec<serde_json::Value> {
+    api(w, &format!("/api/v1/runs?udid={udid}")).await["runs"].as_array().cloned().unwrap_or_default()
+}
+
+fn uuid_zero() -> &'static str {
+    "00000000-0000-0000-0000-000000000000"
+}
+
+/// A counter from the server's /metrics.
+async fn metric(w: &World, name: &str) -> f64 {
+    let (code, body) = http_get(w.server.http_addr, "/metrics", None).await.unwrap();
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_backs_up_on_attach_asks_for_trust_survives_an_unplug_and_takes_restore_jobs() {
+    if !have_postgres() {
+        return;
+    }
+    // Every device is due again 3 s after its last backup.
+    let w = world(&["--backup-interval-seconds", "3"], 2, 21).await;
+    let (a, b) = (w.registry.all()[0].udid.clone(), w.registry.all()[1].udid.clone());
+    let phone_a = w.registry.state_by_udid(&a).unwrap();
+    let phone_b = w.registry.state_by_udid(&b).unwrap();
+    // B is not plugged in yet, and will not trust this computer at first.
+    w.registry.set_plugged(&b, false);
+    w.registry.untrust(&b);
+
+    let service = AgentProcess::start(
+        &w.state,
+        &w.mux,
+        &["--retry-initial-seconds", "1", "--retry-max-seconds", "2", "--max-concurrent-backups", "2", "run"],
+    );
+
+    // A is backed up on its own; the snapshot holds exactly the phone.
+    let first = until(Duration::from_secs(240), "A's first snapshot", || latest(&w.state, &a)).await;
+    let before_use = phone_a.expect().unwrap();
+    assert_eq!(snapshot_content(&w.state, first).await, before_use, "the first snapshot is the phone");
+
+    // B arrives without trusting this computer: needs-trust, through the API and in
+    // `status`, until Trust is tapped; then it is backed up.
+    w.registry.set_plugged(&b, true);
+    until(Duration::from_secs(60), "needs-trust in the API", || async {
+        (device_state(&w, &b).await.as_deref() == Some("needs-trust")).then_some(())
+    })
+    .await;
+    let (ok, out, err) = agent(&w.state, &w.mux, &["status", "--json"]).await;
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = status["devices"].as_array().unwrap().iter().find(|d| d["udid"] == b.as_str()).unwrap().clone();
+    assert_eq!(row["state"], "needs-trust", "{status}");
+    assert!(latest(&w.state, &b).await.is_none(), "nothing is backed up before Trust");
+    w.registry.trust(&b);
+    let b_snap = until(Duration::from_secs(240), "B's first snapshot", || latest(&w.state, &b)).await;
+    assert_eq!(snapshot_content(&w.state, b_snap).await, phone_b.expect().unwrap());
+
+    // A slow backup of A after some use; unplugged in the middle.
+    let running_before: Vec<serde_json::Value> =
+        runs(&w, &a).await.into_iter().filter(|r| r["status"] == "running").map(|r| r["id"].clone()).collect();
+    phone_a.set_faults(Faults { throttle_mb_per_s: Some(1.0), ..Faults::default() });
+    phone_a.simulate_use(0.05, 7).unwrap();
+    let slow_run = until(Duration::from_secs(60), "the slow backup of A", || async {
+        runs(&w, &a)
+            .await
+            .into_iter()
+            .find(|r| r["status"] == "running" && !running_before.contains(&r["id"]))
+            .map(|r| r["id"].clone())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let previous = latest(&w.state, &a).await.unwrap();
+    w.registry.set_plugged(&a, false);
+    let failed = until(Duration::from_secs(60), "the unplugged run to fail", || async {
+        runs(&w, &a).await.into_iter().find(|r| r["id"] == slow_run && r["status"] != "running")
+    })
+    .await;
+    assert_eq!((failed["status"].as_str(), failed["reason"].as_str()), (Some("failed"), Some("device-disconnected")));
+    assert_eq!(latest(&w.state, &a).await, Some(previous), "no snapshot from the unplugged backup");
+    assert_eq!(snapshot_content(&w.state, previous).await, before_use, "the previous snapshot is intact");
+
+    // Plugged in again: backed up, with the use.
+    phone_a.set_faults(Faults::default());
+    w.registry.set_plugged(&a, true);
+    let after = until(Duration::from_secs(240), "A's backup after the unplug", || async {
+        latest(&w.state, &a).await.filter(|s| *s != previous)
+    })
+    .await;
+    assert_eq!(snapshot_content(&w.state, after).await, phone_a.expect().unwrap());
+
+    // The help desk asks for A's latest snapshot on B: the service restores it (B restarts)
+    // and the job says so.
+    let post = |who: &str, body: String| {
+        let (addr, who) = (w.server.http_addr, who.to_string());
+        async move { http_post_json(addr, "/api/v1/restores", Some(&who), &body).await.unwrap() }
+    };
+    let ask = format!(r#"{{"target_udid": "{b}", "from_device": "{a}"}}"#);
+    let (code, body) = post(&w.viewer, ask.clone()).await;
+    assert_eq!(code, 403, "a viewer cannot restore: {body}");
+    let (code, body) =
+        post(&w.helpdesk, format!(r#"{{"target_udid": "{b}", "snapshot_id": "{}"}}"#, uuid_zero())).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = post(&w.helpdesk, format!(r#"{{"target_udid": "{b}"}}"#)).await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = post(&w.helpdesk, ask.clone()).await;
+    assert_eq!(code, 201, "{body}");
+    let job: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (job["status"].as_str(), job["snapshot_id"].as_str()),
+        (Some("queued"), Some(after.to_string().as_str()))
+    );
+    let (code, body) = post(&w.helpdesk, ask).await;
+    assert_eq!(code, 409, "one open restore per iPhone: {body}");
+    let path = format!("/api/v1/restores/{}", job["id"].as_str().unwrap());
+    let done = until(Duration::from_secs(240), "the restore job to end", || async {
+        let j = api(&w, &path).await;
+        (j["status"] == "succeeded" || j["status"] == "failed").then_some(j)
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(phone_b.stats().restores, 1);
+    assert_eq!(phone_b.expect().unwrap(), phone_a.expect().unwrap(), "B now holds A's data");
+    assert_eq!(api(&w, "/api/v1/restores").await["restores"].as_array().unwrap().len(), 1);
+
+    // SIGTERM stops the service promptly.
+    service.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut service = service;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = service.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the agent did not stop; it logged:\n{}", service.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}; it logged:\n{}", service.log());
+    let log = service.log();
+    assert!(log.contains("iPhone attached") && log.contains("backup committed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_backups_send_only_changes_and_a_killed_agent_resumes() {
+    if !have_postgres() {
+        return;
+    }
+    let w = world(&[], 2, 31).await;
+    let (a, b) = (w.registry.all()[0].udid.clone(), w.registry.all()[1].udid.clone());
+    let phone_a = w.registry.state_by_udid(&a).unwrap();
+    let phone_b = w.registry.state_by_udid(&b).unwrap();
+    const RECEIVED: &str = "lifeboat_ingest_received_bytes_total";
+
+    // A full backup, ~1 % of use, an incremental one.
+    let (ok, _, err) = agent(&w.state, &w.mux, &["backup", "--device", &a, "--json"]).await;
+    assert!(ok, "{err}");
+    let used = phone_a.simulate_use(0.01, 3).unwrap();
+    let received_before = metric(&w, RECEIVED).await;
+    let (ok, out, err) = agent(&w.state, &w.mux, &["backup", "--device", &a, "--json"]).await;
+    assert!(ok, "{err}");
+    let second: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let received = (metric(&w, RECEIVED).await - received_before) as u64;
+    // What changed: the files the phone added or changed, and the backup's own metadata,
+    // which the phone writes anew each time.
+    let mirror = w.state.join("mirror").join(&a);
+    let metadata: u64 = ["Manifest.db", "Manifest.plist", "Status.plist", "Info.plist"]
+        .iter()
+        .map(|f| std::fs::metadata(mirror.join(f)).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let changed = used.added_bytes + used.changed_bytes + metadata;
+    let sent = second["blob_bytes_sent"].as_u64().unwrap();
+    let quic = second["quic_bytes_sent"].as_u64().unwrap();
+    eprintln!(
+        "changed {changed} bytes ({used:?}, metadata {metadata}); chunks sent {sent}, server received {received}, QUIC sent {quic}"
+    );
+    assert_eq!(sent, received, "the agent's and the server's counts of chunk bytes agree");
+    assert!(sent * 100 <= changed * 105, "sent {sent} bytes of chunks for {changed} changed bytes");
+    assert!(quic * 100 <= changed * 105, "{quic} bytes over QUIC for {changed} changed bytes");
+    assert!(second["cached_files"].as_u64().unwrap() > 4_000, "unchanged files were not read again: {second}");
+    assert_eq!(
+        snapshot_content(&w.state, second["snapshot"].as_str().unwrap().parse().unwrap()).await,
+        phone_a.expect().unwrap()
+    );
+
+    // B's first backup, slowed down, killed (SIGKILL) once the server holds a good part.
+    phone_b.set_faults(Faults { throttle_mb_per_s: Some(25.0), ..Faults::default() });
+    let start = metric(&w, RECEIVED).await;
+    let killed = AgentProcess::start(&w.state, &w.mux, &["backup", "--device", &b]);
+    until(Duration::from_secs(120), "60 MB at the server", || async {
+        (metric(&w, RECEIVED).await - start >= 60e6).then_some(())
+    })
+    .await;
+    killed.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(killed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_resume = metric(&w, RECEIVED).await;
+    let first_part = before_resume - start;
+    phone_b.set_faults(Faults::default());
+    let (ok, out, err) = agent(&w.state, &w.mux, &["backup", "--device", &b, "--json"]).await;
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming the interrupted run"), "{err}");
+    let resumed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let second_part = metric(&w, RECEIVED).await - before_resume;
+    let logical = resumed["logical_bytes"].as_u64().unwrap() as f64;
+    eprintln!("before the kill {first_part} bytes, after {second_part}, snapshot {logical} bytes");
+    // Nothing the server held was sent again: both parts together are the snapshot once.
+    assert!(first_part + second_part <= logical * 1.02, "{first_part} + {second_part} for {logical} bytes");
+    assert!(second_part <= logical - first_part * 0.9, "resent what the server held");
+    let runs = runs(&w, &b).await;
+    assert_eq!(runs.len(), 1, "one run, resumed: {runs:?}");
+    assert_eq!(runs[0]["status"], "succeeded");
+    assert_eq!(
+        snapshot_content(&w.state, resumed["snapshot"].as_str().unwrap().parse().unwrap()).await,
+        phone_b.expect().unwrap()
+    );
+}
