@@ -274,7 +274,8 @@ impl BackupDelegate for MirrorDelegate {
         self.seen();
         let free = FsBackupDelegate.get_free_disk_space(path);
         match self.sink.budget {
-            // The mirror may grow to the budget; what it holds now can be replaced.
+            // The mirror may grow to its budget: the room left is the budget less what
+            // it holds now.
             Some(budget) => free.min(budget.saturating_sub(self.sink.mirror_bytes)),
             None => free,
         }

@@ -25,6 +25,9 @@ use crate::transfer::{self, Keys, TransferError, UploadReport};
 
 /// How long a backup may stay silent before the agent says the iPhone wants its passcode.
 pub const PASSCODE_HINT_AFTER: Duration = Duration::from_secs(3);
+/// How long the agent waits for the passcode before it gives up (needs-passcode), so a
+/// locked phone left on a desk does not hold a backup slot for ever.
+pub const PASSCODE_GIVE_UP_AFTER: Duration = Duration::from_secs(600);
 
 /// An enrolled agent, ready to work.
 #[derive(Debug, Clone)]
@@ -55,6 +58,16 @@ impl JobError {
             Self::Device(e) => e.reason(),
             Self::Upload(_) | Self::Server(_) => "upload-failed",
             Self::Other(_) => "backup-failed",
+        }
+    }
+
+    /// The reason reported for a failed restore job.
+    pub fn restore_reason(&self) -> &'static str {
+        match self {
+            Self::Device(DeviceError::Refused { code: 105, .. }) => "out-of-space",
+            Self::Device(e) => e.reason(),
+            Self::Upload(_) | Self::Server(_) => "download-failed",
+            Self::Other(_) => "restore-failed",
         }
     }
 }
@@ -89,6 +102,22 @@ impl Agent {
     }
 }
 
+/// Bytes of the regular files under `root` (0 if it does not exist).
+fn dir_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
 /// Reports a device state to the server; a failure is logged, never fatal.
 pub async fn report(client: &Client, udid: &lifeboat_shared::ids::Udid, state: DeviceState, message: &str) {
     let req = Request::ReportState { udid: udid.clone(), state, message: Some(message.into()) };
@@ -105,7 +134,10 @@ pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>)
     progress.set_phase(Phase::Connecting);
     let values = match provider.values().await {
         Ok(v) => v,
-        Err(DeviceError::NotTrusted) => return Err(needs_trust(agent, provider, &local).await),
+        Err(DeviceError::NotTrusted) => {
+            report_needs_trust(agent, provider).await;
+            return Err(DeviceError::NotTrusted.into());
+        }
         Err(e) => return Err(e.into()),
     };
     let info = device_info(udid, &values)?;
@@ -116,15 +148,16 @@ pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>)
     local.set("backing-up");
     report(&client, &info.udid, DeviceState::BackingUp, "backing up").await;
 
-    let result = back_up(agent, provider, &client, &info, run, snapshot, &values, progress.clone()).await;
+    let result = back_up(agent, provider, &client, &info, run, snapshot, &values, progress.clone()).await.and_then(
+        |(upload, committed)| match committed {
+            Response::Committed { snapshot, files, logical_bytes } => Ok((upload, snapshot, files, logical_bytes)),
+            other => Err(JobError::Other(format!("the server did not commit the snapshot: {other:?}"))),
+        },
+    );
     let quic_bytes_sent = client.bytes_sent();
     match result {
-        Ok((upload, committed)) => {
+        Ok((upload, snapshot, files, logical_bytes)) => {
             let cached_files = upload.files_from_cache;
-            let Response::Committed { snapshot, files, logical_bytes } = committed else {
-                local.finish("failing");
-                return Err(JobError::Other(format!("the server did not commit the snapshot: {committed:?}")));
-            };
             RunFile::remove(&agent.state_dir, udid);
             local.finish("idle");
             progress.set_phase(Phase::Done);
@@ -173,9 +206,9 @@ async fn register(client: &Client, info: &DeviceInfo, values: &plist::Dictionary
 }
 
 /// The iPhone does not trust this computer yet: register it with what lockdown tells
-/// anyone, and say it needs its user to tap Trust (here, to the server and in `status`).
-async fn needs_trust(agent: &Agent, provider: &Provider, local: &LocalState) -> JobError {
-    local.set("needs-trust");
+/// anyone, and say it needs its user to tap Trust (in the log, to the server, in `status`).
+pub async fn report_needs_trust(agent: &Agent, provider: &Provider) {
+    LocalState::new(&agent.state_dir, &provider.udid).set("needs-trust");
     let udid = provider.udid.as_str();
     tracing::info!(device.udid = %udid, "the iPhone does not trust this computer yet: unlock it and tap Trust");
     let reported = async {
@@ -190,7 +223,6 @@ async fn needs_trust(agent: &Agent, provider: &Provider, local: &LocalState) -> 
     if let Err(e) = reported.await {
         tracing::warn!(device.udid = %udid, error = %e, "could not report needs-trust");
     }
-    JobError::Device(DeviceError::NotTrusted)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -206,9 +238,12 @@ async fn back_up(
 ) -> Result<(UploadReport, Response), JobError> {
     let udid = provider.udid.as_str();
     let cache = FileCache::load(&agent.state_dir, udid);
-    let mirror_bytes = cache.bytes();
+    let mirror = agent.state_dir.join("mirror");
+    // What the mirror holds counts against its budget (walked only when there is one).
+    let mirror_bytes = if agent.mirror_budget.is_some() { dir_bytes(&mirror.join(udid)) } else { 0 };
     let mut pipeline = Pipeline::start(client.clone(), agent.keys.clone(), run, cache, progress.clone());
     let (started_tx, started) = tokio::sync::watch::channel(false);
+    let started_rx_for_timeout = started.clone();
     let sink = BackupSink {
         started: started_tx,
         finished: pipeline.feed(),
@@ -224,8 +259,21 @@ async fn back_up(
         started,
         progress.clone(),
     ));
-    let mirror = agent.state_dir.join("mirror");
-    let received = pipeline.run_until(provider.backup(&mirror, values, sink)).await;
+    let mut waiting = started_rx_for_timeout;
+    let give_up = async move {
+        let started = async { waiting.wait_for(|s| *s).await.is_ok() };
+        match tokio::time::timeout(PASSCODE_GIVE_UP_AFTER, started).await {
+            Err(_) => DeviceError::Locked,
+            Ok(_) => std::future::pending().await,
+        }
+    };
+    let phone = async {
+        tokio::select! {
+            r = provider.backup(&mirror, values, sink) => r,
+            e = give_up => Err(e),
+        }
+    };
+    let received = pipeline.run_until(phone).await;
     watch.abort();
     let dir = received??;
     progress.set_phase(Phase::Uploading);

@@ -19,7 +19,7 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lifeboat_shared::chunk::{seal_chunk, stream_chunks};
+use lifeboat_shared::chunk::{boundaries, seal_chunk, stream_chunks};
 use lifeboat_shared::ids::{ChunkId, RunId};
 use lifeboat_shared::manifest::{ChunkRef, FileEntry};
 use lifeboat_shared::wire::{MAX_IDS_PER_REQUEST, Request, Response};
@@ -37,28 +37,60 @@ const BATCH_BYTES: usize = 32 * 1024 * 1024;
 const BATCHES_IN_FLIGHT: usize = 2;
 /// Upload streams per batch.
 const STREAMS_PER_BATCH: usize = 4;
+/// Files up to this size are read whole and cut in memory.
+const SMALL_FILE_BYTES: u64 = 8 * 1024 * 1024;
 /// Chunks the chunker may run ahead of the uploads.
 const PIECES_QUEUED: usize = 32;
-/// Finished files handed on with an open handle (surviving the phone's renames); later
-/// ones go by path alone, so a slow upload cannot exhaust file descriptors.
-const OPEN_HANDLES: usize = 256;
+/// Finished files waiting with an open handle (surviving the phone's renames), across all
+/// backups of the process; beyond that they wait by path alone, so slow uploads cannot
+/// exhaust file descriptors.
+static OPEN_HANDLES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(256);
 
-/// What identifies a file's content without reading it.
+fn take_handle_slot() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    OPEN_HANDLES.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
+}
+
+/// An open file of a finished file; a budgeted one gives its slot back when dropped,
+/// whether or not it was read.
+struct Handle {
+    file: std::fs::File,
+    budgeted: bool,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.budgeted {
+            OPEN_HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// What identifies a file's content without reading it: the inode survives the phone's
+/// renames; its birth time (statx, where the file system keeps one) tells a reused inode
+/// number from the file that had it before; size and mtime catch rewrites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileKey {
     dev: u64,
     ino: u64,
     size: u64,
     mtime_ns: i128,
+    btime_ns: Option<i128>,
 }
 
 impl FileKey {
     fn of(meta: &std::fs::Metadata) -> Self {
+        let btime_ns = meta
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128);
         Self {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.len(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            btime_ns,
         }
     }
 }
@@ -66,7 +98,7 @@ impl FileKey {
 /// The chunks of the files of this device's last committed snapshot, as they lie in the
 /// mirror: `<state>/cache/<udid>.bin`. Only ever trusted for files whose key still
 /// matches, and those chunks are on the server (the commit checked).
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileCache {
     files: Vec<(FileKey, Vec<ChunkRef>)>,
 }
@@ -76,12 +108,15 @@ impl FileCache {
         state_dir.join("cache").join(format!("{udid}.bin"))
     }
 
-    /// The cache, or an empty one if there is none or it does not read (it is only a cache).
+    /// The cache, or an empty one if there is none or it does not read (it is only a
+    /// cache); entries whose chunks do not add up to the file's size are dropped.
     pub fn load(state_dir: &Path, udid: &str) -> Self {
-        std::fs::read(Self::path(state_dir, udid))
+        let mut cache: Self = std::fs::read(Self::path(state_dir, udid))
             .ok()
             .and_then(|bytes| postcard::from_bytes(&bytes).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        cache.files.retain(|(key, chunks)| chunks.iter().map(|c| u64::from(c.length)).sum::<u64>() == key.size);
+        cache
     }
 
     pub fn save(&self, state_dir: &Path, udid: &str) -> std::io::Result<()> {
@@ -116,7 +151,7 @@ impl FileCache {
 
 enum Job {
     /// A finished file, opened before the phone could move it, or by path.
-    File(PathBuf, Option<std::fs::File>),
+    File(PathBuf, Option<Handle>),
     /// Answer [`Piece::Flushed`] once every earlier file is done.
     Flush,
 }
@@ -134,7 +169,6 @@ enum Piece {
 #[derive(Debug, Clone)]
 pub struct Feed {
     jobs: mpsc::UnboundedSender<Job>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Job {
@@ -149,9 +183,18 @@ impl std::fmt::Debug for Job {
 impl Feed {
     /// Queues a finished file. Returns false when the pipeline has stopped.
     pub fn file(&self, path: PathBuf) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        let handle = (self.queued.fetch_add(1, Relaxed) < OPEN_HANDLES).then(|| std::fs::File::open(&path).ok());
-        self.jobs.send(Job::File(path, handle.flatten())).is_ok()
+        let handle = if take_handle_slot() {
+            match std::fs::File::open(&path) {
+                Ok(file) => Some(Handle { file, budgeted: true }),
+                Err(_) => {
+                    OPEN_HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        self.jobs.send(Job::File(path, handle)).is_ok()
     }
 }
 
@@ -194,7 +237,6 @@ impl Pipeline {
     pub fn start(client: Client, keys: Keys, run: RunId, cache: FileCache, progress: Arc<Progress>) -> Self {
         let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
         let (pieces_tx, pieces) = mpsc::channel(PIECES_QUEUED);
-        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut seen = HashSet::new();
         let mut known = HashMap::with_capacity(cache.files.len());
         for (key, chunks) in cache.files {
@@ -203,15 +245,15 @@ impl Pipeline {
         }
         {
             // Ends when every sender of jobs is gone.
-            let (keys, queued, progress) = (keys.clone(), queued.clone(), progress.clone());
-            tokio::task::spawn_blocking(move || chunker(jobs_rx, pieces_tx, keys, seen, queued, progress));
+            let (keys, progress) = (keys.clone(), progress.clone());
+            tokio::task::spawn_blocking(move || chunker(jobs_rx, pieces_tx, keys, seen, progress));
         }
         Self {
             client,
             keys,
             run,
             progress,
-            feed: Feed { jobs: jobs_tx, queued },
+            feed: Feed { jobs: jobs_tx },
             pieces,
             known,
             batch: Vec::new(),
@@ -231,12 +273,13 @@ impl Pipeline {
     pub async fn run_until<T>(&mut self, done: impl Future<Output = T>) -> Result<T, TransferError> {
         tokio::pin!(done);
         loop {
+            let blocked = self.blocked();
             tokio::select! {
                 biased;
                 out = &mut done => return Ok(out),
                 Some(r) = self.uploads.join_next(), if !self.uploads.is_empty() => self.settled(r)?,
-                piece = self.pieces.recv() => match piece {
-                    Some(p) => self.take(p).await?,
+                piece = self.pieces.recv(), if !blocked => match piece {
+                    Some(p) => self.take(p),
                     None => return Err(TransferError::Invalid("the chunker stopped".into())),
                 },
             }
@@ -247,13 +290,12 @@ impl Pipeline {
     /// (read now only if not chunked before), all uploads finished. Returns the manifest
     /// entries, sorted by path, and the cache for the next backup.
     pub async fn finish(mut self, root: &Path) -> Result<(Vec<FileEntry>, FileCache, UploadReport), TransferError> {
-        // Everything the phone handed on is chunked first, so a reused inode is never
-        // mistaken for the file it replaced.
+        // Everything the phone handed on is chunked first, so the walk below finds it.
         let _ = self.feed.jobs.send(Job::Flush);
         loop {
             match self.next_piece().await? {
                 Piece::Flushed => break,
-                p => self.take(p).await?,
+                p => self.take(p),
             }
         }
         let mut entries = Vec::new();
@@ -265,7 +307,6 @@ impl Pipeline {
             let key = FileKey::of(&meta);
             if !self.known.contains_key(&key) {
                 pending += 1;
-                self.feed.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = self.feed.jobs.send(Job::File(path, None));
             }
             entries.push((rel, key, meta));
@@ -275,7 +316,7 @@ impl Pipeline {
             match self.next_piece().await? {
                 Piece::Flushed => break,
                 Piece::Skipped(path, cause) => return Err(TransferError::Io { path, cause }),
-                p => self.take(p).await?,
+                p => self.take(p),
             }
         }
         tracing::debug!(files = entries.len(), read_at_end = pending, "backup directory chunked");
@@ -308,30 +349,40 @@ impl Pipeline {
 
     async fn next_piece(&mut self) -> Result<Piece, TransferError> {
         loop {
+            let blocked = self.blocked();
             tokio::select! {
                 biased;
                 Some(r) = self.uploads.join_next(), if !self.uploads.is_empty() => self.settled(r)?,
-                piece = self.pieces.recv() => {
+                piece = self.pieces.recv(), if !blocked => {
                     return piece.ok_or_else(|| TransferError::Invalid("the chunker stopped".into()));
                 }
             }
         }
     }
 
-    async fn take(&mut self, piece: Piece) -> Result<(), TransferError> {
+    fn batch_full(&self) -> bool {
+        self.batch_bytes >= BATCH_BYTES || self.batch.len() >= MAX_IDS_PER_REQUEST
+    }
+
+    /// Back-pressure: with a full batch waiting and every upload slot busy, no more
+    /// pieces are taken, so the bounded channel stops the chunker. The phone is never
+    /// held up: its finished files queue by path.
+    fn blocked(&self) -> bool {
+        self.batch_full() && self.uploads.len() >= BATCHES_IN_FLIGHT
+    }
+
+    fn flush_if_full(&mut self) {
+        if self.batch_full() && self.uploads.len() < BATCHES_IN_FLIGHT {
+            self.flush_batch();
+        }
+    }
+
+    fn take(&mut self, piece: Piece) {
         match piece {
             Piece::Chunk(id, data) => {
                 self.batch_bytes += data.len();
                 self.batch.push((id, data));
-                if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= MAX_IDS_PER_REQUEST {
-                    // Back-pressure: a full set of batches in flight stops the chunker.
-                    while self.uploads.len() >= BATCHES_IN_FLIGHT {
-                        if let Some(r) = self.uploads.join_next().await {
-                            self.settled(r)?;
-                        }
-                    }
-                    self.flush_batch();
-                }
+                self.flush_if_full();
             }
             Piece::File(key, chunks) => {
                 self.known.insert(key, (chunks, false));
@@ -341,7 +392,6 @@ impl Pipeline {
             }
             Piece::Flushed => {}
         }
-        Ok(())
     }
 
     fn flush_batch(&mut self) {
@@ -361,6 +411,7 @@ impl Pipeline {
         let b = r.map_err(|e| TransferError::Invalid(format!("an upload task failed: {e}")))??;
         self.report.chunks_sent += b.chunks_sent;
         self.report.blob_bytes_sent += b.blob_bytes_sent;
+        self.flush_if_full();
         Ok(())
     }
 }
@@ -417,10 +468,10 @@ fn chunker(
     pieces: mpsc::Sender<Piece>,
     keys: Keys,
     mut seen: HashSet<ChunkId>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
     progress: Arc<Progress>,
 ) {
     let seed = keys.id.chunker_seed();
+    let mut small = Vec::with_capacity(SMALL_FILE_BYTES as usize + 1);
     while let Some(job) = jobs.blocking_recv() {
         let (path, handle) = match job {
             Job::Flush => {
@@ -429,12 +480,13 @@ fn chunker(
                 }
                 continue;
             }
-            Job::File(path, handle) => {
-                queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                (path, handle)
-            }
+            Job::File(path, handle) => (path, handle),
         };
-        let file = match handle.map_or_else(|| std::fs::File::open(&path), Ok) {
+        let opened = match handle {
+            Some(h) => Ok(h),
+            None => std::fs::File::open(&path).map(|file| Handle { file, budgeted: false }),
+        };
+        let handle = match opened {
             Ok(f) => f,
             Err(e) => {
                 if pieces.blocking_send(Piece::Skipped(path, e)).is_err() {
@@ -443,16 +495,31 @@ fn chunker(
                 continue;
             }
         };
+        let file = &handle.file;
         let result = (|| -> Result<(FileKey, Vec<ChunkRef>), std::io::Error> {
             let before = FileKey::of(&file.metadata()?);
             let mut chunks = Vec::new();
-            for chunk in stream_chunks(std::io::BufReader::with_capacity(1 << 20, &file), seed) {
-                let chunk = chunk?;
+            let mut emit = |chunk: Vec<u8>| -> Result<(), std::io::Error> {
                 let id = keys.id.chunk_id(&chunk);
                 chunks.push(ChunkRef { id, length: chunk.len() as u32 });
                 Progress::add(&progress.bytes_chunked, chunk.len() as u64);
                 if seen.insert(id) && pieces.blocking_send(Piece::Chunk(id, chunk)).is_err() {
                     return Err(std::io::Error::other("the pipeline stopped"));
+                }
+                Ok(())
+            };
+            if before.size <= SMALL_FILE_BYTES {
+                // Most files of a phone are small: read whole into one reused buffer and
+                // cut in memory (the streaming chunker allocates and zeroes a 4 MiB buffer
+                // per file, which cost more than the rest for a 10 KiB file).
+                small.clear();
+                std::io::Read::read_to_end(&mut std::io::Read::take(file, before.size + 1), &mut small)?;
+                for range in boundaries(&small, seed) {
+                    emit(small[range].to_vec())?;
+                }
+            } else {
+                for chunk in stream_chunks(std::io::BufReader::with_capacity(1 << 20, file), seed) {
+                    emit(chunk?)?;
                 }
             }
             // A file written to while it was read is not what its chunks say.
@@ -471,5 +538,45 @@ fn chunker(
         if pieces.blocking_send(piece).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_shared::ids::ChunkId;
+
+    fn key_of(path: &Path) -> FileKey {
+        FileKey::of(&std::fs::metadata(path).unwrap())
+    }
+
+    #[test]
+    fn the_cache_keeps_consistent_entries_and_drops_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, vec![7u8; 1000]).unwrap();
+        let good = (key_of(&file), vec![ChunkRef { id: ChunkId([1; 32]), length: 1000 }]);
+        let bad = (FileKey { size: 5, ..key_of(&file) }, vec![ChunkRef { id: ChunkId([2; 32]), length: 4 }]);
+        FileCache { files: vec![good.clone(), bad] }.save(dir.path(), "u").unwrap();
+        let loaded = FileCache::load(dir.path(), "u");
+        assert_eq!(loaded.files, vec![good]);
+        assert_eq!(loaded.bytes(), 1000);
+        std::fs::write(FileCache::path(dir.path(), "u"), b"not postcard").unwrap();
+        assert!(FileCache::load(dir.path(), "u").is_empty(), "a damaged cache is an empty one");
+    }
+
+    #[test]
+    fn a_rewritten_or_replaced_file_has_another_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"one").unwrap();
+        let first = key_of(&a);
+        // Renamed (as the phone moves files out of Snapshot/): the same key.
+        let b = dir.path().join("b");
+        std::fs::rename(&a, &b).unwrap();
+        assert_eq!(key_of(&b), first);
+        // Rewritten with other bytes of another length: another key.
+        std::fs::write(&b, b"three").unwrap();
+        assert_ne!(key_of(&b), first);
     }
 }

@@ -26,6 +26,8 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 const RECHECK: Duration = Duration::from_secs(15);
 /// How often an iPhone that does not trust this computer yet is tried again.
 const TRUST_RETRY: Duration = Duration::from_secs(3);
+/// How soon after a broken connection usbmuxd must report an unplugged iPhone gone.
+const GONE_WITHIN: Duration = Duration::from_secs(3);
 /// How long to wait before listening to usbmuxd again after it went away.
 const USBMUXD_RETRY: Duration = Duration::from_secs(2);
 
@@ -177,9 +179,31 @@ async fn worker(
     config: ServiceConfig,
 ) {
     let mut failures = 0u32;
+    let mut untrusted = false;
     loop {
         let Some(provider) = attached(&mut rx).await else { return };
         rx.mark_unchanged();
+        // Nothing can happen to an iPhone that does not trust this computer: say so once,
+        // and look again shortly (the user may tap Trust any moment).
+        match provider.values().await {
+            Ok(_) => untrusted = false,
+            Err(DeviceError::NotTrusted) => {
+                if !std::mem::replace(&mut untrusted, true) {
+                    job::report_needs_trust(&agent, &provider).await;
+                }
+                sleep_unless_changed(TRUST_RETRY, &mut rx).await;
+                continue;
+            }
+            Err(e) => {
+                if !wait_if_gone(&mut rx, &provider).await {
+                    failures += 1;
+                    let delay = config.backoff(failures);
+                    tracing::warn!(device.udid = %udid, error = %e, retry_in_s = delay.as_secs(), "cannot read the iPhone");
+                    sleep_unless_changed(delay, &mut rx).await;
+                }
+                continue;
+            }
+        }
         let check = match check(&agent, &udid).await {
             Ok(c) => c,
             Err(e) => {
@@ -202,14 +226,12 @@ async fn worker(
             drop(permit);
             let end = match &result {
                 Ok(_) => RestoreEnd::Succeeded,
-                Err(e) => RestoreEnd::Failed { reason: e.reason().into(), message: e.to_string() },
+                Err(e) => RestoreEnd::Failed { reason: e.restore_reason().into(), message: e.to_string() },
             };
             if let Err(e) = &result {
                 tracing::warn!(device.udid = %udid, restore.id = %job, error = %e, "restore failed");
             }
-            if let Err(e) = end_restore(&agent, job, end).await {
-                tracing::warn!(restore.id = %job, error = %e, "could not report how the restore ended");
-            }
+            end_restore(&agent, job, end).await;
             continue;
         }
         let due_in = check.due_in;
@@ -229,12 +251,14 @@ async fn worker(
             Ok(_) => failures = 0,
             Err(JobError::Device(DeviceError::NotTrusted)) => {
                 // Not a failure: the iPhone asks its user; look again shortly.
+                untrusted = true;
                 sleep_unless_changed(TRUST_RETRY, &mut rx).await;
             }
-            Err(JobError::Device(DeviceError::Disconnected(_) | DeviceError::NotAttached(_))) => {
+            Err(JobError::Device(DeviceError::Disconnected(_) | DeviceError::NotAttached(_)))
+                if wait_if_gone(&mut rx, &provider).await =>
+            {
                 // Unplugged: the next attach backs it up (it is still due).
                 failures = 0;
-                let _ = rx.wait_for(Option::is_none).await;
             }
             Err(e) => {
                 failures += 1;
@@ -246,12 +270,34 @@ async fn worker(
     }
 }
 
-async fn end_restore(agent: &Agent, job: RestoreJobId, end: RestoreEnd) -> Result<(), JobError> {
-    let client = agent.connect().await?;
-    let r = client.request(&Request::EndRestore { job, end }).await;
-    client.close().await;
-    r?;
-    Ok(())
+/// After a broken connection: whether the device really went (usbmuxd says detached, or
+/// it came back under a new device id) within a few seconds. A connection that broke
+/// while the iPhone stayed is a failure like any other.
+async fn wait_if_gone(rx: &mut watch::Receiver<Option<Provider>>, provider: &Provider) -> bool {
+    let id = provider.device_id();
+    let changed = rx.wait_for(|p| p.as_ref().map(Provider::device_id) != Some(id));
+    matches!(tokio::time::timeout(GONE_WITHIN, changed).await, Ok(Ok(_)))
+}
+
+/// Tells the server how a restore job ended, a few times if need be (a job left
+/// running is taken up again by this agent, or by another after an hour).
+async fn end_restore(agent: &Agent, job: RestoreJobId, end: RestoreEnd) {
+    for attempt in 1..=3 {
+        let result = async {
+            let client = agent.connect().await?;
+            let r = client.request(&Request::EndRestore { job, end: end.clone() }).await;
+            client.close().await;
+            r.map(|_| ()).map_err(JobError::from)
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(e) if attempt == 3 => {
+                tracing::warn!(restore.id = %job, error = %e, "could not report how the restore ended");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
 }
 
 /// What the server says about an attached device.

@@ -167,8 +167,44 @@ pub enum BlobError {
     WrongContent { id: ChunkId, actual: ChunkId },
 }
 
+thread_local! {
+    /// One zstd compression context per thread, reused: creating one per chunk zeroes
+    /// its tables each time, which cost more than compressing a small chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    /// One decompression context and one chunk-sized output buffer per thread, reused:
+    /// a fresh 4 MiB buffer per chunk means fresh pages to fault in and zero.
+    static DECOMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Decompressor<'static>, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
-    zstd::bulk::compress(data, ZSTD_LEVEL).ok()
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        slot.as_mut()?.compress(data).ok()
+    })
+}
+
+/// Replaces `data` (a zstd frame) by what it decompresses to, at most a chunk.
+fn zstd_decompress_in_place(data: &mut Vec<u8>) -> Result<(), String> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let d = zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?;
+            *slot = Some((d, Vec::with_capacity(CHUNK_MAX_BYTES as usize)));
+        }
+        let Some((d, buf)) = slot.as_mut() else { return Err("no zstd context".to_string()) };
+        buf.clear();
+        // zstd writes into spare capacity only. Buffers are swapped, not copied: both
+        // soon have a chunk's capacity and nothing is allocated any more.
+        buf.reserve(CHUNK_MAX_BYTES as usize);
+        d.decompress_to_buffer(data.as_slice(), buf).map_err(|e| e.to_string())?;
+        std::mem::swap(data, buf);
+        Ok(())
+    })
 }
 
 /// Compresses when it pays: `(Compression, bytes to seal)`.
@@ -237,9 +273,7 @@ pub fn open_chunk_into(key: &DataKey, id: &ChunkId, blob: &[u8], out: &mut Vec<u
     nonce.copy_from_slice(&blob[2..2 + NONCE_BYTES]);
     key.open_into(nonce, &blob_aad(id, blob[1]), &blob[2 + NONCE_BYTES..], out).ok_or(BlobError::Unauthentic(*id))?;
     if compression == Compression::Zstd {
-        let plain = zstd::bulk::decompress(out, CHUNK_MAX_BYTES as usize)
-            .map_err(|e| BlobError::Decompress(*id, e.to_string()))?;
-        *out = plain;
+        zstd_decompress_in_place(out).map_err(|e| BlobError::Decompress(*id, e))?;
     }
     Ok(())
 }

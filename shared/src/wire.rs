@@ -215,7 +215,7 @@ pub enum Request {
     GetChunks {
         ids: Vec<ChunkId>,
     },
-    /// The tenant's backup policy: answered by [`Response::Policy`].
+    /// The server's backup policy: answered by [`Response::Policy`].
     GetPolicy,
     /// Claims the oldest queued restore job for this attached device: answered by
     /// [`Response::RestoreJob`], or [`Response::Ok`] when there is none.

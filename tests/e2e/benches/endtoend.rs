@@ -6,6 +6,7 @@
 //! agent's peak memory (VmHWM) and an incremental backup after ~1 % of use.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p lifeboat-e2e --bench endtoend`
+//! (the bench runs the release binaries, which `cargo bench` alone does not rebuild)
 //! (needs PostgreSQL; idevicebackup2 and restic are optional: skipped if missing).
 //! Results in docs/performance.md. Target: ≥ 150 MB/s for the agent on the 2-core machine.
 
@@ -27,13 +28,26 @@ fn have(tool: &str) -> bool {
     Command::new(tool).arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
 
-/// Runs `cmd` to completion, sampling its peak resident memory; returns (seconds, peak
-/// bytes, stdout).
-fn timed(mut cmd: Command) -> anyhow::Result<(f64, u64, String)> {
+/// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // After the command name in parentheses: state is field 3; utime and stime are 14, 15.
+    let Some((_, rest)) = stat.rsplit_once(") ") else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Linux reports in USER_HZ, 100 on every mainstream build.
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// Runs `cmd` to completion, sampling its peak resident memory and CPU time; returns
+/// (seconds, peak bytes, CPU seconds, stdout).
+fn timed(mut cmd: Command) -> anyhow::Result<(f64, u64, f64, String)> {
     let start = Instant::now();
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let status_path = format!("/proc/{}/status", child.id());
+    let pid = child.id().to_string();
+    let status_path = format!("/proc/{pid}/status");
     let mut peak = 0u64;
+    let mut cpu = 0.0f64;
     let out = std::thread::scope(|s| {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -49,6 +63,7 @@ fn timed(mut cmd: Command) -> anyhow::Result<(f64, u64, String)> {
             {
                 peak = peak.max(kb * 1024);
             }
+            cpu = cpu.max(cpu_seconds(&pid));
             if child.try_wait()?.is_some() {
                 break;
             }
@@ -59,7 +74,7 @@ fn timed(mut cmd: Command) -> anyhow::Result<(f64, u64, String)> {
         anyhow::ensure!(status.success(), "{cmd:?} failed: {status}\n{err}");
         anyhow::Ok(out)
     })?;
-    Ok((start.elapsed().as_secs_f64(), peak, out))
+    Ok((start.elapsed().as_secs_f64(), peak, cpu, out))
 }
 
 fn dir_bytes(root: &Path) -> u64 {
@@ -107,11 +122,14 @@ async fn run() -> anyhow::Result<()> {
         c.arg("--state-dir").arg(&state).args(args).env("USBMUXD_SOCKET_ADDRESS", &mux);
         c
     };
-    let (secs, _, _) = tokio::task::block_in_place(|| timed(agent(&["enroll", &token])))?;
-    let _ = secs;
+    tokio::task::block_in_place(|| timed(agent(&["enroll", &token])))?;
+    let server_pid = server.child.id().to_string();
     println!("end to end: a `medium` virtual iPhone ({size_mb:.0} MB of files) on loopback");
 
-    let (secs, peak, out) = tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
+    let (server_cpu, phone_cpu) = (cpu_seconds(&server_pid), cpu_seconds("self"));
+    let (secs, peak, agent_cpu, out) =
+        tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
+    let (server_cpu, phone_cpu) = (cpu_seconds(&server_pid) - server_cpu, cpu_seconds("self") - phone_cpu);
     let report: serde_json::Value = serde_json::from_str(&out)?;
     let logical = report["logical_bytes"].as_u64().unwrap_or(0) as f64 / 1e6;
     println!(
@@ -120,12 +138,16 @@ async fn run() -> anyhow::Result<()> {
         report["blob_bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e6,
         peak >> 20
     );
+    println!(
+        "  CPU seconds: agent {agent_cpu:.1}, server {server_cpu:.1}, virtual iPhone (this process) {phone_cpu:.1}; {:.0} % of the 2 cores busy",
+        (agent_cpu + server_cpu + phone_cpu) / secs / 2.0 * 100.0
+    );
 
     phone.simulate_use(0.01, 1)?;
-    let (secs, peak, out) = tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
+    let (secs, peak, _, out) = tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
     let report: serde_json::Value = serde_json::from_str(&out)?;
     println!(
-        "lifeboat-agent backup after ~1 % of use (incremental): {secs:5.1} s  ({:.1} MB of chunks sent, {} of {} files from the cache; peak agent memory {} MiB)",
+        "lifeboat-agent backup after ~1 % of use (incremental): {secs:5.1} s  ({:.1} MB of chunks sent, {} of {} files not read again thanks to the cache; peak agent memory {} MiB)",
         report["blob_bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e6,
         report["cached_files"],
         report["files"],
@@ -140,7 +162,7 @@ async fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&target)?;
     let mut cmd = Command::new("idevicebackup2");
     cmd.args(["-u", &udid, "backup", "--full"]).arg(&target).env("USBMUXD_SOCKET_ADDRESS", &mux);
-    let (ib_secs, _, _) = tokio::task::block_in_place(|| timed(cmd))?;
+    let (ib_secs, _, _, _) = tokio::task::block_in_place(|| timed(cmd))?;
     let written = dir_bytes(&target) as f64 / 1e6;
     println!(
         "idevicebackup2 backup --full to local disk:             {ib_secs:6.1} s  {:6.0} MB/s  ({written:.0} MB written)",
@@ -163,7 +185,7 @@ async fn run() -> anyhow::Result<()> {
     tokio::task::block_in_place(|| timed(restic(&["init"])))?;
     let mut cmd = restic(&["backup", "--quiet"]);
     cmd.arg(&target);
-    let (r_secs, r_peak, _) = tokio::task::block_in_place(|| timed(cmd))?;
+    let (r_secs, r_peak, _, _) = tokio::task::block_in_place(|| timed(cmd))?;
     println!(
         "then restic backup of that directory (local repository): {r_secs:6.1} s  (peak memory {} MiB)",
         r_peak >> 20
