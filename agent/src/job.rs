@@ -308,6 +308,7 @@ async fn passcode_watch(
         return;
     }
     progress.set_phase(Phase::WaitingForPasscode);
+    progress.passcode_asked.store(true, std::sync::atomic::Ordering::Relaxed);
     local.set("needs-passcode");
     tracing::info!(device.udid = %udid, "waiting for the passcode to be entered on the iPhone");
     report(&client, &udid, DeviceState::NeedsPasscode, "waiting for the passcode").await;

@@ -226,16 +226,16 @@ async fn show_progress(progress: Arc<Progress>, visible: bool) {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let mut last = Phase::Connecting;
+    let (mut asked, mut entered) = (false, false);
     loop {
         let phase = progress.phase();
-        if phase != last {
-            match phase {
-                Phase::WaitingForPasscode => say("Enter the passcode on the iPhone to start the backup."),
-                Phase::Receiving if last == Phase::WaitingForPasscode => say("passcode entered; backing up …"),
-                _ => {}
-            }
-            last = phase;
+        if !asked && progress.passcode_asked.load(std::sync::atomic::Ordering::Relaxed) {
+            say("Enter the passcode on the iPhone to start the backup.");
+            asked = true;
+        }
+        if asked && !entered && matches!(phase, Phase::Receiving | Phase::Uploading | Phase::Committing) {
+            say("passcode entered; backing up …");
+            entered = true;
         }
         let received = Progress::get(&progress.bytes_received);
         let (pos, len) = match phase {

@@ -59,6 +59,9 @@ pub struct Progress {
     pub bytes_chunked: AtomicU64,
     /// Sealed bytes sent to the server (chunks the server lacked).
     pub bytes_uploaded: AtomicU64,
+    /// Set once the phone was found waiting for its passcode (stays set), so whoever
+    /// shows progress says so even if the passcode came before it looked.
+    pub passcode_asked: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {

@@ -34,6 +34,7 @@ async fn the_template_database_has_the_whole_schema() {
             "enrollment_tokens",
             MIGRATION_TABLE,
             "packs",
+            "restore_jobs",
             "restore_tests",
             "server_secrets",
             "snapshots",
