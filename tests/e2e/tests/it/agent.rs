@@ -193,3 +193,35 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     assert!(!ok && err.contains("no iPhone 00000000-0000000000000000 is attached"), "{err}");
     drop(server);
 }
+
+#[test]
+fn bad_configuration_and_flags_are_named_before_anything_runs() {
+    let dir = tempdir();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin("lifeboat-agent"))
+            .args(args)
+            .env_remove("LIFEBOAT_AGENT_CONFIG")
+            .env_remove("LIFEBOAT_AGENT_STATE_DIR")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let missing = dir.path().join("missing.toml");
+    let (code, err) = run(&["--config", missing.to_str().unwrap(), "status"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read configuration file") && err.contains("missing.toml"), "{err}");
+    let typo = dir.path().join("agent.toml");
+    std::fs::write(&typo, "max_concurent_backups = 3\n").unwrap();
+    let (code, err) = run(&["--config", typo.to_str().unwrap(), "run"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown field `max_concurent_backups`"), "{err}");
+    let (code, err) = run(&["--max-concurrent-backups", "0", "run"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("max_concurrent_backups must be between 1 and 64, not 0"), "{err}");
+    let (code, err) = run(&["--usbmuxd", "localhost", "--state-dir", dir.path().to_str().unwrap(), "status"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not enrolled"), "an unenrolled workstation says what to do first: {err}");
+    let (code, err) = run(&["backup"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--device"), "{err}");
+}
