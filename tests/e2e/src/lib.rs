@@ -337,6 +337,30 @@ pub fn make_iphone_backup(root: &Path, seed: u64, content: BackupContent, photo_
 /// A backup fileID: SHA-1 of `domain-relativePath`, lowercase hex.
 pub use virtual_iphone::manifest::file_id;
 
+/// The files of an iPhone backup directory in `virtual-iphone expect`'s format (domain,
+/// relative path, size, SHA-256), sorted: what a restored or downloaded backup is
+/// compared against.
+pub fn iphone_backup_content(dir: &Path) -> Vec<String> {
+    let rows =
+        virtual_iphone::manifest::read_manifest_db(&std::fs::read(dir.join("Manifest.db")).expect("Manifest.db"))
+            .expect("a readable Manifest.db");
+    let mut lines: Vec<String> = rows
+        .iter()
+        .filter(|r| r.flags == 1)
+        .map(|r| {
+            let bytes = std::fs::read(dir.join(&r.file_id[..2]).join(&r.file_id)).expect("a file of the backup");
+            let sha: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{}\t{}\t{}\t{sha}", r.domain, r.path, bytes.len())
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
 /// Configuration for an in-process test server: a test database, loopback ports chosen by
 /// the OS, local-disk storage in `data_dir`, and no background restore tests (tests run
 /// them when they want them).

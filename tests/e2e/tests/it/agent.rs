@@ -8,9 +8,9 @@ use std::sync::Arc;
 use lifeboat_agent::client::Client;
 use lifeboat_agent::state::AgentState;
 use lifeboat_agent::transfer;
-use lifeboat_e2e::{ServerProcess, bin, have_postgres, server_cli, tempdir};
+use lifeboat_e2e::{ServerProcess, bin, have_postgres, iphone_backup_content, server_cli, tempdir};
 use virtual_iphone::content::Profile;
-use virtual_iphone::{Config, Registry, manifest, usbmuxd};
+use virtual_iphone::{Config, Registry, usbmuxd};
 
 fn agent(state: &Path, usbmuxd: &str, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(bin("lifeboat-agent"))
@@ -25,26 +25,6 @@ fn agent(state: &Path, usbmuxd: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// A restored backup directory in `expect`'s format (domain, path, size, sha256).
-fn content(dir: &Path) -> Vec<String> {
-    let rows = manifest::read_manifest_db(&std::fs::read(dir.join("Manifest.db")).unwrap()).unwrap();
-    let mut lines: Vec<String> = rows
-        .iter()
-        .filter(|r| r.flags == 1)
-        .map(|r| {
-            let bytes = std::fs::read(dir.join(&r.file_id[..2]).join(&r.file_id)).unwrap();
-            let sha: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
-                .as_ref()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            format!("{}\t{}\t{}\t{sha}", r.domain, r.path, bytes.len())
-        })
-        .collect();
-    lines.sort();
-    lines
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +98,7 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     let dest = restored.path().join("snap");
     transfer::download_snapshot(&client, &agent_state.keys().unwrap(), snapshot, &dest).await.unwrap();
     client.close().await;
-    assert_eq!(content(&dest), phone.expect().unwrap());
+    assert_eq!(iphone_backup_content(&dest), phone.expect().unwrap());
     let info: plist::Dictionary = plist::from_file(dest.join("Info.plist")).unwrap();
     assert_eq!(info["Target Identifier"].as_string(), Some(udid.as_str()));
 

@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 use lifeboat_agent::client::Client;
 use lifeboat_agent::state::AgentState;
 use lifeboat_agent::transfer;
-use lifeboat_e2e::{ServerProcess, bin, have_postgres, http_get, http_post_json, server_cli, tempdir};
+use lifeboat_e2e::{
+    ServerProcess, bin, have_postgres, http_get, http_post_json, iphone_backup_content, server_cli, tempdir,
+};
 use lifeboat_shared::ids::SnapshotId;
 use lifeboat_shared::wire::{Request, Response};
 use virtual_iphone::content::Profile;
 use virtual_iphone::devices::Faults;
-use virtual_iphone::{Config, Registry, manifest, usbmuxd};
+use virtual_iphone::{Config, Registry, usbmuxd};
 
 /// A server, a tenant with an enrolled agent state directory, a viewer credential, and
 /// virtual iPhones on an in-process usbmuxd.
@@ -162,22 +164,7 @@ async fn snapshot_content(state: &Path, snapshot: SnapshotId) -> Vec<String> {
     let dest = out.path().join("snap");
     transfer::download_snapshot(&c, &s.keys().unwrap(), snapshot, &dest).await.unwrap();
     c.close().await;
-    let rows = manifest::read_manifest_db(&std::fs::read(dest.join("Manifest.db")).unwrap()).unwrap();
-    let mut lines: Vec<String> = rows
-        .iter()
-        .filter(|r| r.flags == 1)
-        .map(|r| {
-            let bytes = std::fs::read(dest.join(&r.file_id[..2]).join(&r.file_id)).unwrap();
-            let sha: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
-                .as_ref()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            format!("{}\t{}\t{}\t{sha}", r.domain, r.path, bytes.len())
-        })
-        .collect();
-    lines.sort();
-    lines
+    iphone_backup_content(&dest)
 }
 
 async fn api(w: &World, path: &str) -> serde_json::Value {
