@@ -102,22 +102,6 @@ impl Agent {
     }
 }
 
-/// Bytes of the regular files under `root` (0 if it does not exist).
-fn dir_bytes(root: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => stack.push(entry.path()),
-                Ok(t) if t.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
-                _ => {}
-            }
-        }
-    }
-    total
-}
-
 /// Reports a device state to the server; a failure is logged, never fatal.
 pub async fn report(client: &Client, udid: &lifeboat_shared::ids::Udid, state: DeviceState, message: &str) {
     let req = Request::ReportState { udid: udid.clone(), state, message: Some(message.into()) };
@@ -240,10 +224,10 @@ async fn back_up(
     let cache = FileCache::load(&agent.state_dir, udid);
     let mirror = agent.state_dir.join("mirror");
     // What the mirror holds counts against its budget (walked only when there is one).
-    let mirror_bytes = if agent.mirror_budget.is_some() { dir_bytes(&mirror.join(udid)) } else { 0 };
+    let mirror_bytes = if agent.mirror_budget.is_some() { transfer::dir_bytes(&mirror.join(udid)) } else { 0 };
     let mut pipeline = Pipeline::start(client.clone(), agent.keys.clone(), run, cache, progress.clone());
     let (started_tx, started) = tokio::sync::watch::channel(false);
-    let started_rx_for_timeout = started.clone();
+    let mut waiting = started.clone();
     let sink = BackupSink {
         started: started_tx,
         finished: pipeline.feed(),
@@ -259,7 +243,6 @@ async fn back_up(
         started,
         progress.clone(),
     ));
-    let mut waiting = started_rx_for_timeout;
     let give_up = async move {
         let started = async { waiting.wait_for(|s| *s).await.is_ok() };
         match tokio::time::timeout(PASSCODE_GIVE_UP_AFTER, started).await {

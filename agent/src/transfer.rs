@@ -100,6 +100,22 @@ pub fn list_files(root: &Path) -> Result<Vec<String>, TransferError> {
     Ok(out)
 }
 
+/// Bytes of the regular files under `root` (0 if it does not exist).
+pub fn dir_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
 /// Uploads the tree at `root` into an open run and commits it as `snapshot` (the
 /// pipeline of a backup, given the whole directory at once).
 pub async fn upload_dir(

@@ -10,12 +10,11 @@
 //! (needs PostgreSQL; idevicebackup2 and restic are optional: skipped if missing).
 //! Results in docs/performance.md. Target: ≥ 150 MB/s for the agent on the 2-core machine.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lifeboat_e2e::{ServerProcess, bin, server_cli};
+use lifeboat_e2e::{ServerProcess, bin, tenant_with_token};
 use virtual_iphone::content::Profile;
 use virtual_iphone::{Config, Registry, usbmuxd};
 
@@ -77,34 +76,11 @@ fn timed(mut cmd: Command) -> anyhow::Result<(f64, u64, f64, String)> {
     Ok((start.elapsed().as_secs_f64(), peak, cpu, out))
 }
 
-fn dir_bytes(root: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
-                _ => {}
-            }
-        }
-    }
-    total
-}
-
 async fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir_in(std::env::var_os("LIFEBOAT_BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
     let data = dir.path().join("data");
     let server = ServerProcess::start(&data, &[])?;
-    let (ok, _, err) = server_cli(&data, &["tenant", "create", "bench"]);
-    anyhow::ensure!(ok, "{err}");
-    let out = Command::new(bin("lifeboat-server"))
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--quic-advertise", &server.quic_addr.to_string(), "token", "create", "--tenant", "bench"])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let token = tenant_with_token(&server, "bench")?;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mux = listener.local_addr()?.to_string();
@@ -163,7 +139,7 @@ async fn run() -> anyhow::Result<()> {
     let mut cmd = Command::new("idevicebackup2");
     cmd.args(["-u", &udid, "backup", "--full"]).arg(&target).env("USBMUXD_SOCKET_ADDRESS", &mux);
     let (ib_secs, _, _, _) = tokio::task::block_in_place(|| timed(cmd))?;
-    let written = dir_bytes(&target) as f64 / 1e6;
+    let written = lifeboat_agent::transfer::dir_bytes(&target) as f64 / 1e6;
     println!(
         "idevicebackup2 backup --full to local disk:             {ib_secs:6.1} s  {:6.0} MB/s  ({written:.0} MB written)",
         written / ib_secs

@@ -236,6 +236,20 @@ pub fn server_cli(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Creates `tenant` on the running `server` and returns a one-time enrolment token that
+/// names the server's real QUIC address.
+pub fn tenant_with_token(server: &ServerProcess, tenant: &str) -> anyhow::Result<String> {
+    let (ok, _, err) = server_cli(&server.data_dir, &["tenant", "create", tenant]);
+    anyhow::ensure!(ok, "tenant create: {err}");
+    let out = Command::new(bin("lifeboat-server"))
+        .arg("--data-dir")
+        .arg(&server.data_dir)
+        .args(["--quic-advertise", &server.quic_addr.to_string(), "token", "create", "--tenant", tenant])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// What [`make_iphone_backup`] put into a backup directory.
 #[derive(Debug, Clone, Copy)]
 pub struct BackupContent {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use lifeboat_agent::client::Client;
 use lifeboat_agent::state::AgentState;
 use lifeboat_agent::transfer;
-use lifeboat_e2e::{ServerProcess, bin, have_postgres, iphone_backup_content, server_cli, tempdir};
+use lifeboat_e2e::{ServerProcess, bin, have_postgres, iphone_backup_content, server_cli, tempdir, tenant_with_token};
 use virtual_iphone::content::Profile;
 use virtual_iphone::{Config, Registry, usbmuxd};
 
@@ -35,16 +35,7 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     let dir = tempdir();
     let data = dir.path().join("data");
     let server = ServerProcess::start(&data, &[]).unwrap();
-    let (ok, _, err) = server_cli(&data, &["tenant", "create", "acme"]);
-    assert!(ok, "{err}");
-    let out = std::process::Command::new(bin("lifeboat-server"))
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--quic-advertise", &server.quic_addr.to_string(), "token", "create", "--tenant", "acme"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let token = tenant_with_token(&server, "acme").unwrap();
 
     // A virtual iPhone in this process.
     let phone_state = tempfile::tempdir().unwrap();

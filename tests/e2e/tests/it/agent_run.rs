@@ -16,6 +16,7 @@ use lifeboat_agent::state::AgentState;
 use lifeboat_agent::transfer;
 use lifeboat_e2e::{
     ServerProcess, bin, have_postgres, http_get, http_post_json, iphone_backup_content, server_cli, tempdir,
+    tenant_with_token,
 };
 use lifeboat_shared::ids::SnapshotId;
 use lifeboat_shared::wire::{Request, Response};
@@ -41,16 +42,7 @@ async fn world(server_args: &[&str], devices: u32, seed: u64) -> World {
     let dir = tempdir();
     let data = dir.path().join("data");
     let server = ServerProcess::start(&data, server_args).unwrap();
-    let (ok, _, err) = server_cli(&data, &["tenant", "create", "acme"]);
-    assert!(ok, "{err}");
-    let out = std::process::Command::new(bin("lifeboat-server"))
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--quic-advertise", &server.quic_addr.to_string(), "token", "create", "--tenant", "acme"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let token = tenant_with_token(&server, "acme").unwrap();
     let (ok, out, err) = server_cli(&data, &["user", "create", "--tenant", "acme", "--role", "viewer"]);
     assert!(ok, "{err}");
     let viewer = out.split_whitespace().find(|w| w.starts_with("lbu1_")).unwrap().to_string();
