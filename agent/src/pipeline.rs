@@ -19,7 +19,8 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lifeboat_shared::chunk::{boundaries, seal_chunk, stream_chunks};
+use bytes::Bytes;
+use lifeboat_shared::chunk::{read_chunks, seal_chunk};
 use lifeboat_shared::ids::{ChunkId, RunId};
 use lifeboat_shared::manifest::{ChunkRef, FileEntry};
 use lifeboat_shared::wire::{MAX_IDS_PER_REQUEST, Request, Response};
@@ -37,8 +38,8 @@ const BATCH_BYTES: usize = 32 * 1024 * 1024;
 const BATCHES_IN_FLIGHT: usize = 2;
 /// Upload streams per batch.
 const STREAMS_PER_BATCH: usize = 4;
-/// Files up to this size are read whole and cut in memory.
-const SMALL_FILE_BYTES: u64 = 8 * 1024 * 1024;
+/// Files are read in blocks of this size (smaller ones whole) and cut in memory.
+const READ_BLOCK_BYTES: u64 = 8 * 1024 * 1024;
 /// Chunks the chunker may run ahead of the uploads.
 const PIECES_QUEUED: usize = 32;
 /// Finished files waiting with an open handle (surviving the phone's renames), across all
@@ -158,7 +159,7 @@ enum Job {
 
 enum Piece {
     /// A chunk not seen before in this run.
-    Chunk(ChunkId, Vec<u8>),
+    Chunk(ChunkId, Bytes),
     File(FileKey, Vec<ChunkRef>),
     /// The file went away or changed before it could be read; the final walk decides.
     Skipped(PathBuf, std::io::Error),
@@ -209,7 +210,7 @@ pub struct Pipeline {
     pieces: mpsc::Receiver<Piece>,
     /// Files chunked (this run) or cached (last snapshot; `true`), by key.
     known: HashMap<FileKey, (Vec<ChunkRef>, bool)>,
-    batch: Vec<(ChunkId, Vec<u8>)>,
+    batch: Vec<(ChunkId, Bytes)>,
     batch_bytes: usize,
     uploads: JoinSet<Result<BatchReport, TransferError>>,
     report: UploadReport,
@@ -420,7 +421,7 @@ async fn send_batch(
     client: Client,
     keys: Keys,
     run: RunId,
-    batch: Vec<(ChunkId, Vec<u8>)>,
+    batch: Vec<(ChunkId, Bytes)>,
     progress: Arc<Progress>,
 ) -> Result<BatchReport, TransferError> {
     let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
@@ -428,7 +429,7 @@ async fn send_batch(
         Response::Missing { ids } => ids.into_iter().collect(),
         other => return Err(TransferError::Invalid(format!("unexpected answer {other:?}"))),
     };
-    let wanted: Vec<(ChunkId, Vec<u8>)> = batch.into_iter().filter(|(id, _)| missing.contains(id)).collect();
+    let wanted: Vec<(ChunkId, Bytes)> = batch.into_iter().filter(|(id, _)| missing.contains(id)).collect();
     if wanted.is_empty() {
         return Ok(BatchReport::default());
     }
@@ -451,8 +452,9 @@ async fn send_batch(
         }
         let (client, progress) = (client.clone(), progress.clone());
         streams.spawn(async move {
-            client.put_chunks(run, &part).await?;
-            Progress::add(&progress.bytes_uploaded, part.iter().map(|(_, b)| b.len() as u64).sum());
+            let bytes = part.iter().map(|(_, b)| b.len() as u64).sum();
+            client.put_chunks(run, part).await?;
+            Progress::add(&progress.bytes_uploaded, bytes);
             Ok::<_, TransferError>(())
         });
     }
@@ -471,7 +473,6 @@ fn chunker(
     progress: Arc<Progress>,
 ) {
     let seed = keys.id.chunker_seed();
-    let mut small = Vec::with_capacity(SMALL_FILE_BYTES as usize + 1);
     while let Some(job) = jobs.blocking_recv() {
         let (path, handle) = match job {
             Job::Flush => {
@@ -499,7 +500,7 @@ fn chunker(
         let result = (|| -> Result<(FileKey, Vec<ChunkRef>), std::io::Error> {
             let before = FileKey::of(&file.metadata()?);
             let mut chunks = Vec::new();
-            let mut emit = |chunk: Vec<u8>| -> Result<(), std::io::Error> {
+            let mut emit = |chunk: Bytes| -> Result<(), std::io::Error> {
                 let id = keys.id.chunk_id(&chunk);
                 chunks.push(ChunkRef { id, length: chunk.len() as u32 });
                 Progress::add(&progress.bytes_chunked, chunk.len() as u64);
@@ -508,20 +509,9 @@ fn chunker(
                 }
                 Ok(())
             };
-            if before.size <= SMALL_FILE_BYTES {
-                // Most files of a phone are small: read whole into one reused buffer and
-                // cut in memory (the streaming chunker allocates and zeroes a 4 MiB buffer
-                // per file, which cost more than the rest for a 10 KiB file).
-                small.clear();
-                std::io::Read::read_to_end(&mut std::io::Read::take(file, before.size + 1), &mut small)?;
-                for range in boundaries(&small, seed) {
-                    emit(small[range].to_vec())?;
-                }
-            } else {
-                for chunk in stream_chunks(std::io::BufReader::with_capacity(1 << 20, file), seed) {
-                    emit(chunk?)?;
-                }
-            }
+            // A small file (most of a phone's) is read whole into a buffer of its size,
+            // a larger one in blocks; chunks are slices of those buffers, never copies.
+            read_chunks(file, seed, before.size.saturating_add(1).min(READ_BLOCK_BYTES) as usize, &mut emit)?;
             // A file written to while it was read is not what its chunks say.
             let after = FileKey::of(&file.metadata()?);
             let read: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();

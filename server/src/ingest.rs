@@ -100,6 +100,51 @@ struct RunBuffer {
 /// memory): uploads run ahead of storage by that much.
 const PACK_WRITES_PER_RUN: usize = 3;
 
+/// Spare pack buffers kept for reuse while runs are uploading (each ~41 MiB).
+const SPARE_PACK_BUFFERS: usize = 4;
+
+/// Buffers of written packs, kept for the next packs: a fresh ~41 MiB buffer per pack
+/// is ~10,000 fresh pages for the kernel to fault in and zero. Emptied when no run is
+/// uploading, so an idle server does not hold them.
+#[derive(Debug, Default)]
+struct PackBuffers(Mutex<Vec<Vec<u8>>>);
+
+impl PackBuffers {
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        lock(&self.0).pop().filter(|b| b.capacity() >= capacity).unwrap_or_else(|| Vec::with_capacity(capacity))
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let mut spare = lock(&self.0);
+        if spare.len() < SPARE_PACK_BUFFERS {
+            spare.push(buf);
+        }
+    }
+
+    fn clear(&self) {
+        lock(&self.0).clear();
+    }
+}
+
+/// A finished pack's bytes on their way to storage: the buffer returns to the spares
+/// when storage drops it.
+struct PooledPack {
+    buf: Vec<u8>,
+    spares: Arc<PackBuffers>,
+}
+
+impl AsRef<[u8]> for PooledPack {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for PooledPack {
+    fn drop(&mut self) {
+        self.spares.give(std::mem::take(&mut self.buf));
+    }
+}
+
 /// The default policy: back up a device once a day.
 pub const DEFAULT_BACKUP_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
@@ -118,6 +163,7 @@ pub struct Hub {
     pub backup_interval: Duration,
     runs: Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<RunBuffer>>>>,
     keys: Mutex<HashMap<TenantId, Arc<TenantKeys>>>,
+    pack_buffers: Arc<PackBuffers>,
 }
 
 /// A row of `backup_runs` this session may use.
@@ -154,6 +200,7 @@ impl Hub {
             backup_interval: DEFAULT_BACKUP_INTERVAL,
             runs: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
+            pack_buffers: Arc::default(),
         }
     }
 
@@ -360,7 +407,7 @@ impl Hub {
             .or_insert_with(|| {
                 Arc::new(tokio::sync::Mutex::new(RunBuffer {
                     tenant,
-                    pack: PackBuilder::with_capacity(self.pack_capacity()),
+                    pack: PackBuilder::with_buffer(self.pack_buffers.take(self.pack_capacity())),
                     pending: HashSet::new(),
                     plain_len: HashMap::new(),
                     uploaded_plain_bytes: 0,
@@ -381,6 +428,7 @@ impl Hub {
     pub async fn sweep(&self) {
         let runs: Vec<uuid::Uuid> = lock(&self.runs).keys().map(|r| r.0).collect();
         if runs.is_empty() {
+            self.pack_buffers.clear();
             return;
         }
         let stale: Vec<uuid::Uuid> = match self.db.get().await {
@@ -503,7 +551,8 @@ impl Hub {
         if b.pack.is_empty() || (!force && b.pack.len() < self.pack_target_bytes) {
             return Ok(());
         }
-        let pack = std::mem::replace(&mut b.pack, PackBuilder::with_capacity(self.pack_capacity()));
+        let fresh = PackBuilder::with_buffer(self.pack_buffers.take(self.pack_capacity()));
+        let pack = std::mem::replace(&mut b.pack, fresh);
         let lens: Vec<u32> = pack.entries().iter().map(|e| b.plain_len.get(&e.id).copied().unwrap_or(0)).collect();
         let job = PackJob {
             storage: self.storage.clone(),
@@ -511,6 +560,7 @@ impl Hub {
             metrics: self.metrics.clone(),
             buf: buf.clone(),
             tenant: b.tenant,
+            spares: self.pack_buffers.clone(),
         };
         b.in_flight.push(tokio::spawn(async move {
             let result = job.run(pack, lens).await;
@@ -812,6 +862,7 @@ struct PackJob {
     metrics: Arc<Metrics>,
     buf: Arc<tokio::sync::Mutex<RunBuffer>>,
     tenant: TenantId,
+    spares: Arc<PackBuffers>,
 }
 
 impl PackJob {
@@ -822,6 +873,7 @@ impl PackJob {
         let (pack_id, bytes, entries) = pack.finish();
         let size = bytes.len() as i64;
         let result = async {
+            let bytes = bytes::Bytes::from_owner(PooledPack { buf: bytes, spares: self.spares });
             self.storage
                 .write(&storage::pack_path(&self.tenant, &pack_id), bytes)
                 .await

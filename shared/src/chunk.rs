@@ -119,18 +119,43 @@ pub fn boundaries(data: &[u8], seed: u64) -> impl Iterator<Item = std::ops::Rang
     .map(|c| c.offset..c.offset + c.length)
 }
 
-/// A streaming chunker over any reader (a file being backed up): yields owned chunks of at
-/// most [`CHUNK_MAX_BYTES`], holding no more than one maximal chunk in memory.
-pub fn stream_chunks<R: std::io::Read>(reader: R, seed: u64) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
-    fastcdc::v2020::StreamCDC::with_level_and_seed(
-        reader,
-        CHUNK_MIN_BYTES as usize,
-        CHUNK_AVG_BYTES as usize,
-        CHUNK_MAX_BYTES as usize,
-        fastcdc::v2020::Normalization::Level1,
-        seed,
-    )
-    .map(|r| r.map(|c| c.data).map_err(std::io::Error::other))
+/// Content-defined chunks of everything `reader` yields (a file being backed up), each
+/// handed to `emit` as a slice of a read buffer of up to `block` bytes (plus the unfinished
+/// chunk carried over from the block before): no chunk is copied out of the buffer it was
+/// read into. The cut points are those of [`boundaries`] over the whole data: a chunk is
+/// only cut once the data ahead of its start covers a maximal chunk, or at the end.
+/// A reader shorter than `block` is read into one buffer of that size (give a file's size
+/// plus one); after the first block, blocks are at least [`CHUNK_MAX_BYTES`]. Returns the
+/// bytes read.
+pub fn read_chunks<R: std::io::Read>(
+    mut reader: R,
+    seed: u64,
+    mut block: usize,
+    mut emit: impl FnMut(bytes::Bytes) -> std::io::Result<()>,
+) -> std::io::Result<u64> {
+    let (mut carry, mut total) = (bytes::Bytes::new(), 0u64);
+    loop {
+        let mut buf = Vec::with_capacity(carry.len() + block);
+        buf.extend_from_slice(&carry);
+        let read = std::io::Read::read_to_end(&mut std::io::Read::take(&mut reader, block as u64), &mut buf)?;
+        total += read as u64;
+        // `take` stops at `block` bytes or at the end: fewer means the end.
+        let end = read < block;
+        let data = bytes::Bytes::from(buf);
+        let mut rest = data.len();
+        for range in boundaries(&data, seed) {
+            if !end && range.start + CHUNK_MAX_BYTES as usize > data.len() {
+                rest = range.start;
+                break;
+            }
+            emit(data.slice(range))?;
+        }
+        if end {
+            return Ok(total);
+        }
+        carry = data.slice(rest..);
+        block = block.max(CHUNK_MAX_BYTES as usize);
+    }
 }
 
 /// How a blob's plaintext was stored.
@@ -142,7 +167,7 @@ pub enum Compression {
 }
 
 /// zstd level for chunks: fast, and most phone data (photos, videos) does not compress anyway.
-pub const ZSTD_LEVEL: i32 = 3;
+pub const ZSTD_LEVEL: i32 = 1;
 /// A chunk is stored compressed only if that saves at least 1/32 of it.
 const WORTH_IT_DIVISOR: usize = 32;
 /// Chunks larger than this are first tested on a sample, so incompressible media costs
@@ -410,10 +435,31 @@ mod tests {
         let after: Vec<&[u8]> = boundaries(&edited, seed).map(|r| &edited[r]).collect();
         let shared = after.iter().filter(|c| before.contains(*c)).count();
         assert!(shared + 2 >= after.len(), "only {shared} of {} chunks survived an insertion", after.len());
-        // Streaming gives the same chunks as slicing.
-        let streamed: Vec<Vec<u8>> = stream_chunks(&data[..], seed).map(Result::unwrap).collect();
-        let sliced: Vec<Vec<u8>> = chunks.iter().map(|r| data[r.clone()].to_vec()).collect();
-        assert_eq!(streamed, sliced);
+    }
+
+    #[test]
+    fn reading_in_blocks_cuts_where_slicing_the_whole_does() {
+        let seed = IdKey::from_bytes([4; 32]).chunker_seed();
+        let data = noise(21 << 20, 12);
+        let block = CHUNK_MAX_BYTES as usize;
+        // Lengths around block multiples, where carried-over chunks meet the end.
+        for len in [0, 1, 100_000, block - 1, block, block + 1, 2 * block, 3 * block + 12_345, data.len()] {
+            let data = &data[..len];
+            let sliced: Vec<&[u8]> = boundaries(data, seed).map(|r| &data[r]).collect();
+            for block in [block, 2 * block + 7, 1, 1000, len + 1] {
+                let mut read = Vec::new();
+                let total = read_chunks(data, seed, block, |c| {
+                    read.push(c);
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(total, len as u64);
+                assert_eq!(read.iter().map(|c| &c[..]).collect::<Vec<_>>(), sliced, "{len} bytes in blocks of {block}");
+            }
+        }
+        // An error from `emit` ends the reading with that error.
+        let err = read_chunks(&data[..], seed, block, |_| Err(std::io::Error::other("stop"))).unwrap_err();
+        assert_eq!(err.to_string(), "stop");
     }
 
     #[test]

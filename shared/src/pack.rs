@@ -58,7 +58,13 @@ impl PackBuilder {
     /// A builder whose buffer holds `bytes` without growing: writers that fill packs to a
     /// target size avoid re-allocating (and copying) them on the way.
     pub fn with_capacity(bytes: usize) -> Self {
-        let mut buf = Vec::with_capacity(bytes);
+        Self::with_buffer(Vec::with_capacity(bytes))
+    }
+
+    /// A builder writing into `buf` (its contents are dropped, its capacity kept): a
+    /// writer of many packs reuses the buffers of packs it has written.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
         buf.extend_from_slice(&PACK_MAGIC);
         buf.push(PACK_VERSION);
         Self { buf, entries: Vec::new() }
@@ -157,6 +163,11 @@ mod tests {
         assert_eq!(blob(&bytes, &entries[1]), Some(&b"second"[..]));
         let empty = PackBuilder::new().finish().1;
         assert_eq!(read_index(&empty).unwrap(), vec![]);
+        // A reused buffer gives the same pack as a fresh one.
+        let mut again = PackBuilder::with_buffer(bytes);
+        again.push(ChunkId([1; 32]), b"first blob");
+        again.push(ChunkId([2; 32]), b"second");
+        assert_eq!(again.finish().0, id);
     }
 
     #[test]

@@ -336,6 +336,22 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     frame
 }
 
+/// The frame of a [`DataRef::Blob`] up to its blob: `header ++ blob` is exactly
+/// `encode(&DataRef::Blob { id, blob })`. A sender writes the header and then hands over
+/// the blob itself, so a blob is never copied into a message buffer.
+pub fn blob_frame_header(id: &ChunkId, blob_len: usize) -> Vec<u8> {
+    // The message with an empty blob ends in its length, the one-byte varint 0.
+    let mut frame = encode(&DataRef::Blob { id: *id, blob: &[] });
+    frame.pop();
+    let mut varint = [0u8; 10];
+    // Invariant: a usize varint takes at most 10 bytes.
+    let len = postcard::to_slice(&blob_len, &mut varint).expect("varint fits").len();
+    frame.extend_from_slice(&varint[..len]);
+    let payload = (frame.len() - 4 + blob_len) as u32;
+    frame[..4].copy_from_slice(&payload.to_be_bytes());
+    frame
+}
+
 /// Decodes one frame's payload, borrowing bytes from it (for [`DataRef`]).
 pub fn decode_borrowed<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, FrameError> {
     postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))
@@ -359,7 +375,8 @@ pub async fn read_exact_or_eof<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) 
     Ok(true)
 }
 
-async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, mut buf: &[u8]) -> Result<(), FrameError> {
+/// Writes all of `buf`: a frame encoded by hand, such as a [`blob_frame_header`].
+pub async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, mut buf: &[u8]) -> Result<(), FrameError> {
     while !buf.is_empty() {
         let n = std::future::poll_fn(|cx| Pin::new(&mut *w).poll_write(cx, buf)).await?;
         if n == 0 {
@@ -476,6 +493,18 @@ mod tests {
         assert_eq!(block_on(read_frame::<Hello, _>(&mut s, MAX_CONTROL_FRAME_BYTES)).unwrap(), Some(hello));
         assert_eq!(block_on(read_frame::<Data, _>(&mut s, MAX_DATA_FRAME_BYTES)).unwrap(), Some(data));
         assert_eq!(block_on(read_frame::<Data, _>(&mut s, MAX_DATA_FRAME_BYTES)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_blob_frame_header_and_its_blob_are_the_whole_frame() {
+        // Lengths around each varint width, up to the largest blob.
+        for len in [0, 1, 127, 128, 16_383, 16_384, 524_288, 2_097_151, 2_097_152, MAX_BLOB_BYTES] {
+            let blob: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let id = ChunkId([len as u8; 32]);
+            let mut frame = blob_frame_header(&id, len);
+            frame.extend_from_slice(&blob);
+            assert_eq!(frame, encode(&DataRef::Blob { id, blob: &blob }), "blob of {len} bytes");
+        }
     }
 
     #[test]

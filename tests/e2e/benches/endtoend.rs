@@ -8,6 +8,8 @@
 //! Run: `cargo build --release --workspace --bins && cargo bench -p lifeboat-e2e --bench endtoend`
 //! (the bench runs the release binaries, which `cargo bench` alone does not rebuild)
 //! (needs PostgreSQL; idevicebackup2 and restic are optional: skipped if missing).
+//! `LIFEBOAT_BENCH_DIR` puts the run's files elsewhere than /tmp;
+//! `LIFEBOAT_BENCH_LIFEBOAT_ONLY=1` skips the comparison (quicker when trying changes).
 //! Results in docs/performance.md. Target: ≥ 150 MB/s for the agent on the 2-core machine.
 
 use std::process::{Command, Stdio};
@@ -130,6 +132,9 @@ async fn run() -> anyhow::Result<()> {
         peak >> 20
     );
 
+    if std::env::var_os("LIFEBOAT_BENCH_LIFEBOAT_ONLY").is_some() {
+        return Ok(());
+    }
     if !have("idevicebackup2") {
         println!("idevicebackup2: not installed, skipped");
         return Ok(());

@@ -91,7 +91,7 @@ async fn run(clients: usize) -> anyhow::Result<f64> {
                     done??;
                 }
                 let client = client.clone();
-                uploads.spawn(async move { client.put_chunks(run, &batch).await.map(drop) });
+                uploads.spawn(async move { client.put_chunks(run, batch).await.map(drop) });
             }
             while let Some(done) = uploads.join_next().await {
                 done??;

@@ -128,7 +128,7 @@ async fn a_chunk_whose_content_does_not_match_its_id_is_refused_and_nothing_is_i
     let (run, _) = open_run(&client, &device(UDID)).await;
     let claimed = keys.id.chunk_id(b"the real contacts database");
     let poison = seal_chunk(&keys.data, &claimed, b"something else entirely", [9; 12]);
-    let err = client.put_chunks(run, &[(claimed, poison)]).await.unwrap_err();
+    let err = client.put_chunks(run, vec![(claimed, poison)]).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::ChunkMismatch), "{err}");
     assert!(err.to_string().contains(&claimed.to_string()), "{err}");
     // Nothing of it reaches storage or the index, even after the run ends.
