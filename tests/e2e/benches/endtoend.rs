@@ -146,7 +146,7 @@ async fn run() -> anyhow::Result<()> {
     let (ib_secs, _, _, _) = tokio::task::block_in_place(|| timed(cmd))?;
     let written = lifeboat_agent::transfer::dir_bytes(&target) as f64 / 1e6;
     println!(
-        "idevicebackup2 backup --full to local disk:             {ib_secs:6.1} s  {:6.0} MB/s  ({written:.0} MB written)",
+        "idevicebackup2 backup --full to the bench directory:    {ib_secs:6.1} s  {:6.0} MB/s  ({written:.0} MB written)",
         written / ib_secs
     );
     if !have("restic") {
