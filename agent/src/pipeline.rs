@@ -500,18 +500,35 @@ fn chunker(
         let result = (|| -> Result<(FileKey, Vec<ChunkRef>), std::io::Error> {
             let before = FileKey::of(&file.metadata()?);
             let mut chunks = Vec::new();
-            let mut emit = |chunk: Bytes| -> Result<(), std::io::Error> {
-                let id = keys.id.chunk_id(&chunk);
-                chunks.push(ChunkRef { id, length: chunk.len() as u32 });
-                Progress::add(&progress.bytes_chunked, chunk.len() as u64);
-                if seen.insert(id) && pieces.blocking_send(Piece::Chunk(id, chunk)).is_err() {
-                    return Err(std::io::Error::other("the pipeline stopped"));
+            let mut fresh = Vec::new();
+            let mut emit = |buf: &Bytes, ranges: &[std::ops::Range<usize>]| -> Result<(), std::io::Error> {
+                fresh.clear();
+                for range in ranges {
+                    let id = keys.id.chunk_id(&buf[range.clone()]);
+                    chunks.push(ChunkRef { id, length: range.len() as u32 });
+                    Progress::add(&progress.bytes_chunked, range.len() as u64);
+                    if seen.insert(id) {
+                        fresh.push((id, range.clone()));
+                    }
+                }
+                // New chunks are slices of the read buffer, which each keeps whole: when
+                // they are less than half of it (a big file changed here and there), they
+                // are copied out instead, so memory follows the chunks queued.
+                let fresh_bytes: usize = fresh.iter().map(|(_, r)| r.len()).sum();
+                let slice = 2 * fresh_bytes >= buf.len();
+                for (id, range) in fresh.drain(..) {
+                    let chunk = if slice { buf.slice(range) } else { Bytes::copy_from_slice(&buf[range]) };
+                    if pieces.blocking_send(Piece::Chunk(id, chunk)).is_err() {
+                        return Err(std::io::Error::other("the pipeline stopped"));
+                    }
                 }
                 Ok(())
             };
             // A small file (most of a phone's) is read whole into a buffer of its size,
-            // a larger one in blocks; chunks are slices of those buffers, never copies.
-            read_chunks(file, seed, before.size.saturating_add(1).min(READ_BLOCK_BYTES) as usize, &mut emit)?;
+            // a larger one in blocks; new chunks are mostly slices of those buffers. At
+            // most one byte past the size is read: a growing file is refused below.
+            let block = before.size.saturating_add(1).min(READ_BLOCK_BYTES) as usize;
+            read_chunks(std::io::Read::take(file, before.size.saturating_add(1)), seed, block, &mut emit)?;
             // A file written to while it was read is not what its chunks say.
             let after = FileKey::of(&file.metadata()?);
             let read: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();

@@ -100,12 +100,12 @@ struct RunBuffer {
 /// memory): uploads run ahead of storage by that much.
 const PACK_WRITES_PER_RUN: usize = 3;
 
-/// Spare pack buffers kept for reuse while runs are uploading (each ~41 MiB).
+/// Spare pack buffers kept for reuse while runs are uploading (each ~37 MiB).
 const SPARE_PACK_BUFFERS: usize = 4;
 
-/// Buffers of written packs, kept for the next packs: a fresh ~41 MiB buffer per pack
-/// is ~10,000 fresh pages for the kernel to fault in and zero. Emptied when no run is
-/// uploading, so an idle server does not hold them.
+/// Buffers of written packs, kept for the next packs: a fresh ~37 MiB buffer per pack
+/// is ~9,500 fresh pages for the kernel to fault in and zero. Emptied by the first sweep
+/// that finds no run buffered, so an idle server does not hold them.
 #[derive(Debug, Default)]
 struct PackBuffers(Mutex<Vec<Vec<u8>>>);
 
@@ -551,7 +551,13 @@ impl Hub {
         if b.pack.is_empty() || (!force && b.pack.len() < self.pack_target_bytes) {
             return Ok(());
         }
-        let fresh = PackBuilder::with_buffer(self.pack_buffers.take(self.pack_capacity()));
+        // A forced flush ends the run's uploads (commit, or a run given up): the next
+        // pack, if any, does not get a full-size buffer.
+        let fresh = if force {
+            PackBuilder::new()
+        } else {
+            PackBuilder::with_buffer(self.pack_buffers.take(self.pack_capacity()))
+        };
         let pack = std::mem::replace(&mut b.pack, fresh);
         let lens: Vec<u32> = pack.entries().iter().map(|e| b.plain_len.get(&e.id).copied().unwrap_or(0)).collect();
         let job = PackJob {

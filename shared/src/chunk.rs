@@ -119,21 +119,22 @@ pub fn boundaries(data: &[u8], seed: u64) -> impl Iterator<Item = std::ops::Rang
     .map(|c| c.offset..c.offset + c.length)
 }
 
-/// Content-defined chunks of everything `reader` yields (a file being backed up), each
-/// handed to `emit` as a slice of a read buffer of up to `block` bytes (plus the unfinished
-/// chunk carried over from the block before): no chunk is copied out of the buffer it was
-/// read into. The cut points are those of [`boundaries`] over the whole data: a chunk is
-/// only cut once the data ahead of its start covers a maximal chunk, or at the end.
-/// A reader shorter than `block` is read into one buffer of that size (give a file's size
-/// plus one); after the first block, blocks are at least [`CHUNK_MAX_BYTES`]. Returns the
-/// bytes read.
+/// Content-defined chunks of everything `reader` yields (a file being backed up), read
+/// in buffers of up to `block` bytes (plus the unfinished chunk carried over from the
+/// buffer before). `emit` gets each buffer with the ranges of the chunks it completes, so
+/// a caller can keep chunks as slices of the buffer instead of copying them. The cut
+/// points are those of [`boundaries`] over the whole data: only the last chunk of a buffer
+/// that the buffer's end cut short is carried over. A reader shorter than `block` is read
+/// into one buffer of that size (give a file's size plus one); after the first buffer,
+/// `block` is at least [`CHUNK_MAX_BYTES`]. Returns the bytes read.
 pub fn read_chunks<R: std::io::Read>(
     mut reader: R,
     seed: u64,
     mut block: usize,
-    mut emit: impl FnMut(bytes::Bytes) -> std::io::Result<()>,
+    mut emit: impl FnMut(&bytes::Bytes, &[std::ops::Range<usize>]) -> std::io::Result<()>,
 ) -> std::io::Result<u64> {
     let (mut carry, mut total) = (bytes::Bytes::new(), 0u64);
+    let mut ranges = Vec::new();
     loop {
         let mut buf = Vec::with_capacity(carry.len() + block);
         buf.extend_from_slice(&carry);
@@ -142,13 +143,17 @@ pub fn read_chunks<R: std::io::Read>(
         // `take` stops at `block` bytes or at the end: fewer means the end.
         let end = read < block;
         let data = bytes::Bytes::from(buf);
-        let mut rest = data.len();
-        for range in boundaries(&data, seed) {
-            if !end && range.start + CHUNK_MAX_BYTES as usize > data.len() {
-                rest = range.start;
-                break;
-            }
-            emit(data.slice(range))?;
+        ranges.clear();
+        ranges.extend(boundaries(&data, seed));
+        // FastCDC cuts by content strictly inside the data it sees, and a cut depends only
+        // on the bytes from the chunk's start: a chunk ending before the buffer does is
+        // final. One ending with the buffer may only have run out of data.
+        let rest = match ranges.last() {
+            Some(last) if !end && last.end == data.len() => ranges.pop().map_or(data.len(), |r| r.start),
+            _ => data.len(),
+        };
+        if !ranges.is_empty() {
+            emit(&data, &ranges)?;
         }
         if end {
             return Ok(total);
@@ -448,8 +453,8 @@ mod tests {
             let sliced: Vec<&[u8]> = boundaries(data, seed).map(|r| &data[r]).collect();
             for block in [block, 2 * block + 7, 1, 1000, len + 1] {
                 let mut read = Vec::new();
-                let total = read_chunks(data, seed, block, |c| {
-                    read.push(c);
+                let total = read_chunks(data, seed, block, |buf, ranges| {
+                    read.extend(ranges.iter().map(|r| buf.slice(r.clone())));
                     Ok(())
                 })
                 .unwrap();
@@ -458,7 +463,7 @@ mod tests {
             }
         }
         // An error from `emit` ends the reading with that error.
-        let err = read_chunks(&data[..], seed, block, |_| Err(std::io::Error::other("stop"))).unwrap_err();
+        let err = read_chunks(&data[..], seed, block, |_, _| Err(std::io::Error::other("stop"))).unwrap_err();
         assert_eq!(err.to_string(), "stop");
     }
 
