@@ -47,24 +47,27 @@ const PIECES_QUEUED: usize = 32;
 /// exhaust file descriptors.
 static OPEN_HANDLES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(256);
 
-fn take_handle_slot() -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    OPEN_HANDLES.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
+/// One of the [`OPEN_HANDLES`], given back when dropped.
+struct HandleSlot;
+
+impl HandleSlot {
+    fn take() -> Option<Self> {
+        use std::sync::atomic::Ordering::Relaxed;
+        OPEN_HANDLES.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).ok().map(|_| Self)
+    }
 }
 
-/// An open file of a finished file; a budgeted one gives its slot back when dropped,
+impl Drop for HandleSlot {
+    fn drop(&mut self) {
+        OPEN_HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// An open file of a finished file; one opened early holds a slot until it is dropped,
 /// whether or not it was read.
 struct Handle {
     file: std::fs::File,
-    budgeted: bool,
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        if self.budgeted {
-            OPEN_HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
+    _slot: Option<HandleSlot>,
 }
 
 /// What identifies a file's content without reading it: the inode survives the phone's
@@ -184,17 +187,9 @@ impl std::fmt::Debug for Job {
 impl Feed {
     /// Queues a finished file. Returns false when the pipeline has stopped.
     pub fn file(&self, path: PathBuf) -> bool {
-        let handle = if take_handle_slot() {
-            match std::fs::File::open(&path) {
-                Ok(file) => Some(Handle { file, budgeted: true }),
-                Err(_) => {
-                    OPEN_HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    None
-                }
-            }
-        } else {
-            None
-        };
+        // A file that does not open now is tried again by path (its slot goes back).
+        let handle = HandleSlot::take()
+            .and_then(|slot| std::fs::File::open(&path).ok().map(|file| Handle { file, _slot: Some(slot) }));
         self.jobs.send(Job::File(path, handle)).is_ok()
     }
 }
@@ -485,7 +480,7 @@ fn chunker(
         };
         let opened = match handle {
             Some(h) => Ok(h),
-            None => std::fs::File::open(&path).map(|file| Handle { file, budgeted: false }),
+            None => std::fs::File::open(&path).map(|file| Handle { file, _slot: None }),
         };
         let handle = match opened {
             Ok(f) => f,

@@ -407,7 +407,7 @@ impl Hub {
             .or_insert_with(|| {
                 Arc::new(tokio::sync::Mutex::new(RunBuffer {
                     tenant,
-                    pack: PackBuilder::with_buffer(self.pack_buffers.take(self.pack_capacity())),
+                    pack: self.full_size_pack(),
                     pending: HashSet::new(),
                     plain_len: HashMap::new(),
                     uploaded_plain_bytes: 0,
@@ -418,9 +418,11 @@ impl Hub {
             .clone()
     }
 
-    /// Room for a full pack: the target, one maximal blob past it, and the index.
-    fn pack_capacity(&self) -> usize {
-        self.pack_target_bytes + lifeboat_shared::format::MAX_BLOB_BYTES + 1024 * 1024
+    /// A pack builder with room for a full pack (the target, one maximal blob past it,
+    /// and the index), in a spare buffer where there is one.
+    fn full_size_pack(&self) -> PackBuilder {
+        let capacity = self.pack_target_bytes + lifeboat_shared::format::MAX_BLOB_BYTES + 1024 * 1024;
+        PackBuilder::with_buffer(self.pack_buffers.take(capacity))
     }
 
     /// Flushes and drops the buffers of runs that ended or whose lease expired (an agent
@@ -553,11 +555,7 @@ impl Hub {
         }
         // A forced flush ends the run's uploads (commit, or a run given up): the next
         // pack, if any, does not get a full-size buffer.
-        let fresh = if force {
-            PackBuilder::new()
-        } else {
-            PackBuilder::with_buffer(self.pack_buffers.take(self.pack_capacity()))
-        };
+        let fresh = if force { PackBuilder::new() } else { self.full_size_pack() };
         let pack = std::mem::replace(&mut b.pack, fresh);
         let lens: Vec<u32> = pack.entries().iter().map(|e| b.plain_len.get(&e.id).copied().unwrap_or(0)).collect();
         let job = PackJob {
