@@ -161,6 +161,9 @@ pub struct Hub {
     /// The backup policy agents ask for: a device is due when its last successful backup
     /// is older than this.
     pub backup_interval: Duration,
+    /// The storage directory when storage is the local disk: written packs are dropped
+    /// from the page cache ([`storage::drop_cached`]).
+    pub local_root: Option<std::path::PathBuf>,
     runs: Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<RunBuffer>>>>,
     keys: Mutex<HashMap<TenantId, Arc<TenantKeys>>>,
     pack_buffers: Arc<PackBuffers>,
@@ -198,6 +201,7 @@ impl Hub {
             pack_target_bytes: 32 * 1024 * 1024,
             lease: Duration::from_secs(600),
             backup_interval: DEFAULT_BACKUP_INTERVAL,
+            local_root: None,
             runs: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
             pack_buffers: Arc::default(),
@@ -565,6 +569,7 @@ impl Hub {
             buf: buf.clone(),
             tenant: b.tenant,
             spares: self.pack_buffers.clone(),
+            local_root: self.local_root.clone(),
         };
         b.in_flight.push(tokio::spawn(async move {
             let result = job.run(pack, lens).await;
@@ -867,6 +872,7 @@ struct PackJob {
     buf: Arc<tokio::sync::Mutex<RunBuffer>>,
     tenant: TenantId,
     spares: Arc<PackBuffers>,
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl PackJob {
@@ -878,11 +884,19 @@ impl PackJob {
         let size = bytes.len() as i64;
         let result = async {
             let bytes = bytes::Bytes::from_owner(PooledPack { buf: bytes, spares: self.spares });
-            self.storage
-                .write(&storage::pack_path(&self.tenant, &pack_id), bytes)
-                .await
-                .map_err(|e| Rejection::internal("writing a pack to storage", e))?;
+            let path = storage::pack_path(&self.tenant, &pack_id);
+            self.storage.write(&path, bytes).await.map_err(|e| Rejection::internal("writing a pack to storage", e))?;
             self.metrics.ingest_stored_bytes.inc_by(size as u64);
+            if let Some(root) = self.local_root {
+                // Only a cache hint: a pack that stays cached is no harm.
+                let path = root.join(&path);
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = storage::drop_cached(&path) {
+                        tracing::debug!(path = %path.display(), error = %e, "a written pack stays in the page cache");
+                    }
+                })
+                .await;
+            }
             index_pack(&self.db, self.tenant, pack_id, size, &entries, &lens).await
         }
         .await;

@@ -112,6 +112,7 @@ async fn bring_up(
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let mut hub = Hub::new(pool.clone(), op.clone(), master, signer, metrics.clone());
     hub.backup_interval = config.backup_interval;
+    hub.local_root = storage::local_root(&config.storage);
     let hub = Arc::new(hub);
     let app = crate::http::router(AppState { db: pool.clone(), storage: op, metrics, hub: hub.clone() });
     let (stop_tx, stop_rx) = watch::channel(false);

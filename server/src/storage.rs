@@ -56,6 +56,29 @@ pub fn operator(config: &StorageConfig) -> Result<opendal::Operator, StorageErro
     }
 }
 
+/// The directory objects live in when storage is the local disk (fs backend), for what
+/// OpenDAL does not offer: see [`drop_cached`].
+pub fn local_root(config: &StorageConfig) -> Option<std::path::PathBuf> {
+    match config {
+        StorageConfig::Fs { root } => std::fs::canonicalize(root).ok(),
+        StorageConfig::S3(_) => None,
+    }
+}
+
+/// Drops a durable object's pages from the page cache (`posix_fadvise` DONTNEED), as
+/// backup repositories do with what they write (borg with its segment files): packs are
+/// read back rarely, and gigabytes of them written in one backup would otherwise push
+/// out what is read often (PostgreSQL's pages). The page cache then recycles a few packs'
+/// worth of memory instead of taking fresh memory for every pack, which is also what
+/// made writing packs the dearest part of ingest on the benchmark machine, a VM whose
+/// host takes back freed memory (docs/performance.md). The fs backend writes an object
+/// and `fsync`s it before it is visible, so its pages are clean and simply dropped.
+pub fn drop_cached(path: &std::path::Path) -> std::io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+        .map_err(std::io::Error::from)
+}
+
 /// Object written and read back by the readiness check.
 pub const PROBE_PATH: &str = "health/ready-probe";
 
@@ -84,4 +107,22 @@ pub fn pack_path(tenant: &lifeboat_shared::ids::TenantId, pack: &lifeboat_shared
 /// Where a snapshot's manifest lives: `tenants/<tenant>/snapshots/<snapshot id>`.
 pub fn manifest_path(tenant: &lifeboat_shared::ids::TenantId, snapshot: &lifeboat_shared::ids::SnapshotId) -> String {
     format!("tenants/{tenant}/snapshots/{snapshot}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_dropped_object_reads_back_whole_and_a_missing_one_is_named() {
+        let dir = std::env::temp_dir().join(format!("lifeboat-drop-cached-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pack");
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        super::drop_cached(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "dropping cached pages loses nothing");
+        let missing = super::drop_cached(&dir.join("missing")).unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -9,7 +9,12 @@
 //! (the bench runs the release binaries, which `cargo bench` alone does not rebuild)
 //! (needs PostgreSQL; idevicebackup2 and restic are optional: skipped if missing).
 //! `LIFEBOAT_BENCH_DIR` puts the run's files elsewhere than /tmp;
-//! `LIFEBOAT_BENCH_LIFEBOAT_ONLY=1` skips the comparison (quicker when trying changes).
+//! `LIFEBOAT_BENCH_LIFEBOAT_ONLY=1` skips the comparison (quicker when trying changes);
+//! `LIFEBOAT_BENCH_KEEP=1` leaves the run's files in place. Deleting them slows the next
+//! run down on this machine: its ext4 has no journal and passes over inodes freed in the
+//! last 60 s (5 minutes while their table block is dirty) when it creates a file, and the
+//! page cache they free goes back to the VM's host, which makes writing into it dearer.
+//! Runs in a row keep their files and remove them all afterwards.
 //! Results in docs/performance.md. Target: ≥ 150 MB/s for the agent on the 2-core machine.
 
 use std::process::{Command, Stdio};
@@ -21,8 +26,14 @@ use virtual_iphone::content::Profile;
 use virtual_iphone::{Config, Registry, usbmuxd};
 
 fn main() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in(std::env::var_os("LIFEBOAT_BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(run())
+    let result = rt.block_on(run(&dir));
+    drop(rt);
+    if std::env::var_os("LIFEBOAT_BENCH_KEEP").is_some() {
+        println!("the run's files are kept in {}", dir.keep().display());
+    }
+    result
 }
 
 fn have(tool: &str) -> bool {
@@ -78,8 +89,7 @@ fn timed(mut cmd: Command) -> anyhow::Result<(f64, u64, f64, String)> {
     Ok((start.elapsed().as_secs_f64(), peak, cpu, out))
 }
 
-async fn run() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir_in(std::env::var_os("LIFEBOAT_BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
     let data = dir.path().join("data");
     let server = ServerProcess::start(&data, &[])?;
     let token = tenant_with_token(&server, "bench")?;
@@ -104,6 +114,9 @@ async fn run() -> anyhow::Result<()> {
     let server_pid = server.child.id().to_string();
     println!("end to end: a `medium` virtual iPhone ({size_mb:.0} MB of files) on loopback");
 
+    // Whatever the machine was writing before (an earlier run, a build) is on disk first:
+    // its write-back would otherwise take CPU and disk time from this run.
+    let _ = Command::new("sync").status();
     let (server_cpu, phone_cpu) = (cpu_seconds(&server_pid), cpu_seconds("self"));
     let (secs, peak, agent_cpu, out) =
         tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
