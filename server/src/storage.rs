@@ -112,17 +112,15 @@ pub fn manifest_path(tenant: &lifeboat_shared::ids::TenantId, snapshot: &lifeboa
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_dropped_object_reads_back_whole_and_a_missing_one_is_named() {
-        let dir = std::env::temp_dir().join(format!("lifeboat-drop-cached-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("pack");
+    fn a_dropped_object_reads_back_whole_and_a_missing_one_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pack");
         let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &bytes).unwrap();
         std::fs::File::open(&path).unwrap().sync_all().unwrap();
         super::drop_cached(&path).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "dropping cached pages loses nothing");
-        let missing = super::drop_cached(&dir.join("missing")).unwrap_err();
+        let missing = super::drop_cached(&dir.path().join("missing")).unwrap_err();
         assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -14,7 +14,7 @@
 //! run down on this machine: its ext4 has no journal and passes over inodes freed in the
 //! last 60 s (5 minutes while their table block is dirty) when it creates a file, and the
 //! page cache they free goes back to the VM's host, which makes writing into it dearer.
-//! Runs in a row keep their files and remove them all afterwards.
+//! For runs in a row, keep their files and remove them all afterwards.
 //! Results in docs/performance.md. Target: ≥ 150 MB/s for the agent on the 2-core machine.
 
 use std::process::{Command, Stdio};
@@ -116,7 +116,7 @@ async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
 
     // Whatever the machine was writing before (an earlier run, a build) is on disk first:
     // its write-back would otherwise take CPU and disk time from this run.
-    let _ = Command::new("sync").status();
+    let _ = tokio::task::block_in_place(|| Command::new("sync").status());
     let (server_cpu, phone_cpu) = (cpu_seconds(&server_pid), cpu_seconds("self"));
     let (secs, peak, agent_cpu, out) =
         tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
