@@ -270,14 +270,18 @@ impl Pipeline {
         tokio::pin!(done);
         loop {
             let blocked = self.blocked();
+            // The pipeline's branches first: they are quick, while the phone's loop, with
+            // data always ready (a large file), would use up the task's whole cooperative
+            // budget on every poll and leave them none: no chunk would go out until the
+            // phone paused.
             tokio::select! {
                 biased;
-                out = &mut done => return Ok(out),
                 Some(r) = self.uploads.join_next(), if !self.uploads.is_empty() => self.settled(r)?,
                 piece = self.pieces.recv(), if !blocked => match piece {
                     Some(p) => self.take(p),
                     None => return Err(TransferError::Invalid("the chunker stopped".into())),
                 },
+                out = &mut done => return Ok(out),
             }
         }
     }

@@ -382,3 +382,38 @@ async fn one_agent_backs_up_a_device_at_a_time_until_its_lease_expires() {
     assert_eq!(lost.code(), Some(ErrorCode::LeaseLost), "{lost}");
     fx.server.stop().await.unwrap();
 }
+
+/// The phone's side of a backup never waits while a large file streams in: data is always
+/// ready, and its loop uses up the whole cooperative budget of every poll of the task it
+/// shares with the pipeline. The pipeline must upload meanwhile, not only once the phone
+/// pauses (it once did: the server idled for seconds while photos arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_uploads_while_the_phone_side_never_waits() {
+    use lifeboat_agent::pipeline::{FileCache, Pipeline};
+    use lifeboat_agent::progress::Progress;
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let (run, _) = open_run(&client, &device(UDID)).await;
+    // More than a batch, so one goes out before the end.
+    let tree = tempfile::tempdir().unwrap();
+    make_tree(tree.path(), 8, 48 << 20, 11).unwrap();
+    let progress = std::sync::Arc::new(Progress::new());
+    let mut pipeline = Pipeline::start(client.clone(), keys, run, FileCache::default(), progress.clone());
+    let feed = pipeline.feed();
+    for rel in transfer::list_files(tree.path()).unwrap() {
+        assert!(feed.file(tree.path().join(rel)));
+    }
+    let watched = progress.clone();
+    let busy_phone = async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Progress::get(&watched.bytes_uploaded) == 0 && std::time::Instant::now() < deadline {
+            tokio::task::coop::consume_budget().await;
+        }
+        Progress::get(&watched.bytes_uploaded)
+    };
+    let uploaded = pipeline.run_until(busy_phone).await.unwrap();
+    assert!(uploaded > 0, "nothing was uploaded while the phone's side was busy");
+    drop(pipeline);
+    fx.server.stop().await.unwrap();
+}
