@@ -430,3 +430,37 @@ pub async fn open_run(
         other => anyhow::bail!("expected RunOpened, got {other:?}"),
     }
 }
+
+/// The regular files under `root` whose path has a `packs` directory: a local-disk
+/// storage's packs.
+pub fn pack_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(t) if t.is_file() && path.components().any(|c| c.as_os_str() == "packs") => out.push(path),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// How many bytes of `path` are in the page cache, as util-linux's `fincore` (always on
+/// Debian) reports them. `None` where the file system keeps everything in memory anyway
+/// (tmpfs), so the question means nothing.
+pub fn cached_bytes(path: &Path) -> std::io::Result<Option<u64>> {
+    if nix::sys::statfs::statfs(path)?.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
+        return Ok(None);
+    }
+    let out =
+        Command::new("fincore").args(["--bytes", "--noheadings", "--raw", "--output", "RES"]).arg(path).output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!("fincore: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().map(Some).map_err(|e| std::io::Error::other(format!("fincore said {text:?}: {e}")))
+}

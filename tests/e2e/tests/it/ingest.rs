@@ -14,7 +14,7 @@ use lifeboat_shared::ids::{RunId, SnapshotId, TenantId};
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
 
-use lifeboat_e2e::{enrol, make_tree, read_tree, server_config};
+use lifeboat_e2e::{cached_bytes, enrol, make_tree, pack_files, read_tree, server_config};
 
 pub struct Fixture {
     pub server: Running,
@@ -100,6 +100,15 @@ async fn a_snapshot_round_trips_byte_identical_and_a_second_upload_sends_almost_
     assert_eq!(report.files, 1000);
     assert!(report.logical_bytes >= 50_000_000, "{report:?}");
     assert_eq!(committed, Response::Committed { snapshot, files: 1000, logical_bytes: report.logical_bytes });
+    // The packs are on disk and out of the page cache: fsynced, then dropped before their
+    // chunks were acknowledged (storage::drop_cached).
+    let packs = pack_files(fx._dir.path());
+    assert!(!packs.is_empty(), "no packs under {}", fx._dir.path().display());
+    for pack in &packs {
+        if let Some(cached) = cached_bytes(pack).unwrap() {
+            assert_eq!(cached, 0, "{} keeps {cached} bytes in the page cache", pack.display());
+        }
+    }
 
     let out = tempfile::tempdir().unwrap();
     transfer::download_snapshot(&client, &keys, snapshot, &out.path().join("restored")).await.unwrap();
