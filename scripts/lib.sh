@@ -72,3 +72,10 @@ ensure_libimobiledevice() {
   echo "==> installing libimobiledevice-utils (Debian package)"
   apt_install libimobiledevice-utils
 }
+
+# util-linux's fincore: the ingest test asks it whether written packs left the page cache.
+ensure_fincore() {
+  if command -v fincore >/dev/null 2>&1; then return 0; fi
+  echo "==> installing util-linux-extra (Debian package, for fincore)"
+  apt_install util-linux-extra
+}

@@ -73,7 +73,8 @@ pub fn local_root(config: &StorageConfig) -> Option<std::path::PathBuf> {
 /// made writing packs the dearest part of ingest on the benchmark machine, a VM whose
 /// host takes back freed memory (docs/performance.md). The fs backend writes an object
 /// and `fsync`s it before it is visible, so its pages are clean and simply dropped.
-/// Where the system has no `posix_fadvise`, the pages stay (a cache hint, nothing more).
+/// Only Linux (and Android) builds ask; elsewhere the pages stay (a cache hint, nothing
+/// more).
 pub fn drop_cached(path: &std::path::Path) -> std::io::Result<()> {
     let file = std::fs::File::open(path)?;
     #[cfg(any(target_os = "linux", target_os = "android"))]

@@ -431,26 +431,19 @@ pub async fn open_run(
     }
 }
 
-/// The regular files under `root` whose path has a `packs` directory: a local-disk
-/// storage's packs.
+/// The regular files under `root` with a `packs` directory in their path below it: a
+/// local-disk storage's packs.
 pub fn pack_files(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => stack.push(path),
-                Ok(t) if t.is_file() && path.components().any(|c| c.as_os_str() == "packs") => out.push(path),
-                _ => {}
-            }
-        }
-    }
-    out
+    lifeboat_agent::transfer::list_files(root)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|rel| rel.split('/').any(|c| c == "packs"))
+        .map(|rel| root.join(rel))
+        .collect()
 }
 
-/// How many bytes of `path` are in the page cache, as util-linux's `fincore` (always on
-/// Debian) reports them. `None` where the file system keeps everything in memory anyway
+/// How many bytes of `path` are in the page cache, as util-linux's `fincore` reports them
+/// (Debian package `util-linux-extra`, which `scripts/test` installs). `None` where the file system keeps everything in memory anyway
 /// (tmpfs), so the question means nothing.
 pub fn cached_bytes(path: &Path) -> std::io::Result<Option<u64>> {
     if nix::sys::statfs::statfs(path)?.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {

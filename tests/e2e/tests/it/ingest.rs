@@ -100,8 +100,8 @@ async fn a_snapshot_round_trips_byte_identical_and_a_second_upload_sends_almost_
     assert_eq!(report.files, 1000);
     assert!(report.logical_bytes >= 50_000_000, "{report:?}");
     assert_eq!(committed, Response::Committed { snapshot, files: 1000, logical_bytes: report.logical_bytes });
-    // The packs are on disk and out of the page cache: fsynced, then dropped before their
-    // chunks were acknowledged (storage::drop_cached).
+    // The packs are on disk and out of the page cache: fsynced, then dropped before the
+    // commit returned (storage::drop_cached).
     let packs = pack_files(fx._dir.path());
     assert!(!packs.is_empty(), "no packs under {}", fx._dir.path().display());
     for pack in &packs {
