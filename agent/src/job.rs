@@ -260,10 +260,10 @@ async fn back_up(
     watch.abort();
     let dir = received??;
     progress.set_phase(Phase::Uploading);
-    let (files, cache, upload) = pipeline.finish(&dir).await?;
+    let (files, file_keys, upload) = pipeline.finish(&dir).await?;
     progress.set_phase(Phase::Committing);
     let manifest = Manifest { snapshot, device: info.clone(), created_unix_ms: transfer::now_unix_ms(), files };
-    let committed = match transfer::commit(client, &agent.keys, run, manifest).await {
+    let committed = match transfer::commit(client, &agent.keys, run, &manifest).await {
         Err(TransferError::Client(e)) if e.code() == Some(ErrorCode::MissingChunks) => {
             // The cache promised chunks the server does not hold: forget it; the retry
             // reads every file.
@@ -272,6 +272,7 @@ async fn back_up(
         }
         other => other?,
     };
+    let cache = FileCache::from_snapshot(file_keys, manifest.files);
     if let Err(e) = cache.save(&agent.state_dir, udid) {
         tracing::warn!(device.udid = %udid, error = %e, "could not save the file cache; the next backup reads every file");
     }

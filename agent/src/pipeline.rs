@@ -33,15 +33,15 @@ use crate::progress::Progress;
 use crate::transfer::{Keys, TransferError, UploadReport, list_files, nonce};
 
 /// Plaintext of new chunks per missing-chunks round trip.
-const BATCH_BYTES: usize = 32 * 1024 * 1024;
+const BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Batches being asked about, sealed or uploaded at once.
-const BATCHES_IN_FLIGHT: usize = 2;
+const BATCHES_IN_FLIGHT: usize = 3;
 /// Upload streams per batch.
 const STREAMS_PER_BATCH: usize = 4;
 /// Files are read in blocks of this size (smaller ones whole) and cut in memory.
 const READ_BLOCK_BYTES: u64 = 8 * 1024 * 1024;
 /// Chunks the chunker may run ahead of the uploads.
-const PIECES_QUEUED: usize = 32;
+const PIECES_QUEUED: usize = 16;
 /// Finished files waiting with an open handle (surviving the phone's renames), across all
 /// backups of the process; beyond that they wait by path alone, so slow uploads cannot
 /// exhaust file descriptors.
@@ -72,14 +72,18 @@ struct Handle {
 
 /// What identifies a file's content without reading it: the inode survives the phone's
 /// renames; its birth time (statx, where the file system keeps one) tells a reused inode
-/// number from the file that had it before; size and mtime catch rewrites.
+/// number from the file that had it before; size and mtime catch rewrites. One is kept
+/// per file of the backup, so it is kept small: times in nanoseconds as `i64` (years
+/// 1677–2262; outside them they saturate, and the inode and size still tell files apart).
+/// Cache files written with the `i128` times of earlier versions read the same (postcard
+/// writes both as zigzag varints).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileKey {
     dev: u64,
     ino: u64,
     size: u64,
-    mtime_ns: i128,
-    btime_ns: Option<i128>,
+    mtime_ns: i64,
+    btime_ns: Option<i64>,
 }
 
 impl FileKey {
@@ -88,12 +92,12 @@ impl FileKey {
             .created()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as i128);
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         Self {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
             btime_ns,
         }
     }
@@ -151,6 +155,12 @@ impl FileCache {
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
     }
+
+    /// The cache after a commit: `keys[i]` is the key of `files[i]`, whose chunk lists
+    /// are moved, not copied.
+    pub fn from_snapshot(keys: Vec<FileKey>, files: Vec<FileEntry>) -> Self {
+        Self { files: keys.into_iter().zip(files).map(|(key, f)| (key, f.chunks)).collect() }
+    }
 }
 
 enum Job {
@@ -163,7 +173,8 @@ enum Job {
 enum Piece {
     /// A chunk not seen before in this run.
     Chunk(ChunkId, Bytes),
-    File(FileKey, Vec<ChunkRef>),
+    /// A file's chunk list, exactly as long as it is (one is kept per file).
+    File(FileKey, Box<[ChunkRef]>),
     /// The file went away or changed before it could be read; the final walk decides.
     Skipped(PathBuf, std::io::Error),
     Flushed,
@@ -204,7 +215,7 @@ pub struct Pipeline {
     feed: Feed,
     pieces: mpsc::Receiver<Piece>,
     /// Files chunked (this run) or cached (last snapshot; `true`), by key.
-    known: HashMap<FileKey, (Vec<ChunkRef>, bool)>,
+    known: HashMap<FileKey, (Box<[ChunkRef]>, bool)>,
     batch: Vec<(ChunkId, Bytes)>,
     batch_bytes: usize,
     uploads: JoinSet<Result<BatchReport, TransferError>>,
@@ -237,7 +248,7 @@ impl Pipeline {
         let mut known = HashMap::with_capacity(cache.files.len());
         for (key, chunks) in cache.files {
             seen.extend(chunks.iter().map(|c| c.id));
-            known.insert(key, (chunks, true));
+            known.insert(key, (chunks.into_boxed_slice(), true));
         }
         {
             // Ends when every sender of jobs is gone.
@@ -265,7 +276,9 @@ impl Pipeline {
     }
 
     /// Works through finished files until `done` resolves (the phone finished or failed),
-    /// then returns its output. Upload errors end it early.
+    /// then returns its output. Upload errors end it early: when one is ready in the same
+    /// poll as the phone's result, the upload error is returned (the pipeline's branches
+    /// are polled first) and the phone's result is dropped with `done`.
     pub async fn run_until<T>(&mut self, done: impl Future<Output = T>) -> Result<T, TransferError> {
         tokio::pin!(done);
         loop {
@@ -288,8 +301,10 @@ impl Pipeline {
 
     /// After the phone is done: every file under `root` in the snapshot, with its chunks
     /// (read now only if not chunked before), all uploads finished. Returns the manifest
-    /// entries, sorted by path, and the cache for the next backup.
-    pub async fn finish(mut self, root: &Path) -> Result<(Vec<FileEntry>, FileCache, UploadReport), TransferError> {
+    /// entries, sorted by path, and each one's key (for [`FileCache::from_snapshot`]
+    /// after the commit). What is kept per file on the way is only what the manifest
+    /// needs: a backup of many files must not need memory for several copies of its list.
+    pub async fn finish(mut self, root: &Path) -> Result<(Vec<FileEntry>, Vec<FileKey>, UploadReport), TransferError> {
         // Everything the phone handed on is chunked first, so the walk below finds it.
         let _ = self.feed.jobs.send(Job::Flush);
         loop {
@@ -298,9 +313,13 @@ impl Pipeline {
                 p => self.take(p),
             }
         }
-        let mut entries = Vec::new();
+        // The manifest entries are made as the walk finds the files; their chunk lists
+        // are filled in once every file is chunked.
+        let rels = list_files(root)?;
+        let mut files = Vec::with_capacity(rels.len());
+        let mut keys = Vec::with_capacity(rels.len());
         let mut pending = 0usize;
-        for rel in list_files(root)? {
+        for rel in rels {
             let path = root.join(&rel);
             let meta =
                 std::fs::symlink_metadata(&path).map_err(|cause| TransferError::Io { path: path.clone(), cause })?;
@@ -309,7 +328,14 @@ impl Pipeline {
                 pending += 1;
                 let _ = self.feed.jobs.send(Job::File(path, None));
             }
-            entries.push((rel, key, meta));
+            files.push(FileEntry {
+                path: rel,
+                size: key.size,
+                mode: meta.permissions().mode() & 0o7777,
+                mtime_unix_seconds: meta.mtime(),
+                chunks: Vec::new(),
+            });
+            keys.push(key);
         }
         let _ = self.feed.jobs.send(Job::Flush);
         loop {
@@ -319,32 +345,35 @@ impl Pipeline {
                 p => self.take(p),
             }
         }
-        tracing::debug!(files = entries.len(), read_at_end = pending, "backup directory chunked");
+        tracing::debug!(files = files.len(), read_at_end = pending, "backup directory chunked");
         self.flush_batch();
         while let Some(r) = self.uploads.join_next().await {
             self.settled(r)?;
         }
-        let mut files = Vec::with_capacity(entries.len());
-        let mut cache = FileCache::default();
-        for (rel, key, meta) in entries {
-            let (chunks, cached) = self.known.get(&key).cloned().ok_or_else(|| TransferError::Io {
-                path: root.join(&rel),
-                cause: std::io::Error::other("the file changed while it was read"),
-            })?;
+        // Each chunk list moves from the map into its manifest entry.
+        let mut known = std::mem::take(&mut self.known);
+        for i in 0..files.len() {
+            let key = keys[i];
+            let (chunks, cached) = match known.remove(&key) {
+                Some((chunks, cached)) => (Vec::from(chunks), cached),
+                // A second name of a file already listed (a hard link; phones make none).
+                None => match keys[..i].iter().rposition(|k| *k == key) {
+                    Some(j) => (files[j].chunks.clone(), false),
+                    None => {
+                        return Err(TransferError::Io {
+                            path: root.join(&files[i].path),
+                            cause: std::io::Error::other("the file changed while it was read"),
+                        });
+                    }
+                },
+            };
             self.report.files_from_cache += u64::from(cached);
             self.report.files += 1;
             self.report.logical_bytes += key.size;
             self.report.chunks += chunks.len() as u64;
-            cache.files.push((key, chunks.clone()));
-            files.push(FileEntry {
-                path: rel,
-                size: key.size,
-                mode: meta.permissions().mode() & 0o7777,
-                mtime_unix_seconds: meta.mtime(),
-                chunks,
-            });
+            files[i].chunks = chunks;
         }
-        Ok((files, cache, self.report))
+        Ok((files, keys, self.report))
     }
 
     async fn next_piece(&mut self) -> Result<Piece, TransferError> {
@@ -496,7 +525,7 @@ fn chunker(
             }
         };
         let file = &handle.file;
-        let result = (|| -> Result<(FileKey, Vec<ChunkRef>), std::io::Error> {
+        let result = (|| -> Result<(FileKey, Box<[ChunkRef]>), std::io::Error> {
             let before = FileKey::of(&file.metadata()?);
             let mut chunks = Vec::new();
             let mut fresh = Vec::new();
@@ -534,7 +563,7 @@ fn chunker(
             if after != before || read != before.size {
                 return Err(std::io::Error::other("the file changed while it was read"));
             }
-            Ok((before, chunks))
+            Ok((before, chunks.into_boxed_slice()))
         })();
         Progress::add(&progress.files_chunked, 1);
         let piece = match result {
@@ -569,6 +598,70 @@ mod tests {
         assert_eq!(loaded.bytes(), 1000);
         std::fs::write(FileCache::path(dir.path(), "u"), b"not postcard").unwrap();
         assert!(FileCache::load(dir.path(), "u").is_empty(), "a damaged cache is an empty one");
+    }
+
+    #[test]
+    fn the_cache_made_from_a_snapshot_pairs_each_key_with_its_files_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, vec![1u8; 10]).unwrap();
+        std::fs::write(&b, vec![2u8; 20]).unwrap();
+        let entry = |path: &str, size: u64, id: u8| FileEntry {
+            path: path.into(),
+            size,
+            mode: 0o644,
+            mtime_unix_seconds: 0,
+            chunks: vec![ChunkRef { id: ChunkId([id; 32]), length: size as u32 }],
+        };
+        let cache = FileCache::from_snapshot(vec![key_of(&a), key_of(&b)], vec![entry("a", 10, 1), entry("b", 20, 2)]);
+        assert_eq!(
+            cache.files,
+            vec![
+                (key_of(&a), vec![ChunkRef { id: ChunkId([1; 32]), length: 10 }]),
+                (key_of(&b), vec![ChunkRef { id: ChunkId([2; 32]), length: 20 }]),
+            ]
+        );
+        cache.save(dir.path(), "u").unwrap();
+        assert_eq!(FileCache::load(dir.path(), "u"), cache);
+        assert_eq!(cache.bytes(), 30);
+    }
+
+    #[test]
+    fn a_cache_written_with_the_earlier_128_bit_times_still_reads() {
+        // The layout before 2026-11-27 kept the times as i128; postcard writes both widths
+        // as the same zigzag varints, so a cache on disk survives the upgrade.
+        #[derive(Serialize)]
+        struct OldKey {
+            dev: u64,
+            ino: u64,
+            size: u64,
+            mtime_ns: i128,
+            btime_ns: Option<i128>,
+        }
+        #[derive(Serialize)]
+        struct OldCache {
+            files: Vec<(OldKey, Vec<ChunkRef>)>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, vec![3u8; 5]).unwrap();
+        let key = key_of(&file);
+        let old = OldCache {
+            files: vec![(
+                OldKey {
+                    dev: key.dev,
+                    ino: key.ino,
+                    size: key.size,
+                    mtime_ns: i128::from(key.mtime_ns),
+                    btime_ns: key.btime_ns.map(i128::from),
+                },
+                vec![ChunkRef { id: ChunkId([9; 32]), length: 5 }],
+            )],
+        };
+        std::fs::create_dir_all(dir.path().join("cache")).unwrap();
+        std::fs::write(FileCache::path(dir.path(), "u"), postcard::to_allocvec(&old).unwrap()).unwrap();
+        let loaded = FileCache::load(dir.path(), "u");
+        assert_eq!(loaded.files, vec![(key, vec![ChunkRef { id: ChunkId([9; 32]), length: 5 }])]);
     }
 
     #[test]

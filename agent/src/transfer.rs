@@ -129,13 +129,13 @@ pub async fn upload_dir(
 ) -> Result<(UploadReport, Response), TransferError> {
     let progress = Arc::new(crate::progress::Progress::new());
     let pipeline = Pipeline::start(client.clone(), keys.clone(), run, FileCache::default(), progress);
-    let (files, _cache, report) = pipeline.finish(root).await?;
-    let committed = commit(client, keys, run, Manifest { snapshot, device, created_unix_ms, files }).await?;
+    let (files, _keys, report) = pipeline.finish(root).await?;
+    let committed = commit(client, keys, run, &Manifest { snapshot, device, created_unix_ms, files }).await?;
     Ok((report, committed))
 }
 
 /// Seals `manifest` and commits it as the run's snapshot.
-pub async fn commit(client: &Client, keys: &Keys, run: RunId, manifest: Manifest) -> Result<Response, TransferError> {
+pub async fn commit(client: &Client, keys: &Keys, run: RunId, manifest: &Manifest) -> Result<Response, TransferError> {
     let sealed = manifest.seal(&keys.data, nonce()?).map_err(|e| TransferError::Invalid(e.to_string()))?;
     Ok(client.commit(run, manifest.snapshot, &sealed).await?)
 }

@@ -10,6 +10,8 @@
 //! (needs PostgreSQL; idevicebackup2 and restic are optional: skipped if missing).
 //! `LIFEBOAT_BENCH_DIR` puts the run's files elsewhere than /tmp;
 //! `LIFEBOAT_BENCH_LIFEBOAT_ONLY=1` skips the comparison (quicker when trying changes);
+//! `LIFEBOAT_BENCH_PROFILE` backs up another virtual iPhone than `medium` (e.g.
+//! `large:8G`, one file per 40 kB: how the agent's memory grows with the backup);
 //! `LIFEBOAT_BENCH_KEEP=1` leaves the run's files in place. Deleting them slows the next
 //! run down on this machine: its ext4 has no journal and passes over inodes freed in the
 //! last 60 s (5 minutes while their table block is dirty) when it creates a file, and the
@@ -96,7 +98,11 @@ async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mux = listener.local_addr()?.to_string();
-    let config = Config { seed: 9, devices: 1, profile: Profile::Medium, state_dir: dir.path().join("phones") };
+    let profile: Profile = match std::env::var("LIFEBOAT_BENCH_PROFILE") {
+        Ok(p) => p.parse()?,
+        Err(_) => Profile::Medium,
+    };
+    let config = Config { seed: 9, devices: 1, profile, state_dir: dir.path().join("phones") };
     let registry = Arc::new(Registry::new(config)?);
     tokio::spawn(usbmuxd::serve(listener, registry.clone()));
     let udid = registry.all()[0].udid.clone();
@@ -112,7 +118,7 @@ async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
     };
     tokio::task::block_in_place(|| timed(agent(&["enroll", &token])))?;
     let server_pid = server.child.id().to_string();
-    println!("end to end: a `medium` virtual iPhone ({size_mb:.0} MB of files) on loopback");
+    println!("end to end: a `{profile}` virtual iPhone ({size_mb:.0} MB of files) on loopback");
 
     // Whatever the machine was writing before (an earlier run, a build) is on disk first:
     // its write-back would otherwise take CPU and disk time from this run.

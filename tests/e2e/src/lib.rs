@@ -449,8 +449,13 @@ pub fn cached_bytes(path: &Path) -> std::io::Result<Option<u64>> {
     if nix::sys::statfs::statfs(path)?.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
         return Ok(None);
     }
-    let out =
-        Command::new("fincore").args(["--bytes", "--noheadings", "--raw", "--output", "RES"]).arg(path).output()?;
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .arg(path)
+        .output()
+        .map_err(|e| {
+            std::io::Error::new(e.kind(), format!("running fincore (Debian package util-linux-extra): {e}"))
+        })?;
     if !out.status.success() {
         return Err(std::io::Error::other(format!("fincore: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }

@@ -29,7 +29,9 @@ pub async fn start_server() -> Option<Fixture> {
 /// A server on a test database, with local-disk storage or `storage`.
 pub async fn start_server_on(storage: Option<StorageConfig>) -> Option<Fixture> {
     let db = test_db().await?;
-    let dir = tempfile::tempdir().unwrap();
+    // Under the build directory, not /tmp: on a tmpfs /tmp the page-cache checks below
+    // would have nothing to check.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let mut config = server_config(&db.url, &dir.path().join("data"));
     if let Some(storage) = storage {
         config.storage = storage;
@@ -105,8 +107,12 @@ async fn a_snapshot_round_trips_byte_identical_and_a_second_upload_sends_almost_
     let packs = pack_files(fx._dir.path());
     assert!(!packs.is_empty(), "no packs under {}", fx._dir.path().display());
     for pack in &packs {
-        if let Some(cached) = cached_bytes(pack).unwrap() {
-            assert_eq!(cached, 0, "{} keeps {cached} bytes in the page cache", pack.display());
+        match cached_bytes(pack).unwrap() {
+            Some(cached) => assert_eq!(cached, 0, "{} keeps {cached} bytes in the page cache", pack.display()),
+            None => {
+                lifeboat_e2e::skip_or_fail(&format!("{} is on tmpfs: no page cache to check", pack.display()));
+                break;
+            }
         }
     }
 
@@ -415,7 +421,8 @@ async fn the_pipeline_uploads_while_the_phone_side_never_waits() {
     }
     let watched = progress.clone();
     let busy_phone = async move {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Passes in about a second; the old order failed here. Generous for a loaded CI.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while Progress::get(&watched.bytes_uploaded) == 0 && std::time::Instant::now() < deadline {
             tokio::task::coop::consume_budget().await;
         }
