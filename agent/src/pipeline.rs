@@ -74,7 +74,8 @@ struct Handle {
 /// renames; its birth time (statx, where the file system keeps one) tells a reused inode
 /// number from the file that had it before; size and mtime catch rewrites. One is kept
 /// per file of the backup, so it is kept small: times in nanoseconds as `i64` (years
-/// 1677–2262; outside them they saturate, and the inode and size still tell files apart).
+/// 1677–2262; outside them they saturate, and the device, inode, size and birth time
+/// still tell files apart).
 /// Cache files written with the `i128` times of earlier versions read the same (postcard
 /// writes both as zigzag varints).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -159,6 +160,7 @@ impl FileCache {
     /// The cache after a commit: `keys[i]` is the key of `files[i]`, whose chunk lists
     /// are moved, not copied.
     pub fn from_snapshot(keys: Vec<FileKey>, files: Vec<FileEntry>) -> Self {
+        debug_assert_eq!(keys.len(), files.len(), "a key per file");
         Self { files: keys.into_iter().zip(files).map(|(key, f)| (key, f.chunks)).collect() }
     }
 }
@@ -352,13 +354,15 @@ impl Pipeline {
         }
         // Each chunk list moves from the map into its manifest entry.
         let mut known = std::mem::take(&mut self.known);
+        let mut from_cache = Vec::with_capacity(files.len());
         for i in 0..files.len() {
             let key = keys[i];
             let (chunks, cached) = match known.remove(&key) {
                 Some((chunks, cached)) => (Vec::from(chunks), cached),
-                // A second name of a file already listed (a hard link; phones make none).
+                // A second name of a file already listed (a hard link; phones make none,
+                // so the scan back is rare).
                 None => match keys[..i].iter().rposition(|k| *k == key) {
-                    Some(j) => (files[j].chunks.clone(), false),
+                    Some(j) => (files[j].chunks.clone(), from_cache[j]),
                     None => {
                         return Err(TransferError::Io {
                             path: root.join(&files[i].path),
@@ -372,6 +376,7 @@ impl Pipeline {
             self.report.logical_bytes += key.size;
             self.report.chunks += chunks.len() as u64;
             files[i].chunks = chunks;
+            from_cache.push(cached);
         }
         Ok((files, keys, self.report))
     }

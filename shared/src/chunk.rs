@@ -68,8 +68,9 @@ impl DataKey {
     /// Encrypts `out[start..]` where it lies and appends the tag: for a plaintext that was
     /// written into `out` to begin with (a manifest streamed through zstd).
     pub fn seal_tail(&self, nonce: [u8; NONCE_BYTES], aad: &[u8], out: &mut Vec<u8>, start: usize) {
-        // Invariant: ring fails sealing only for inputs over ~64 GiB; callers pass at most a
-        // chunk or a manifest (at most MAX_MANIFEST_BYTES before compression).
+        // Invariant: ring fails sealing only for inputs over ~64 GiB; callers pass a chunk or
+        // a compressed manifest (a 1 GiB encoding, the most a reader accepts, compresses
+        // to far less).
         let tag = self
             .key
             .seal_in_place_separate_tag(

@@ -367,6 +367,27 @@ async fn a_snapshot_round_trips_through_s3_storage() {
 }
 
 #[tokio::test]
+async fn a_file_with_two_names_is_in_the_snapshot_under_both() {
+    // Both names have one key (the inode): the second takes the first one's chunk list.
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let tree = tempfile::tempdir().unwrap();
+    make_tree(tree.path(), 10, 1 << 20, 5).unwrap();
+    let first = transfer::list_files(tree.path()).unwrap().remove(0);
+    std::fs::hard_link(tree.path().join(&first), tree.path().join("zz-second-name")).unwrap();
+    let dev = device(UDID);
+    let (run, snapshot) = open_run(&client, &dev).await;
+    let (report, committed) = transfer::upload_dir(&client, &keys, run, snapshot, dev, tree.path(), 0).await.unwrap();
+    assert_eq!(report.files, 11);
+    assert_eq!(committed, Response::Committed { snapshot, files: 11, logical_bytes: report.logical_bytes });
+    let out = tempfile::tempdir().unwrap();
+    transfer::download_snapshot(&client, &keys, snapshot, out.path()).await.unwrap();
+    assert!(read_tree(tree.path()) == read_tree(out.path()), "restored tree differs");
+    fx.server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn one_agent_backs_up_a_device_at_a_time_until_its_lease_expires() {
     let Some(fx) = start_server().await else { return };
     let tenant = fx.tenant("acme").await;
