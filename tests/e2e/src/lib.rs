@@ -443,8 +443,8 @@ pub fn pack_files(root: &Path) -> Vec<PathBuf> {
 }
 
 /// How many bytes of `path` are in the page cache, as util-linux's `fincore` reports them
-/// (Debian package `util-linux-extra`, which `scripts/test` installs). `None` where the file system keeps everything in memory anyway
-/// (tmpfs), so the question means nothing.
+/// (Debian package `util-linux-extra`, which `scripts/test` installs). `None` where the
+/// file system keeps everything in memory anyway (tmpfs), so the question means nothing.
 pub fn cached_bytes(path: &Path) -> std::io::Result<Option<u64>> {
     if nix::sys::statfs::statfs(path)?.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
         return Ok(None);

@@ -14,7 +14,7 @@ use lifeboat_shared::ids::{RunId, SnapshotId, TenantId};
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
 
-use lifeboat_e2e::{cached_bytes, enrol, make_tree, pack_files, read_tree, server_config};
+use lifeboat_e2e::{cached_bytes, enrol, make_tree, pack_files, read_tree, server_config, skip_or_fail};
 
 pub struct Fixture {
     pub server: Running,
@@ -110,7 +110,7 @@ async fn a_snapshot_round_trips_byte_identical_and_a_second_upload_sends_almost_
         match cached_bytes(pack).unwrap() {
             Some(cached) => assert_eq!(cached, 0, "{} keeps {cached} bytes in the page cache", pack.display()),
             None => {
-                lifeboat_e2e::skip_or_fail(&format!("{} is on tmpfs: no page cache to check", pack.display()));
+                skip_or_fail(&format!("{} is on tmpfs: no page cache to check", pack.display()));
                 break;
             }
         }
