@@ -117,7 +117,7 @@ pub async fn connect_raw(
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .map_err(|e: std::net::AddrParseError| connect_err(e.to_string()))?;
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+    let mut endpoint = quic_endpoint(bind).map_err(|e| connect_err(e.to_string()))?;
     endpoint.set_default_client_config(client_config(fingerprint)?);
     let conn = endpoint
         .connect(addr, "lifeboat")
@@ -133,6 +133,40 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     pub accepted: Accepted,
+}
+
+/// Largest UDP payload path-MTU discovery probes for, as on the server (its
+/// `MTU_UPPER_BOUND`, which says why not 8,952): jumbo frames where the path carries them,
+/// 1,452 bytes or so where it does not.
+const MTU_UPPER_BOUND: u16 = 6_500;
+
+/// Socket buffers asked of the kernel, each way, as the server does (its `UDP_BUFFER_BYTES`):
+/// a restore downloads at the server's pace, and the agent's tasks may be busy when it
+/// arrives.
+const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// The most the agent has in flight, unacknowledged. The server's socket buffer must hold
+/// it: what does not fit while the server's receiving task is off the CPU for a moment is
+/// dropped, and QUIC halves its congestion window for each loss. With a 64 MiB window the
+/// congestion window alone bounded what was in flight, and on loopback it grew to 10-15
+/// MB: hundreds of drops per backup here. Linux grants a socket at most
+/// `net.core.rmem_max` (4 MiB by default, reported doubled), so 4 MiB in flight always
+/// fits. On a long path this caps one agent at 4 MiB per round trip, 84 MB/s at 50 ms:
+/// more than a workstation's uplink.
+const SEND_WINDOW_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A client endpoint on `bind` that accepts datagrams up to [`MTU_UPPER_BOUND`]. quinn's
+/// default, 1,472, is also what it tells the server it may send, and the server's
+/// path-MTU discovery stops there.
+fn quic_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // Best effort: the kernel caps both at net.core.{r,w}mem_max.
+    let _ = state.set_recv_buffer_size((&socket).into(), UDP_BUFFER_BYTES);
+    let _ = state.set_send_buffer_size((&socket).into(), UDP_BUFFER_BYTES);
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(MTU_UPPER_BOUND).map_err(std::io::Error::other)?;
+    quinn::Endpoint::new(config, None, socket, Arc::new(quinn::TokioRuntime))
 }
 
 fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, ClientError> {
@@ -151,12 +185,12 @@ fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, ClientErr
     let mut transport = quinn::TransportConfig::default();
     // Path-MTU discovery up to jumbo frames, as the server does (see its `MTU_UPPER_BOUND`).
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(8_952);
+    mtu.upper_bound(MTU_UPPER_BOUND);
     transport
         .mtu_discovery_config(Some(mtu))
         .stream_receive_window((16u32 * 1024 * 1024).into())
         .receive_window((64u32 * 1024 * 1024).into())
-        .send_window(64 * 1024 * 1024)
+        .send_window(SEND_WINDOW_BYTES)
         .keep_alive_interval(Some(std::time::Duration::from_secs(10)));
     config.transport_config(Arc::new(transport));
     Ok(config)
@@ -182,6 +216,11 @@ impl Client {
     /// Bytes this connection has put on the wire (UDP payloads), for transfer accounting.
     pub fn bytes_sent(&self) -> u64 {
         self.conn.stats().udp_tx.bytes
+    }
+
+    /// The connection's QUIC counters: path MTU, losses, datagrams and system calls.
+    pub fn quic_stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
     }
 
     /// Sends one request and reads its response.
@@ -274,6 +313,20 @@ impl Client {
 
     /// Closes the connection and waits until the server has seen everything.
     pub async fn close(self) {
+        let stats = self.quic_stats();
+        tracing::debug!(
+            quic.udp_tx.datagrams = stats.udp_tx.datagrams,
+            quic.udp_tx.ios = stats.udp_tx.ios,
+            quic.udp_tx.bytes = stats.udp_tx.bytes,
+            quic.udp_rx.datagrams = stats.udp_rx.datagrams,
+            quic.udp_rx.ios = stats.udp_rx.ios,
+            quic.path.mtu = stats.path.current_mtu,
+            quic.path.rtt_us = stats.path.rtt.as_micros() as u64,
+            quic.path.cwnd = stats.path.cwnd,
+            quic.path.lost_packets = stats.path.lost_packets,
+            quic.path.congestion_events = stats.path.congestion_events,
+            "QUIC connection closing"
+        );
         self.conn.close(0u32.into(), b"bye");
         self.endpoint.wait_idle().await;
     }

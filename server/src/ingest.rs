@@ -100,6 +100,10 @@ struct RunBuffer {
 /// memory): uploads run ahead of storage by that much.
 const PACK_WRITES_PER_RUN: usize = 3;
 
+/// Blobs up to this size are verified on the stream's own task (microseconds); larger
+/// ones on the blocking pool (see `put_chunks`).
+const VERIFY_INLINE_MAX_BYTES: usize = 128 * 1024;
+
 /// Spare pack buffers kept for reuse while runs are uploading (each ~37 MiB).
 const SPARE_PACK_BUFFERS: usize = 4;
 
@@ -517,7 +521,32 @@ impl Hub {
                 DataRef::Blob { id, blob } => {
                     chunks += 1;
                     self.metrics.ingest_received_bytes.inc_by(blob.len() as u64);
-                    if let Err(e) = open_and_verify_into(&keys.data, &keys.id, &id, blob, &mut plain) {
+                    // Where the blob lies in `frame`: the frame moves to the blocking pool
+                    // and back below.
+                    let at = blob.as_ptr() as usize - frame.as_ptr() as usize;
+                    let range = at..at + blob.len();
+                    let verified = if blob.len() <= VERIFY_INLINE_MAX_BYTES {
+                        open_and_verify_into(&keys.data, &keys.id, &id, blob, &mut plain)
+                    } else {
+                        // Milliseconds of work: on the blocking pool, so that this task
+                        // does not hold a runtime worker meanwhile. The QUIC endpoint's
+                        // socket is read by a task on the same workers, and a socket not
+                        // read for a few milliseconds at this rate overflows: the
+                        // datagrams are dropped, and the agent takes it for congestion.
+                        let (f, p, k, r) =
+                            (std::mem::take(&mut frame), std::mem::take(&mut plain), keys.clone(), range.clone());
+                        let (f, p, verified) = tokio::task::spawn_blocking(move || {
+                            let mut p = p;
+                            let verified = open_and_verify_into(&k.data, &k.id, &id, &f[r], &mut p);
+                            (f, p, verified)
+                        })
+                        .await
+                        .map_err(|e| Rejection::internal("verifying a chunk", e))?;
+                        (frame, plain) = (f, p);
+                        verified
+                    };
+                    let blob = &frame[range];
+                    if let Err(e) = verified {
                         self.metrics.ingest_rejected_chunks.inc();
                         tracing::warn!(agent.id = %s.agent, run.id = %run, chunk.id = %id, error = %e, "refused a chunk");
                         return Err(Rejection::new(ErrorCode::ChunkMismatch, format!("chunk {id} refused: {e}")));
@@ -880,14 +909,22 @@ impl PackJob {
     /// pack, never an index entry without its bytes). Its chunks stop being pending either
     /// way: indexed, or missing again so the agent re-sends them.
     async fn run(self, pack: PackBuilder, lens: Vec<u32>) -> Reply {
-        let (pack_id, bytes, entries) = pack.finish();
+        // Hashing 32 MiB takes milliseconds: off the runtime's workers, like chunk
+        // verification in `put_chunks`.
+        let ids: Vec<ChunkId> = pack.entries().iter().map(|e| e.id).collect();
+        let sealed = tokio::task::spawn_blocking(move || pack.finish()).await;
+        let Ok((pack_id, bytes, entries)) = sealed else {
+            // Only a panic gets here: its chunks are missing again, as after a failed write.
+            self.release(&ids).await;
+            return Err(Rejection::internal("sealing a pack", "the sealing task failed"));
+        };
         let size = bytes.len() as i64;
         let result = async {
-            let bytes = bytes::Bytes::from_owner(PooledPack { buf: bytes, spares: self.spares });
+            let bytes = bytes::Bytes::from_owner(PooledPack { buf: bytes, spares: self.spares.clone() });
             let path = storage::pack_path(&self.tenant, &pack_id);
             self.storage.write(&path, bytes).await.map_err(|e| Rejection::internal("writing a pack to storage", e))?;
             self.metrics.ingest_stored_bytes.inc_by(size as u64);
-            if let Some(root) = self.local_root {
+            if let Some(root) = &self.local_root {
                 // Only a cache hint: a pack that stays cached is no harm.
                 let path = root.join(&path);
                 let _ = tokio::task::spawn_blocking(move || {
@@ -900,12 +937,17 @@ impl PackJob {
             index_pack(&self.db, self.tenant, pack_id, size, &entries, &lens).await
         }
         .await;
-        let mut b = self.buf.lock().await;
-        for e in &entries {
-            b.pending.remove(&e.id);
-            b.plain_len.remove(&e.id);
-        }
+        self.release(&ids).await;
         result
+    }
+
+    /// The chunks of this pack stop being pending: indexed now, or missing again.
+    async fn release(&self, ids: &[ChunkId]) {
+        let mut b = self.buf.lock().await;
+        for id in ids {
+            b.pending.remove(id);
+            b.plain_len.remove(id);
+        }
     }
 }
 

@@ -65,7 +65,18 @@ async fn connection(hub: Arc<Hub>, conn: quinn::Connection) {
                         });
                     }
                     Err(e) => {
-                        tracing::debug!(agent.id = %session.agent, reason = %e, "agent disconnected");
+                        let stats = conn.stats();
+                        tracing::debug!(
+                            agent.id = %session.agent,
+                            reason = %e,
+                            quic.udp_rx.datagrams = stats.udp_rx.datagrams,
+                            quic.udp_rx.ios = stats.udp_rx.ios,
+                            quic.udp_rx.bytes = stats.udp_rx.bytes,
+                            quic.udp_tx.datagrams = stats.udp_tx.datagrams,
+                            quic.path.mtu = stats.path.current_mtu,
+                            quic.path.lost_packets = stats.path.lost_packets,
+                            "agent disconnected"
+                        );
                         break;
                     }
                 }

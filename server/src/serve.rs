@@ -53,7 +53,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let http_addr = listener.local_addr().context("reading the HTTP listener's address")?;
     crate::tls::install_default_provider();
     let identity = Identity::for_config(&config)?;
-    let endpoint = quinn::Endpoint::server(identity.quic_server_config()?, config.quic_listen)
+    let endpoint = crate::tls::quic_endpoint(config.quic_listen, identity.quic_server_config()?)
         .with_context(|| format!("cannot listen for QUIC on {}", config.quic_listen))?;
     let master = Arc::new(crate::admin::master_key(&config)?);
 

@@ -122,11 +122,50 @@ impl Identity {
     }
 }
 
-/// Largest UDP payload path-MTU discovery probes for: jumbo frames (9,000-byte MTU, IPv6
-/// headers off). Probing above the path's MTU is harmless (lost probes are not congestion);
-/// where the path carries it — a data-centre LAN, loopback — each packet moves six times
-/// the data of the 1,452-byte default, and per-packet work is most of QUIC's cost.
-pub const MTU_UPPER_BOUND: u16 = 8_952;
+/// Largest UDP payload path-MTU discovery probes for. Where the path carries it (a LAN
+/// with jumbo frames, loopback) each packet moves four times the data of a 1,500-byte
+/// MTU, and per-packet work is most of QUIC's cost; probing above the path's MTU is
+/// harmless (lost probes are not congestion).
+///
+/// Not jumbo frames' 8,952: quinn sends up to 10 datagrams in one GSO system call, Linux
+/// refuses a call of more than 64 KiB with EMSGSIZE, and quinn-udp drops such a batch
+/// without a word (quinn issues #2201 and #2189), so every batch of 8,952-byte packets was
+/// lost and black-hole detection soon set the MTU to 1,200. 10 × 6,500 = 65,000 fits.
+pub const MTU_UPPER_BOUND: u16 = 6_500;
+
+/// Socket buffer asked of the kernel for the QUIC socket, each way. The kernel's default
+/// (208 KiB here) overflows whenever the receiving task is off the CPU for a millisecond at
+/// a few hundred MB/s: the datagrams are dropped, and QUIC takes each loss for congestion.
+/// Linux grants at most twice `net.core.rmem_max` / `wmem_max` (8 MiB with the default
+/// 4 MiB, which holds one agent's 4 MiB in flight); more helps when many agents upload at
+/// once, for operators who raise the limits.
+pub const UDP_BUFFER_BYTES: usize = 32 << 20;
+
+/// The server's QUIC endpoint on `listen`: datagrams up to [`MTU_UPPER_BOUND`] accepted
+/// (quinn's default, 1,472, is also what it tells the peer it may send, so without it
+/// path-MTU discovery stops there whatever its upper bound) and [`UDP_BUFFER_BYTES`] of
+/// socket buffer.
+pub fn quic_endpoint(listen: std::net::SocketAddr, server: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(listen)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // Best effort: a smaller buffer only costs drops under bursts.
+    let _ = state.set_recv_buffer_size((&socket).into(), UDP_BUFFER_BYTES);
+    let _ = state.set_send_buffer_size((&socket).into(), UDP_BUFFER_BYTES);
+    // Linux reports twice what it granted (the other half is its bookkeeping).
+    if let Ok(granted) = state.recv_buffer_size((&socket).into())
+        && granted < UDP_BUFFER_BYTES
+    {
+        tracing::info!(
+            udp.recv_buffer.bytes = granted,
+            udp.recv_buffer.wanted = UDP_BUFFER_BYTES,
+            "the kernel limits the QUIC socket's receive buffer; with many agents uploading at once, \
+             raise net.core.rmem_max (see docs/operations.md)"
+        );
+    }
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(MTU_UPPER_BOUND).map_err(std::io::Error::other)?;
+    quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+}
 
 /// Transport parameters both sides use: generous windows for throughput on fast links,
 /// path-MTU discovery up to jumbo frames, a bounded number of concurrent streams per
@@ -140,7 +179,9 @@ pub fn transport() -> quinn::TransportConfig {
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((16u32 * 1024 * 1024).into())
         .receive_window((64u32 * 1024 * 1024).into())
-        .send_window(64 * 1024 * 1024)
+        // What may be in flight unacknowledged: as the agent's `SEND_WINDOW_BYTES`, so a
+        // download (a restore) always fits the agent's socket buffer.
+        .send_window(4 * 1024 * 1024)
         .keep_alive_interval(Some(Duration::from_secs(10)));
     if let Ok(idle) = Duration::from_secs(60).try_into() {
         t.max_idle_timeout(Some(idle));

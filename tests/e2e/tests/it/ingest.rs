@@ -85,6 +85,28 @@ pub async fn open_run(client: &Client, dev: &DeviceInfo) -> (RunId, SnapshotId) 
 
 const UDID: &str = "00008030-001A2B3C4D5E6F70";
 
+/// A bulk upload on loopback ends with the largest packets path-MTU discovery may use:
+/// both endpoints accept them (quinn's default tells the peer 1,472 at most), and they
+/// are small enough that a GSO batch of ten stays under Linux's 64 KiB. With 8,952-byte
+/// packets every batch was dropped with EMSGSIZE and black-hole detection fell back to
+/// 1,200.
+#[tokio::test]
+async fn a_bulk_upload_on_loopback_ends_with_the_largest_packets() {
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let tree = tempfile::tempdir().unwrap();
+    make_tree(tree.path(), 100, 64 << 20, 11).unwrap();
+    let dev = device(UDID);
+    let (run, snapshot) = open_run(&client, &dev).await;
+    transfer::upload_dir(&client, &keys, run, snapshot, dev, tree.path(), now_unix_ms()).await.unwrap();
+    let stats = client.quic_stats();
+    assert_eq!(stats.path.current_mtu, lifeboat_server::tls::MTU_UPPER_BOUND, "{:?}", stats.path);
+    // The data went in packets of that size, not mostly in smaller ones before a fall.
+    assert!(stats.udp_tx.bytes / stats.udp_tx.datagrams > 4_000, "{:?}", stats.udp_tx);
+    fx.server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_snapshot_round_trips_byte_identical_and_a_second_upload_sends_almost_nothing() {
     let Some(fx) = start_server().await else { return };
