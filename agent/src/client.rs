@@ -140,19 +140,19 @@ pub struct Client {
 /// 1,452 bytes or so where it does not.
 const MTU_UPPER_BOUND: u16 = 6_500;
 
-/// Socket buffers asked of the kernel, each way, as the server does (its `UDP_BUFFER_BYTES`):
-/// a restore downloads at the server's pace, and the agent's tasks may be busy when it
-/// arrives.
+/// Socket buffers asked of the kernel, each way (Linux grants at most twice
+/// `net.core.rmem_max`): a restore downloads up to the server's 4 MiB in flight, and the
+/// agent's tasks may be busy when it arrives.
 const UDP_BUFFER_BYTES: usize = 4 << 20;
 
 /// The most the agent has in flight, unacknowledged. The server's socket buffer must hold
 /// it: what does not fit while the server's receiving task is off the CPU for a moment is
 /// dropped, and QUIC halves its congestion window for each loss. With a 64 MiB window the
 /// congestion window alone bounded what was in flight, and on loopback it grew to 10-15
-/// MB: hundreds of drops per backup here. Linux grants a socket at most
-/// `net.core.rmem_max` (4 MiB by default, reported doubled), so 4 MiB in flight always
-/// fits. On a long path this caps one agent at 4 MiB per round trip, 84 MB/s at 50 ms:
-/// more than a workstation's uplink.
+/// MB: hundreds of drops per backup here. The server asks for 32 MiB of buffer and warns
+/// at start when it got less than 8 MiB (`net.core.rmem_max` under 4 MiB: many systems
+/// default to 208 KiB; docs/operations.md). On a long path this caps one agent at 4 MiB
+/// per round trip, 84 MB/s at 50 ms: more than a workstation's uplink.
 const SEND_WINDOW_BYTES: u64 = 4 * 1024 * 1024;
 
 /// A client endpoint on `bind` that accepts datagrams up to [`MTU_UPPER_BOUND`]. quinn's

@@ -382,6 +382,11 @@ impl BackupDelegate for MirrorDelegate {
             // idevice removes every file's path before creating it, mostly in vain: one
             // system call for a file or nothing, a second only for a directory.
             match std::fs::remove_file(path) {
+                // A symlink to a directory may have been known as one.
+                Ok(()) => {
+                    self.known.forget(path);
+                    Ok(())
+                }
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => match std::fs::symlink_metadata(path) {
                     Ok(m) if m.is_dir() => {
                         self.known.forget(path);
@@ -403,9 +408,9 @@ impl BackupDelegate for MirrorDelegate {
     fn copy<'a>(&'a self, src: &'a Path, dst: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
         Box::pin(async move {
             if std::fs::metadata(src).is_ok_and(|m| m.is_dir()) {
-                std::fs::create_dir_all(dst)
+                self.known.create(dst)
             } else {
-                std::fs::copy(src, dst).map(|_| ())
+                self.known.retry_parent(dst, || std::fs::copy(src, dst).map(|_| ()))
             }
             .map_err(internal)
         })

@@ -171,6 +171,10 @@ pub struct Hub {
     runs: Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<RunBuffer>>>>,
     keys: Mutex<HashMap<TenantId, Arc<TenantKeys>>>,
     pack_buffers: Arc<PackBuffers>,
+    /// Chunk verifications on the blocking pool at once: one per core. Each stream of each
+    /// connection may have one waiting; more running than cores would only crowd out the
+    /// task that reads the QUIC socket.
+    verify_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A row of `backup_runs` this session may use.
@@ -209,6 +213,9 @@ impl Hub {
             runs: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
             pack_buffers: Arc::default(),
+            verify_slots: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            )),
         }
     }
 
@@ -533,9 +540,16 @@ impl Hub {
                         // socket is read by a task on the same workers, and a socket not
                         // read for a few milliseconds at this rate overflows: the
                         // datagrams are dropped, and the agent takes it for congestion.
+                        let slot = self
+                            .verify_slots
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(|e| Rejection::internal("waiting to verify a chunk", e))?;
                         let (f, p, k, r) =
                             (std::mem::take(&mut frame), std::mem::take(&mut plain), keys.clone(), range.clone());
                         let (f, p, verified) = tokio::task::spawn_blocking(move || {
+                            let _slot = slot;
                             let mut p = p;
                             let verified = open_and_verify_into(&k.data, &k.id, &id, &f[r], &mut p);
                             (f, p, verified)

@@ -133,13 +133,16 @@ impl Identity {
 /// lost and black-hole detection soon set the MTU to 1,200. 10 × 6,500 = 65,000 fits.
 pub const MTU_UPPER_BOUND: u16 = 6_500;
 
-/// Socket buffer asked of the kernel for the QUIC socket, each way. The kernel's default
-/// (208 KiB here) overflows whenever the receiving task is off the CPU for a millisecond at
-/// a few hundred MB/s: the datagrams are dropped, and QUIC takes each loss for congestion.
-/// Linux grants at most twice `net.core.rmem_max` / `wmem_max` (8 MiB with the default
-/// 4 MiB, which holds one agent's 4 MiB in flight); more helps when many agents upload at
-/// once, for operators who raise the limits.
+/// Socket buffer asked of the kernel for the QUIC socket, each way. The kernel's usual
+/// default (208 KiB) overflows whenever the receiving task is off the CPU for a
+/// millisecond at a few hundred MB/s: the datagrams are dropped, and QUIC takes each loss
+/// for congestion. Linux grants at most twice `net.core.rmem_max` / `wmem_max` (reported
+/// that way too); more than [`UDP_RECV_BUFFER_NEEDED`] helps when many agents upload at once.
 pub const UDP_BUFFER_BYTES: usize = 32 << 20;
+
+/// The receive buffer (as Linux reports it) that holds one agent's 4 MiB in flight: below
+/// it, uploads lose datagrams whenever the server is busy, and the server says so at start.
+pub const UDP_RECV_BUFFER_NEEDED: usize = 8 << 20;
 
 /// The server's QUIC endpoint on `listen`: datagrams up to [`MTU_UPPER_BOUND`] accepted
 /// (quinn's default, 1,472, is also what it tells the peer it may send, so without it
@@ -152,24 +155,29 @@ pub fn quic_endpoint(listen: std::net::SocketAddr, server: quinn::ServerConfig) 
     let _ = state.set_recv_buffer_size((&socket).into(), UDP_BUFFER_BYTES);
     let _ = state.set_send_buffer_size((&socket).into(), UDP_BUFFER_BYTES);
     // Linux reports twice what it granted (the other half is its bookkeeping).
-    if let Ok(granted) = state.recv_buffer_size((&socket).into())
-        && granted < UDP_BUFFER_BYTES
-    {
-        tracing::info!(
+    match state.recv_buffer_size((&socket).into()) {
+        Ok(granted) if granted < UDP_RECV_BUFFER_NEEDED => tracing::warn!(
+            udp.recv_buffer.bytes = granted,
+            udp.recv_buffer.needed = UDP_RECV_BUFFER_NEEDED,
+            "the kernel gives the QUIC socket too small a receive buffer: uploads will lose datagrams and slow down; \
+             set net.core.rmem_max to 16777216 or more (deploy/99-lifeboat-server.conf, docs/operations.md)"
+        ),
+        Ok(granted) if granted < UDP_BUFFER_BYTES => tracing::info!(
             udp.recv_buffer.bytes = granted,
             udp.recv_buffer.wanted = UDP_BUFFER_BYTES,
             "the kernel limits the QUIC socket's receive buffer; with many agents uploading at once, \
-             raise net.core.rmem_max (see docs/operations.md)"
-        );
+             raise net.core.rmem_max (docs/operations.md)"
+        ),
+        _ => {}
     }
     let mut config = quinn::EndpointConfig::default();
     config.max_udp_payload_size(MTU_UPPER_BOUND).map_err(std::io::Error::other)?;
     quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
 }
 
-/// Transport parameters both sides use: generous windows for throughput on fast links,
-/// path-MTU discovery up to jumbo frames, a bounded number of concurrent streams per
-/// connection.
+/// The server's transport parameters: generous receive windows for uploads, at most
+/// 4 MiB in flight for downloads, path-MTU discovery up to [`MTU_UPPER_BOUND`], a bounded
+/// number of concurrent streams per connection.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     let mut mtu = quinn::MtuDiscoveryConfig::default();

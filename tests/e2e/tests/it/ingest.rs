@@ -101,6 +101,7 @@ async fn a_bulk_upload_on_loopback_ends_with_the_largest_packets() {
     let (run, snapshot) = open_run(&client, &dev).await;
     transfer::upload_dir(&client, &keys, run, snapshot, dev, tree.path(), now_unix_ms()).await.unwrap();
     let stats = client.quic_stats();
+    assert_eq!(stats.path.black_holes_detected, 0, "{:?}", stats.path);
     assert_eq!(stats.path.current_mtu, lifeboat_server::tls::MTU_UPPER_BOUND, "{:?}", stats.path);
     // The data went in packets of that size, not mostly in smaller ones before a fall.
     assert!(stats.udp_tx.bytes / stats.udp_tx.datagrams > 4_000, "{:?}", stats.udp_tx);
@@ -158,7 +159,7 @@ async fn a_snapshot_round_trips_byte_identical_and_a_second_upload_sends_almost_
 }
 
 #[tokio::test]
-async fn a_chunk_whose_content_does_not_match_its_id_is_refused_and_nothing_is_indexed() {
+async fn chunks_whose_content_does_not_match_their_id_are_refused_and_not_indexed() {
     let Some(fx) = start_server().await else { return };
     let tenant = fx.tenant("acme").await;
     let (client, keys) = fx.enrolled_agent(tenant).await;
@@ -168,7 +169,31 @@ async fn a_chunk_whose_content_does_not_match_its_id_is_refused_and_nothing_is_i
     let err = client.put_chunks(run, vec![(claimed, poison)]).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::ChunkMismatch), "{err}");
     assert!(err.to_string().contains(&claimed.to_string()), "{err}");
-    // Nothing of it reaches storage or the index, even after the run ends.
+    // The same for chunks large enough to be verified off the stream's task, after a good
+    // one in the same stream (the stream's buffers go to the blocking pool and back).
+    let noise = |mut x: u64| {
+        (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    let good = noise(1);
+    let good_id = keys.id.chunk_id(&good);
+    let big_claimed = keys.id.chunk_id(&noise(2));
+    let big_poison = seal_chunk(&keys.data, &big_claimed, &noise(3), [8; 12]);
+    assert!(big_poison.len() > 1 << 20, "stored raw, so verified on the blocking pool");
+    let err = client
+        .put_chunks(run, vec![(good_id, seal_chunk(&keys.data, &good_id, &good, [7; 12])), (big_claimed, big_poison)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ChunkMismatch), "{err}");
+    assert!(err.to_string().contains(&big_claimed.to_string()), "{err}");
+    // Nothing of the refused chunks reaches storage or the index, even after the run ends;
+    // the good one, verified, is kept for a later run to build on.
     client
         .request(&Request::EndRun {
             run,
@@ -176,8 +201,13 @@ async fn a_chunk_whose_content_does_not_match_its_id_is_refused_and_nothing_is_i
         })
         .await
         .unwrap();
-    assert_eq!(fx.count("SELECT count(*) FROM chunks").await, 0);
-    assert_eq!(fx.count("SELECT count(*) FROM packs").await, 0);
+    let indexed =
+        |id: lifeboat_shared::ids::ChunkId| format!("SELECT count(*) FROM chunks WHERE encode(id, 'hex') = '{id}'");
+    assert_eq!(fx.count(&indexed(claimed)).await, 0);
+    assert_eq!(fx.count(&indexed(big_claimed)).await, 0);
+    assert_eq!(fx.count(&indexed(good_id)).await, 1);
+    assert_eq!(fx.count("SELECT count(*) FROM chunks").await, 1);
+    assert_eq!(fx.count("SELECT count(*) FROM packs").await, 1);
     fx.server.stop().await.unwrap();
 }
 
