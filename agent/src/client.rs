@@ -183,7 +183,7 @@ fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, ClientErr
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    // Path-MTU discovery up to jumbo frames, as the server does (see its `MTU_UPPER_BOUND`).
+    // Path-MTU discovery up to the bound the server uses too.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MTU_UPPER_BOUND);
     transport

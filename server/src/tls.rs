@@ -140,9 +140,14 @@ pub const MTU_UPPER_BOUND: u16 = 6_500;
 /// that way too); more than [`UDP_RECV_BUFFER_NEEDED`] helps when many agents upload at once.
 pub const UDP_BUFFER_BYTES: usize = 32 << 20;
 
-/// The receive buffer (as Linux reports it) that holds one agent's 4 MiB in flight: below
-/// it, uploads lose datagrams whenever the server is busy, and the server says so at start.
-pub const UDP_RECV_BUFFER_NEEDED: usize = 8 << 20;
+/// The most either side has in flight, unacknowledged: the server for downloads (here),
+/// the agent for uploads (its own `SEND_WINDOW_BYTES`, the same figure; it says why).
+pub const SEND_WINDOW_BYTES: u64 = 4 << 20;
+
+/// The receive buffer (as Linux reports it, twice what it holds) that takes one peer's
+/// [`SEND_WINDOW_BYTES`] in flight: below it, uploads lose datagrams whenever the server is
+/// busy, and the server says so at start.
+pub const UDP_RECV_BUFFER_NEEDED: usize = 2 * SEND_WINDOW_BYTES as usize;
 
 /// The server's QUIC endpoint on `listen`: datagrams up to [`MTU_UPPER_BOUND`] accepted
 /// (quinn's default, 1,472, is also what it tells the peer it may send, so without it
@@ -187,9 +192,7 @@ pub fn transport() -> quinn::TransportConfig {
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((16u32 * 1024 * 1024).into())
         .receive_window((64u32 * 1024 * 1024).into())
-        // What may be in flight unacknowledged: as the agent's `SEND_WINDOW_BYTES`, so a
-        // download (a restore) always fits the agent's socket buffer.
-        .send_window(4 * 1024 * 1024)
+        .send_window(SEND_WINDOW_BYTES)
         .keep_alive_interval(Some(Duration::from_secs(10)));
     if let Ok(idle) = Duration::from_secs(60).try_into() {
         t.max_idle_timeout(Some(idle));

@@ -164,6 +164,14 @@ pub fn tempdir() -> tempfile::TempDir {
     dir
 }
 
+/// `len` incompressible bytes, the same for the same `seed`: BLAKE3's output stream (an
+/// optimised dependency, so fast even in debug builds).
+pub fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0; len];
+    blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut data);
+    data
+}
+
 /// Writes a deterministic tree of `files` files adding up to about `total_bytes`:
 /// mostly small files (some compressible, some not) and a few large incompressible ones,
 /// as in an iPhone backup directory (`xx/<40 hex>` names).
@@ -189,10 +197,7 @@ pub fn make_tree(root: &Path, files: usize, total_bytes: usize, seed: u64) -> st
                 data.extend_from_slice(format!("row {} of file {i}; ", next() % 1000).as_bytes());
             }
         } else {
-            // Incompressible bytes from BLAKE3's output stream (an optimised dependency:
-            // fast even in debug builds).
-            data.resize(len, 0);
-            blake3::Hasher::new().update(&next().to_le_bytes()).finalize_xof().fill(&mut data);
+            data = incompressible(len, next());
         }
         data.truncate(len);
         // As in a real backup directory: <first two hex digits>/<fileID>.

@@ -14,7 +14,9 @@ use lifeboat_shared::ids::{RunId, SnapshotId, TenantId};
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
 
-use lifeboat_e2e::{cached_bytes, enrol, make_tree, pack_files, read_tree, server_config, skip_or_fail};
+use lifeboat_e2e::{
+    cached_bytes, enrol, incompressible, make_tree, pack_files, read_tree, server_config, skip_or_fail,
+};
 
 pub struct Fixture {
     pub server: Running,
@@ -171,20 +173,10 @@ async fn chunks_whose_content_does_not_match_their_id_are_refused_and_not_indexe
     assert!(err.to_string().contains(&claimed.to_string()), "{err}");
     // The same for chunks large enough to be verified off the stream's task, after a good
     // one in the same stream (the stream's buffers go to the blocking pool and back).
-    let noise = |mut x: u64| {
-        (0..1 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>()
-    };
-    let good = noise(1);
+    let good = incompressible(1 << 20, 1);
     let good_id = keys.id.chunk_id(&good);
-    let big_claimed = keys.id.chunk_id(&noise(2));
-    let big_poison = seal_chunk(&keys.data, &big_claimed, &noise(3), [8; 12]);
+    let big_claimed = keys.id.chunk_id(&incompressible(1 << 20, 2));
+    let big_poison = seal_chunk(&keys.data, &big_claimed, &incompressible(1 << 20, 3), [8; 12]);
     assert!(big_poison.len() > 1 << 20, "stored raw, so verified on the blocking pool");
     let err = client
         .put_chunks(run, vec![(good_id, seal_chunk(&keys.data, &good_id, &good, [7; 12])), (big_claimed, big_poison)])
