@@ -17,6 +17,7 @@ use idevice::usbmuxd::{UsbmuxdAddr, UsbmuxdConnection};
 use idevice::{IdeviceError, IdeviceService as _};
 use plist::{Dictionary, Value};
 
+use crate::pipeline::FinishedFile;
 use crate::progress::{Phase, Progress};
 
 const LABEL: &str = "lifeboat-agent";
@@ -177,7 +178,12 @@ impl Provider {
     pub async fn backup(&self, mirror: &Path, values: &Dictionary, sink: BackupSink) -> Result<PathBuf, DeviceError> {
         std::fs::create_dir_all(mirror).map_err(|e| DeviceError::Failed(format!("{}: {e}", mirror.display())))?;
         let mut client = MobileBackup2Client::connect(self).await.map_err(classify)?;
-        let delegate = MirrorDelegate { sink, current: std::sync::Mutex::new(None), known: KnownDirs::default() };
+        let delegate = MirrorDelegate {
+            sink,
+            current: std::sync::Mutex::new(None),
+            handoff: std::sync::Mutex::default(),
+            known: KnownDirs::default(),
+        };
         let reply = client.backup_from_path(mirror, Some(&self.udid), None, &delegate).await.map_err(classify)?;
         let _ = client.disconnect().await;
         let reply = reply.ok_or_else(|| DeviceError::Failed("the iPhone ended the backup without a verdict".into()))?;
@@ -248,63 +254,136 @@ pub struct BackupSink {
 /// The host side of a MobileBackup2 backup into the local mirror. File operations are
 /// plain system calls on the calling thread (each takes microseconds; idevice's
 /// `FsBackupDelegate` pays a blocking-pool round trip for each, which caps a backup of
-/// many small files at about 80 MB/s here). Each finished file goes to the upload
-/// pipeline at once, while the phone sends the next.
+/// many small files at about 80 MB/s here). Finished files go to the upload pipeline
+/// while the phone sends the next ones, a few at a time ([`HANDOFF_FILES`]).
 struct MirrorDelegate {
     sink: BackupSink,
-    /// The file being written, handed on when the phone says it is complete.
-    current: std::sync::Mutex<Option<PathBuf>>,
+    /// The file being written, handed on when the phone says it is complete, with a
+    /// second handle to it for the pipeline to read (no second path lookup) and the bytes
+    /// received before it.
+    current: std::sync::Mutex<Option<(PathBuf, Option<std::fs::File>, u64)>>,
+    /// Finished files not yet handed on, and their bytes.
+    handoff: std::sync::Mutex<(Vec<FinishedFile>, u64)>,
     /// Directories the mirror has, as far as this backup knows.
     known: KnownDirs,
 }
 
-/// Directories known to exist in the mirror. idevice asks for its parent directory before
-/// every file it receives and every move (100,000 times for a 50,000-file backup), and
-/// `create_dir_all` of a directory that exists is a `mkdir` that fails and a `stat`, on
-/// the thread that talks to the phone. A known directory costs a hash lookup instead.
+/// What this backup knows of the mirror's directories, so that the thread talking to the
+/// phone makes fewer system calls.
+///
+/// - idevice asks for its parent directory before every file it receives and every move
+///   (100,000 times for a 50,000-file backup), and `create_dir_all` of a directory that
+///   exists is a `mkdir` that fails and a `stat`. A known directory costs a hash lookup.
+/// - idevice removes every file's path before creating it, and the phone puts each file
+///   into a staging directory (`Snapshot/xx`) that it had the host make for this backup.
+///   A directory this backup made was empty then, so a name in it exists only if this
+///   backup put it there; removing any other name is skipped (50,000 `unlink`s that find
+///   nothing, each a directory lookup).
 ///
 /// Every ancestor of a known directory is known too, so renaming or removing a path that
 /// is not known cannot make any entry wrong. Should the mirror change behind the agent's
 /// back, the file create or rename that then fails with NotFound forgets everything and
-/// tries once more.
+/// tries once more. A name put behind its back into a directory it made is the one thing
+/// it would miss: the next file of that name is then written over it, in place.
 #[derive(Default)]
-struct KnownDirs(std::sync::Mutex<HashSet<PathBuf>>);
+struct KnownDirs(std::sync::Mutex<Known>);
+
+#[derive(Default)]
+struct Known {
+    /// Directories that exist.
+    dirs: HashSet<PathBuf>,
+    /// Of those, the ones this backup made.
+    made: HashSet<PathBuf>,
+    /// Hashes of the paths this backup put into directories it made (files, moves,
+    /// copies, subdirectories). Two paths with one hash only cost an `unlink` in vain.
+    placed: HashSet<u64>,
+}
+
+/// The key of a path in [`Known::placed`] (SipHash with fixed keys: the same in every run).
+fn path_hash(path: &Path) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    path.hash(&mut h);
+    h.finish()
+}
 
 impl KnownDirs {
-    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
     fn contains(&self, dir: &Path) -> bool {
-        self.set().contains(dir)
+        self.lock().dirs.contains(dir)
     }
     /// `dir` and its ancestors exist.
     fn insert(&self, dir: &Path) {
-        let mut set = self.set();
+        let mut known = self.lock();
         for a in dir.ancestors().filter(|a| !a.as_os_str().is_empty()) {
             // Its ancestors are in already.
-            if !set.insert(a.to_path_buf()) {
+            if !known.dirs.insert(a.to_path_buf()) {
                 break;
             }
         }
     }
-    /// `path` is about to be moved or removed: it and everything under it may go.
+    /// `path` is about to be moved or removed, or replaced by a move: it and everything
+    /// under it may go.
     fn forget(&self, path: &Path) {
-        let mut set = self.set();
-        if set.remove(path) {
-            set.retain(|d| !d.starts_with(path));
+        let mut known = self.lock();
+        if known.dirs.remove(path) {
+            known.dirs.retain(|d| !d.starts_with(path));
+            known.made.retain(|d| !d.starts_with(path));
         }
     }
     fn clear(&self) {
-        self.set().clear();
+        *self.lock() = Known::default();
     }
-    /// `create_dir_all` that remembers.
+    /// This backup put something at `path`.
+    fn placed(&self, path: &Path) {
+        let mut known = self.lock();
+        if path.parent().is_some_and(|p| known.made.contains(p)) {
+            known.placed.insert(path_hash(path));
+        }
+    }
+    /// False when nothing can be at `path`: its directory was made by this backup, which
+    /// put nothing there by that name.
+    fn may_exist(&self, path: &Path) -> bool {
+        let known = self.lock();
+        !path.parent().is_some_and(|p| known.made.contains(p))
+            || known.dirs.contains(path)
+            || known.placed.contains(&path_hash(path))
+    }
+    /// `create_dir_all` that remembers, and remembers which directories it made.
     fn create(&self, dir: &Path) -> std::io::Result<()> {
         if self.contains(dir) {
             return Ok(());
         }
-        std::fs::create_dir_all(dir)?;
-        self.insert(dir);
-        Ok(())
+        let made = match std::fs::create_dir(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => {
+                    // A parent it knew is gone: the mirror changed behind its back.
+                    if self.contains(parent) {
+                        self.clear();
+                    }
+                    self.create(parent)?;
+                    std::fs::create_dir(dir)
+                }
+                _ => Err(e),
+            },
+            other => other,
+        };
+        match made {
+            Ok(()) => {
+                self.placed(dir);
+                self.insert(dir);
+                self.lock().made.insert(dir.to_path_buf());
+                Ok(())
+            }
+            // There already (as `create_dir_all` has it, a symlink to a directory counts).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {
+                self.insert(dir);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
     /// Runs `op`, and once more after re-creating `path`'s parent if it failed with
     /// NotFound while the parent was thought to exist.
@@ -329,7 +408,26 @@ fn internal(e: std::io::Error) -> IdeviceError {
     IdeviceError::InternalError(e.to_string())
 }
 
+/// Finished files are handed to the pipeline several at a time (one wake-up of its
+/// chunker thread, not one per file): at this many, at this many bytes (so a large file
+/// goes at once), at the end of each batch the phone sends, and when the backup ends.
+const HANDOFF_FILES: usize = 32;
+const HANDOFF_BYTES: u64 = 1024 * 1024;
+
+impl Drop for MirrorDelegate {
+    fn drop(&mut self) {
+        self.hand_off();
+    }
+}
+
 impl MirrorDelegate {
+    fn hand_off(&self) {
+        let files = std::mem::take(&mut *self.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).0;
+        // The pipeline may have stopped (an upload failed): the backup ends anyway.
+        if !files.is_empty() {
+            let _ = self.sink.finished.files(files);
+        }
+    }
     fn seen(&self) {
         if self.sink.started.send_if_modified(|s| !std::mem::replace(s, true)) {
             self.sink.progress.set_phase(Phase::Receiving);
@@ -368,8 +466,13 @@ impl BackupDelegate for MirrorDelegate {
     ) -> DelegateFuture<'a, Result<Box<dyn std::io::Write + Send>, IdeviceError>> {
         self.seen();
         Box::pin(async move {
-            let file = self.known.retry_parent(path, || std::fs::File::create(path)).map_err(internal)?;
-            *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path.to_path_buf());
+            let file =
+                self.known.retry_parent(path, || crate::pipeline::create_for_reading_back(path)).map_err(internal)?;
+            self.known.placed(path);
+            let reader = file.try_clone().ok();
+            let before = self.sink.progress.bytes_received.load(std::sync::atomic::Ordering::Relaxed);
+            *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some((path.to_path_buf(), reader, before));
             Ok(Box::new(Counted { file, progress: self.sink.progress.clone() }) as Box<dyn std::io::Write + Send>)
         })
     }
@@ -379,8 +482,11 @@ impl BackupDelegate for MirrorDelegate {
     }
     fn remove<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
         Box::pin(async move {
-            // idevice removes every file's path before creating it, mostly in vain: one
-            // system call for a file or nothing, a second only for a directory.
+            // idevice removes every file's path before creating it, mostly in vain: no
+            // system call where nothing can be, one for a file, a second for a directory.
+            if !self.known.may_exist(path) {
+                return Err(internal(std::io::ErrorKind::NotFound.into()));
+            }
             match std::fs::remove_file(path) {
                 // A symlink to a directory may have been known as one.
                 Ok(()) => {
@@ -402,7 +508,11 @@ impl BackupDelegate for MirrorDelegate {
     fn rename<'a>(&'a self, from: &'a Path, to: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
         Box::pin(async move {
             self.known.forget(from);
-            self.known.retry_parent(to, || std::fs::rename(from, to)).map_err(internal)
+            // A directory moved over another replaces what the cache knew of it.
+            self.known.forget(to);
+            self.known.retry_parent(to, || std::fs::rename(from, to)).map_err(internal)?;
+            self.known.placed(to);
+            Ok(())
         })
     }
     fn copy<'a>(&'a self, src: &'a Path, dst: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
@@ -410,7 +520,7 @@ impl BackupDelegate for MirrorDelegate {
             if std::fs::metadata(src).is_ok_and(|m| m.is_dir()) {
                 self.known.create(dst)
             } else {
-                self.known.retry_parent(dst, || std::fs::copy(src, dst).map(|_| ()))
+                self.known.retry_parent(dst, || std::fs::copy(src, dst).map(|_| ())).map(|()| self.known.placed(dst))
             }
             .map_err(internal)
         })
@@ -440,12 +550,25 @@ impl BackupDelegate for MirrorDelegate {
     }
     fn on_file_received(&self, _path: &str, _count: u32) {
         Progress::add(&self.sink.progress.files_received, 1);
-        if let Some(path) = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
-            // The pipeline may have stopped (an upload failed): the backup ends anyway.
-            let _ = self.sink.finished.file(path);
+        if let Some((path, reader, before)) =
+            self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+        {
+            let size =
+                self.sink.progress.bytes_received.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(before);
+            let full = {
+                let mut handoff = self.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                handoff.0.push((path, reader));
+                handoff.1 += size;
+                handoff.0.len() >= HANDOFF_FILES || handoff.1 >= HANDOFF_BYTES
+            };
+            if full {
+                self.hand_off();
+            }
         }
     }
     fn on_progress(&self, progress: BackupProgress) {
+        // Called at the end of each batch of files the phone sends, and within a large one.
+        self.hand_off();
         let p = &self.sink.progress;
         if progress.session_bytes_total > 0 {
             p.bytes_expected.store(progress.session_bytes_total, std::sync::atomic::Ordering::Relaxed);
@@ -555,6 +678,34 @@ mod tests {
     }
 
     #[test]
+    fn a_name_in_a_directory_this_backup_made_exists_only_once_the_backup_put_it_there() {
+        let tmp = tempfile::tempdir().unwrap();
+        let known = KnownDirs::default();
+        // Made now, with the parents it lacked: nothing can be in it yet.
+        let staging = tmp.path().join("T/Snapshot/ab");
+        known.create(&staging).unwrap();
+        let file = staging.join("ab01");
+        assert!(!known.may_exist(&file) && !known.may_exist(&staging.join("ab02")));
+        known.placed(&file);
+        assert!(known.may_exist(&file) && !known.may_exist(&staging.join("ab02")));
+        // A directory made in one made by this backup is a name there too.
+        assert!(known.may_exist(&tmp.path().join("T/Snapshot")));
+        assert!(!known.may_exist(&tmp.path().join("T/Manifest.db")));
+        // A directory that was there before may hold anything.
+        assert!(known.may_exist(&tmp.path().join("anything")));
+        let before = tmp.path().join("before");
+        std::fs::create_dir(&before).unwrap();
+        known.create(&before).unwrap();
+        assert!(known.may_exist(&before.join("x")));
+        // Moved away (or replaced by a move), it is no longer one this backup made.
+        known.forget(&staging);
+        assert!(known.may_exist(&staging.join("ab02")));
+        // Once the cache is dropped, no directory is known to be made: any name may exist.
+        known.clear();
+        assert!(known.may_exist(&file));
+    }
+
+    #[test]
     fn a_directory_removed_behind_the_cache_is_made_again_for_the_next_file() {
         let tmp = tempfile::tempdir().unwrap();
         let known = KnownDirs::default();
@@ -566,6 +717,10 @@ mod tests {
         let file = dir.join("abcdef");
         known.retry_parent(&file, || std::fs::write(&file, b"x")).unwrap();
         assert_eq!(std::fs::read(&file).unwrap(), b"x");
+        // So is a directory below one that is gone.
+        std::fs::remove_dir_all(tmp.path().join("T")).unwrap();
+        known.create(&dir.join("cd")).unwrap();
+        assert!(dir.join("cd").is_dir());
         // A rename whose source is missing still fails as it should.
         let missing = tmp.path().join("T/ab/missing");
         let err = known.retry_parent(&dir.join("to"), || std::fs::rename(&missing, dir.join("to"))).unwrap_err();

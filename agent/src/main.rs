@@ -197,7 +197,7 @@ async fn backup(config: &Config, udid: &str, json: bool) -> anyhow::Result<()> {
             "snapshot": o.snapshot.to_string(), "files": o.files, "logical_bytes": o.logical_bytes,
             "chunks": o.upload.chunks, "chunks_sent": o.upload.chunks_sent,
             "blob_bytes_sent": o.upload.blob_bytes_sent, "quic_bytes_sent": o.quic_bytes_sent,
-            "cached_files": o.cached_files,
+            "cached_files": o.cached_files, "files_read_at_end": o.upload.files_read_at_end,
         });
         println!("{out}");
     } else {

@@ -40,8 +40,17 @@ const BATCHES_IN_FLIGHT: usize = 3;
 const STREAMS_PER_BATCH: usize = 4;
 /// Files are read in blocks of this size (smaller ones whole) and cut in memory.
 const READ_BLOCK_BYTES: u64 = 8 * 1024 * 1024;
-/// Chunks the chunker may run ahead of the uploads.
-const PIECES_QUEUED: usize = 16;
+/// Messages of pieces the chunker may run ahead of the uploads.
+const PIECES_QUEUED: usize = 8;
+/// A message of pieces goes out at this many bytes of new chunks (two average chunks of
+/// a large file) or this many pieces (small files), and whenever the chunker runs out of
+/// files: the queue holds about the 16 chunks of a large file it held one by one before.
+const MESSAGE_BYTES: usize = 1024 * 1024;
+const MESSAGE_PIECES: usize = 64;
+/// A batch not yet full goes out once the chunker has been this long without a new piece
+/// (the phone is between files, or moving them into place at the end of a backup), so
+/// the last chunks are not all left for after the phone is done.
+const IDLE_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 /// Finished files waiting with an open handle (surviving the phone's renames), across all
 /// backups of the process; beyond that they wait by path alone, so slow uploads cannot
 /// exhaust file descriptors.
@@ -168,6 +177,8 @@ impl FileCache {
 enum Job {
     /// A finished file, opened before the phone could move it, or by path.
     File(PathBuf, Option<Handle>),
+    /// Several, handed on together (one wake-up of the chunker).
+    Files(Vec<(PathBuf, Option<Handle>)>),
     /// Answer [`Piece::Flushed`] once every earlier file is done.
     Flush,
 }
@@ -182,6 +193,9 @@ enum Piece {
     Flushed,
 }
 
+/// A finished file, with a handle to read it by if its writer has one.
+pub type FinishedFile = (PathBuf, Option<std::fs::File>);
+
 /// Where finished files go; cloneable and usable from synchronous code.
 #[derive(Debug, Clone)]
 pub struct Feed {
@@ -192,19 +206,60 @@ impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::File(p, _) => write!(f, "File({})", p.display()),
+            Self::Files(files) => write!(f, "Files({})", files.len()),
             Self::Flush => f.write_str("Flush"),
         }
     }
 }
 
 impl Feed {
-    /// Queues a finished file. Returns false when the pipeline has stopped.
-    pub fn file(&self, path: PathBuf) -> bool {
-        // A file that does not open now is tried again by path (its slot goes back).
-        let handle = HandleSlot::take()
-            .and_then(|slot| std::fs::File::open(&path).ok().map(|file| Handle { file, _slot: Some(slot) }));
-        self.jobs.send(Job::File(path, handle)).is_ok()
+    /// Queues finished files, each with a handle to read it by if the caller has one (the
+    /// chunker reads from the start, whatever its offset), in one message (one wake-up of
+    /// the chunker). Returns false when the pipeline has stopped.
+    pub fn files(&self, files: Vec<FinishedFile>) -> bool {
+        let files = files
+            .into_iter()
+            .map(|(path, open)| {
+                let handle = Self::handle(&path, open);
+                (path, handle)
+            })
+            .collect();
+        self.jobs.send(Job::Files(files)).is_ok()
     }
+
+    /// The handle a queued file waits with, if a slot is free: the caller's, or one opened
+    /// now. A file that does not open now is tried again by path (its slot goes back).
+    fn handle(path: &Path, open: Option<std::fs::File>) -> Option<Handle> {
+        HandleSlot::take().and_then(|slot| {
+            open.map_or_else(|| open_for_reading(path), Ok).ok().map(|file| Handle { file, _slot: Some(slot) })
+        })
+    }
+}
+
+/// Opens a mirror file to be read without touching its access time (an inode write per
+/// file otherwise: the phone's files are read back right after they are written).
+fn open_for_reading(path: &Path) -> std::io::Result<std::fs::File> {
+    with_noatime(std::fs::OpenOptions::new().read(true), path)
+}
+
+/// Creates (or truncates) a mirror file for the phone to write, readable through the
+/// same open file (`try_clone`) by the pipeline afterwards, access times not kept.
+pub(crate) fn create_for_reading_back(path: &Path) -> std::io::Result<std::fs::File> {
+    with_noatime(std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true), path)
+}
+
+/// Opens with `O_NOATIME` where there is one, and without it where the kernel refuses it
+/// (a file someone else owns).
+fn with_noatime(options: &mut std::fs::OpenOptions, path: &Path) -> std::io::Result<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        match options.clone().custom_flags(nix::libc::O_NOATIME).open(path) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => {}
+            other => return other,
+        }
+    }
+    options.open(path)
 }
 
 /// A backup's upload pipeline for one run. Dropping it stops its uploads (a `JoinSet`)
@@ -215,11 +270,17 @@ pub struct Pipeline {
     run: RunId,
     progress: Arc<Progress>,
     feed: Feed,
-    pieces: mpsc::Receiver<Piece>,
+    pieces: mpsc::Receiver<Vec<Piece>>,
+    /// Pieces received and not yet taken (only while finishing).
+    inbox: std::collections::VecDeque<Piece>,
     /// Files chunked (this run) or cached (last snapshot; `true`), by key.
     known: HashMap<FileKey, (Box<[ChunkRef]>, bool)>,
     batch: Vec<(ChunkId, Bytes)>,
     batch_bytes: usize,
+    /// When the last piece came, and a timer that checks it (reset at most once per
+    /// [`IDLE_FLUSH_AFTER`], not per piece).
+    last_piece: tokio::time::Instant,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
     uploads: JoinSet<Result<BatchReport, TransferError>>,
     report: UploadReport,
 }
@@ -264,9 +325,12 @@ impl Pipeline {
             progress,
             feed: Feed { jobs: jobs_tx },
             pieces,
+            inbox: std::collections::VecDeque::new(),
             known,
             batch: Vec::new(),
             batch_bytes: 0,
+            last_piece: tokio::time::Instant::now(),
+            idle: Box::pin(tokio::time::sleep(IDLE_FLUSH_AFTER)),
             uploads: JoinSet::new(),
             report: UploadReport::default(),
         }
@@ -285,6 +349,7 @@ impl Pipeline {
         tokio::pin!(done);
         loop {
             let blocked = self.blocked();
+            let may_flush = !self.batch.is_empty() && self.uploads.len() < BATCHES_IN_FLIGHT;
             // The pipeline's branches first: they are quick, while the phone's loop, with
             // data always ready (a large file), would use up the task's whole cooperative
             // budget on every poll and leave them none: no chunk would go out until the
@@ -292,10 +357,18 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 Some(r) = self.uploads.join_next(), if !self.uploads.is_empty() => self.settled(r)?,
-                piece = self.pieces.recv(), if !blocked => match piece {
-                    Some(p) => self.take(p),
+                message = self.pieces.recv(), if !blocked => match message {
+                    Some(pieces) => pieces.into_iter().for_each(|p| self.take(p)),
                     None => return Err(TransferError::Invalid("the chunker stopped".into())),
                 },
+                () = &mut self.idle, if may_flush => {
+                    let due = self.last_piece + IDLE_FLUSH_AFTER;
+                    if tokio::time::Instant::now() >= due {
+                        self.flush_batch();
+                    } else {
+                        self.idle.as_mut().reset(due);
+                    }
+                }
                 out = &mut done => return Ok(out),
             }
         }
@@ -348,10 +421,12 @@ impl Pipeline {
             }
         }
         tracing::debug!(files = files.len(), read_at_end = pending, "backup directory chunked");
+        self.report.files_read_at_end = pending as u64;
         self.flush_batch();
         while let Some(r) = self.uploads.join_next().await {
             self.settled(r)?;
         }
+        tracing::debug!(run.id = %self.run, "every new chunk uploaded");
         // Each chunk list moves from the map into its manifest entry.
         let mut known = std::mem::take(&mut self.known);
         let mut from_cache = Vec::with_capacity(files.len());
@@ -383,12 +458,15 @@ impl Pipeline {
 
     async fn next_piece(&mut self) -> Result<Piece, TransferError> {
         loop {
+            if let Some(piece) = self.inbox.pop_front() {
+                return Ok(piece);
+            }
             let blocked = self.blocked();
             tokio::select! {
                 biased;
                 Some(r) = self.uploads.join_next(), if !self.uploads.is_empty() => self.settled(r)?,
-                piece = self.pieces.recv(), if !blocked => {
-                    return piece.ok_or_else(|| TransferError::Invalid("the chunker stopped".into()));
+                message = self.pieces.recv(), if !blocked => {
+                    self.inbox.extend(message.ok_or_else(|| TransferError::Invalid("the chunker stopped".into()))?);
                 }
             }
         }
@@ -412,6 +490,7 @@ impl Pipeline {
     }
 
     fn take(&mut self, piece: Piece) {
+        self.last_piece = tokio::time::Instant::now();
         match piece {
             Piece::Chunk(id, data) => {
                 self.batch_bytes += data.len();
@@ -497,88 +576,146 @@ async fn send_batch(
     Ok(report)
 }
 
+/// Pieces on their way from the chunker to the pipeline, several to a message: the
+/// pipeline's task is woken once per message, not twice per small file.
+struct Outbox {
+    tx: mpsc::Sender<Vec<Piece>>,
+    pieces: Vec<Piece>,
+    bytes: usize,
+}
+
+/// The pipeline stopped (an upload failed, or the backup ended).
+struct Stopped;
+
+impl Outbox {
+    fn new(tx: mpsc::Sender<Vec<Piece>>) -> Self {
+        Self { tx, pieces: Vec::with_capacity(MESSAGE_PIECES), bytes: 0 }
+    }
+    /// Queues `piece`, and sends the message once it is full.
+    fn push(&mut self, piece: Piece) -> Result<(), Stopped> {
+        if let Piece::Chunk(_, data) = &piece {
+            self.bytes += data.len();
+        }
+        self.pieces.push(piece);
+        if self.bytes >= MESSAGE_BYTES || self.pieces.len() >= MESSAGE_PIECES { self.send() } else { Ok(()) }
+    }
+    /// Sends what is queued (waiting while the pipeline holds [`PIECES_QUEUED`] messages).
+    fn send(&mut self) -> Result<(), Stopped> {
+        if self.pieces.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let message = std::mem::replace(&mut self.pieces, Vec::with_capacity(MESSAGE_PIECES));
+        self.tx.blocking_send(message).map_err(|_| Stopped)
+    }
+}
+
 /// The chunker thread: reads each queued file and emits its new chunks and its chunk list.
+/// What it has made goes out when a message is full and whenever it runs out of files.
 fn chunker(
     mut jobs: mpsc::UnboundedReceiver<Job>,
-    pieces: mpsc::Sender<Piece>,
+    pieces: mpsc::Sender<Vec<Piece>>,
     keys: Keys,
     mut seen: HashSet<ChunkId>,
     progress: Arc<Progress>,
 ) {
-    let seed = keys.id.chunker_seed();
-    while let Some(job) = jobs.blocking_recv() {
-        let (path, handle) = match job {
-            Job::Flush => {
-                if pieces.blocking_send(Piece::Flushed).is_err() {
-                    return;
-                }
-                continue;
-            }
-            Job::File(path, handle) => (path, handle),
+    let mut out = Outbox::new(pieces);
+    let mut next = jobs.blocking_recv();
+    while let Some(job) = next {
+        let done = match job {
+            Job::Flush => out.push(Piece::Flushed),
+            Job::File(path, handle) => chunk_file(path, handle, &keys, &mut seen, &progress, &mut out),
+            Job::Files(files) => files
+                .into_iter()
+                .try_for_each(|(path, handle)| chunk_file(path, handle, &keys, &mut seen, &progress, &mut out)),
         };
-        let opened = match handle {
-            Some(h) => Ok(h),
-            None => std::fs::File::open(&path).map(|file| Handle { file, _slot: None }),
-        };
-        let handle = match opened {
-            Ok(f) => f,
-            Err(e) => {
-                if pieces.blocking_send(Piece::Skipped(path, e)).is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        let file = &handle.file;
-        let result = (|| -> Result<(FileKey, Box<[ChunkRef]>), std::io::Error> {
-            let before = FileKey::of(&file.metadata()?);
-            let mut chunks = Vec::new();
-            let mut fresh = Vec::new();
-            let mut emit = |buf: &Bytes, ranges: &[std::ops::Range<usize>]| -> Result<(), std::io::Error> {
-                fresh.clear();
-                for range in ranges {
-                    let id = keys.id.chunk_id(&buf[range.clone()]);
-                    chunks.push(ChunkRef { id, length: range.len() as u32 });
-                    Progress::add(&progress.bytes_chunked, range.len() as u64);
-                    if seen.insert(id) {
-                        fresh.push((id, range.clone()));
-                    }
-                }
-                // New chunks are slices of the read buffer, which each keeps whole: when
-                // they are less than half of it (a big file changed here and there), they
-                // are copied out instead, so memory follows the chunks queued.
-                let fresh_bytes: usize = fresh.iter().map(|(_, r)| r.len()).sum();
-                let slice = 2 * fresh_bytes >= buf.len();
-                for (id, range) in fresh.drain(..) {
-                    let chunk = if slice { buf.slice(range) } else { Bytes::copy_from_slice(&buf[range]) };
-                    if pieces.blocking_send(Piece::Chunk(id, chunk)).is_err() {
-                        return Err(std::io::Error::other("the pipeline stopped"));
-                    }
-                }
-                Ok(())
-            };
-            // A small file (most of a phone's) is read whole into a buffer of its size,
-            // a larger one in blocks; new chunks are mostly slices of those buffers. At
-            // most one byte past the size is read: a growing file is refused below.
-            let block = before.size.saturating_add(1).min(READ_BLOCK_BYTES) as usize;
-            read_chunks(std::io::Read::take(file, before.size.saturating_add(1)), seed, block, &mut emit)?;
-            // A file written to while it was read is not what its chunks say.
-            let after = FileKey::of(&file.metadata()?);
-            let read: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();
-            if after != before || read != before.size {
-                return Err(std::io::Error::other("the file changed while it was read"));
-            }
-            Ok((before, chunks.into_boxed_slice()))
-        })();
-        Progress::add(&progress.files_chunked, 1);
-        let piece = match result {
-            Ok((key, chunks)) => Piece::File(key, chunks),
-            Err(e) => Piece::Skipped(path, e),
-        };
-        if pieces.blocking_send(piece).is_err() {
+        if done.is_err() {
             return;
         }
+        next = match jobs.try_recv() {
+            Ok(job) => Some(job),
+            Err(_) => {
+                if out.send().is_err() {
+                    return;
+                }
+                jobs.blocking_recv()
+            }
+        };
     }
+    let _ = out.send();
+}
+
+/// Reads one file: its new chunks, then its chunk list (or why it was skipped).
+fn chunk_file(
+    path: PathBuf,
+    handle: Option<Handle>,
+    keys: &Keys,
+    seen: &mut HashSet<ChunkId>,
+    progress: &Progress,
+    out: &mut Outbox,
+) -> Result<(), Stopped> {
+    let opened = match handle {
+        Some(h) => Ok(h),
+        None => open_for_reading(&path).map(|file| Handle { file, _slot: None }),
+    };
+    let handle = match opened {
+        Ok(f) => f,
+        Err(e) => return out.push(Piece::Skipped(path, e)),
+    };
+    let seed = keys.id.chunker_seed();
+    let mut file = &handle.file;
+    let mut stopped = false;
+    let result = (|| -> Result<(FileKey, Box<[ChunkRef]>), std::io::Error> {
+        // A handle the phone's file was written through is at its end.
+        std::io::Seek::rewind(&mut file)?;
+        let before = FileKey::of(&file.metadata()?);
+        let mut chunks = Vec::new();
+        let mut fresh = Vec::new();
+        let mut emit = |buf: &Bytes, ranges: &[std::ops::Range<usize>]| -> Result<(), std::io::Error> {
+            fresh.clear();
+            for range in ranges {
+                let id = keys.id.chunk_id(&buf[range.clone()]);
+                chunks.push(ChunkRef { id, length: range.len() as u32 });
+                Progress::add(&progress.bytes_chunked, range.len() as u64);
+                if seen.insert(id) {
+                    fresh.push((id, range.clone()));
+                }
+            }
+            // New chunks are slices of the read buffer, which each keeps whole: when
+            // they are less than half of it (a big file changed here and there), they
+            // are copied out instead, so memory follows the chunks queued.
+            let fresh_bytes: usize = fresh.iter().map(|(_, r)| r.len()).sum();
+            let slice = 2 * fresh_bytes >= buf.len();
+            for (id, range) in fresh.drain(..) {
+                let chunk = if slice { buf.slice(range) } else { Bytes::copy_from_slice(&buf[range]) };
+                if out.push(Piece::Chunk(id, chunk)).is_err() {
+                    stopped = true;
+                    return Err(std::io::Error::other("the pipeline stopped"));
+                }
+            }
+            Ok(())
+        };
+        // A small file (most of a phone's) is read whole into a buffer of its size,
+        // a larger one in blocks; new chunks are mostly slices of those buffers. At
+        // most one byte past the size is read: a growing file is refused below.
+        let block = before.size.saturating_add(1).min(READ_BLOCK_BYTES) as usize;
+        read_chunks(std::io::Read::take(file, before.size.saturating_add(1)), seed, block, &mut emit)?;
+        // A file written to while it was read is not what its chunks say.
+        let after = FileKey::of(&file.metadata()?);
+        let read: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();
+        if after != before || read != before.size {
+            return Err(std::io::Error::other("the file changed while it was read"));
+        }
+        Ok((before, chunks.into_boxed_slice()))
+    })();
+    if stopped {
+        return Err(Stopped);
+    }
+    Progress::add(&progress.files_chunked, 1);
+    out.push(match result {
+        Ok((key, chunks)) => Piece::File(key, chunks),
+        Err(e) => Piece::Skipped(path, e),
+    })
 }
 
 #[cfg(test)]

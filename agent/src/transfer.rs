@@ -68,6 +68,9 @@ pub struct UploadReport {
     pub blob_bytes_sent: u64,
     /// Files whose chunks came from the local cache (not read at all).
     pub files_from_cache: u64,
+    /// Files read only after the phone was done (not handed on while it sent: the
+    /// agent's own Info.plist, or a file that changed while it was read).
+    pub files_read_at_end: u64,
 }
 
 pub(crate) fn nonce() -> Result<[u8; 12], TransferError> {
@@ -137,6 +140,7 @@ pub async fn upload_dir(
 /// Seals `manifest` and commits it as the run's snapshot.
 pub async fn commit(client: &Client, keys: &Keys, run: RunId, manifest: &Manifest) -> Result<Response, TransferError> {
     let sealed = manifest.seal(&keys.data, nonce()?).map_err(|e| TransferError::Invalid(e.to_string()))?;
+    tracing::debug!(run.id = %run, files = manifest.files.len(), manifest.bytes = sealed.len(), "manifest sealed; committing");
     Ok(client.commit(run, manifest.snapshot, &sealed).await?)
 }
 

@@ -90,6 +90,20 @@ pub async fn indexed(
         .collect()
 }
 
+/// How many of `ids` (distinct) the tenant's chunk index holds: one number back instead of
+/// a row per chunk, for the common case of a commit whose chunks are all there.
+pub async fn count_indexed(
+    client: &tokio_postgres::Client,
+    tenant: TenantId,
+    ids: &[ChunkId],
+) -> Result<usize, ChunkStoreError> {
+    let raw: Vec<&[u8]> = ids.iter().map(|i| &i.0[..]).collect();
+    let row = client
+        .query_one("SELECT count(*) FROM chunks WHERE tenant_id = $1 AND id = ANY($2)", &[&tenant.0, &raw])
+        .await?;
+    Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(usize::MAX))
+}
+
 /// Splits sorted locations into groups that one ranged read serves.
 pub fn read_groups(locations: &[Location]) -> impl Iterator<Item = &[Location]> {
     locations.chunk_by(|a, b| {

@@ -652,31 +652,29 @@ impl Hub {
             return Err(Rejection::new(ErrorCode::Malformed, format!("run {run} commits snapshot {}", row.snapshot)));
         }
         let sealed = read_bytes(recv, MAX_SEALED_MANIFEST_BYTES).await?;
+        let started = std::time::Instant::now();
         let buf = self.buffer(run, s.tenant);
-        self.flush(&buf).await?;
+        // The run's last pack is written while the manifest is opened (decrypted,
+        // decompressed, decoded: tens of milliseconds for 50,000 files, on the blocking pool).
         let keys = self.tenant_keys(s.tenant).await?;
-        let manifest = Manifest::open(&keys.data, &snapshot, &sealed)
-            .map_err(|e| Rejection::new(ErrorCode::Malformed, format!("manifest refused: {e}")))?;
+        let opening =
+            tokio::task::spawn_blocking(move || Manifest::open(&keys.data, &snapshot, &sealed).map(|m| (m, sealed)));
+        let flush = self.flush(&buf).await;
+        let opened = opening.await.map_err(|e| Rejection::internal("opening a manifest", e))?;
+        flush?;
+        let (manifest, sealed) =
+            opened.map_err(|e| Rejection::new(ErrorCode::Malformed, format!("manifest refused: {e}")))?;
         if manifest.device.udid.as_str() != row.udid {
             return Err(Rejection::new(ErrorCode::Malformed, "manifest is for another device than the run"));
         }
+        let opened = started.elapsed();
         let ids: Vec<ChunkId> = {
             let mut set = HashSet::new();
             manifest.files.iter().flat_map(|f| f.chunks.iter().map(|c| c.id)).filter(|id| set.insert(*id)).collect()
         };
-        let mut missing = 0usize;
-        let mut first_missing = None;
-        let client = self.db.get().await?;
-        for batch in ids.chunks(MAX_IDS_PER_REQUEST) {
-            let present = chunkstore::indexed(&client, s.tenant, batch)
-                .await
-                .map_err(|e| Rejection::internal("looking up chunks", e))?;
-            for id in batch.iter().filter(|id| !present.contains(id)) {
-                missing += 1;
-                first_missing.get_or_insert(*id);
-            }
-        }
-        drop(client);
+        let chunks = ids.len();
+        let (missing, first_missing) = self.unindexed(s.tenant, ids).await?;
+        let checked = started.elapsed();
         if let Some(first) = first_missing {
             return Err(Rejection::new(
                 ErrorCode::MissingChunks,
@@ -690,6 +688,7 @@ impl Hub {
         let sealed_len = sealed.len() as u64;
         self.storage.write(&path, sealed).await.map_err(|e| Rejection::internal("writing a manifest to storage", e))?;
         self.metrics.ingest_stored_bytes.inc_by(sealed_len);
+        let stored = started.elapsed();
 
         let files = manifest.files.len() as i64;
         let logical = manifest.logical_bytes() as i64;
@@ -732,7 +731,57 @@ impl Hub {
         self.metrics.backup_runs.with_label_values(&["succeeded", ""]).inc();
         tracing::info!(agent.id = %s.agent, run.id = %run, snapshot.id = %snapshot, device.udid = %row.udid,
             files, logical_bytes = logical, "committed snapshot");
+        tracing::debug!(run.id = %run, chunks, flush_and_open_ms = opened.as_millis() as u64,
+            check_ms = (checked - opened).as_millis() as u64, store_ms = (stored - checked).as_millis() as u64,
+            record_ms = (started.elapsed() - stored).as_millis() as u64, "commit timings");
         Ok(Response::Committed { snapshot, files: files as u64, logical_bytes: logical as u64 })
+    }
+
+    /// How many of `ids` (distinct) the chunk index lacks, and the first of them. Looked up
+    /// in batches, two at a time on their own connections; a batch is counted first, and
+    /// only one that comes up short is listed.
+    async fn unindexed(&self, tenant: TenantId, ids: Vec<ChunkId>) -> Result<(usize, Option<ChunkId>), Rejection> {
+        const LANES: usize = 2;
+        let ids = Arc::new(ids);
+        let per_lane = ids.len().div_ceil(MAX_IDS_PER_REQUEST).div_ceil(LANES) * MAX_IDS_PER_REQUEST;
+        let mut lanes = tokio::task::JoinSet::new();
+        for lane in 0..LANES {
+            let (db, ids) = (self.db.clone(), ids.clone());
+            lanes.spawn(async move {
+                let lookup = async {
+                    let start = (lane * per_lane).min(ids.len());
+                    let end = (start + per_lane).min(ids.len());
+                    let mut missing: Vec<ChunkId> = Vec::new();
+                    if start == end {
+                        return Ok(missing);
+                    }
+                    let client = db.get().await?;
+                    for batch in ids[start..end].chunks(MAX_IDS_PER_REQUEST) {
+                        let found = chunkstore::count_indexed(&client, tenant, batch)
+                            .await
+                            .map_err(|e| Rejection::internal("looking up chunks", e))?;
+                        if found == batch.len() {
+                            continue;
+                        }
+                        let present = chunkstore::indexed(&client, tenant, batch)
+                            .await
+                            .map_err(|e| Rejection::internal("looking up chunks", e))?;
+                        missing.extend(batch.iter().filter(|id| !present.contains(id)));
+                    }
+                    Ok::<_, Rejection>(missing)
+                };
+                (lane, lookup.await)
+            });
+        }
+        // Lanes in order, so the first one missing is the first in the manifest's order.
+        let mut found: Vec<(usize, Vec<ChunkId>)> = Vec::new();
+        while let Some(r) = lanes.join_next().await {
+            let (lane, missing) = r.map_err(|e| Rejection::internal("looking up chunks", e))?;
+            found.push((lane, missing?));
+        }
+        found.sort_by_key(|(lane, _)| *lane);
+        let missing: usize = found.iter().map(|(_, m)| m.len()).sum();
+        Ok((missing, found.iter().find_map(|(_, m)| m.first().copied())))
     }
 
     async fn end_run(&self, s: Session, run: RunId, end: RunEnd) -> Reply {

@@ -457,7 +457,14 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
         Ok(c) => c,
         Err(e) => return Ok(Err(Failure::new(code::UNSUPPORTED, format!("reading the device's content: {e}")))),
     };
-    let files = content.manifest_files();
+    let files = std::sync::Arc::new(content.manifest_files());
+    // The new Manifest.db describes every file, sent or not, so it is built on another
+    // thread while the files go out: the host does not wait for this simulator's SQLite
+    // after the last file (a phone does this work on its own CPU).
+    let manifest_db = {
+        let files = files.clone();
+        tokio::task::spawn_blocking(move || manifest::build_manifest_db(&files))
+    };
     let changed: Vec<&ManifestFile> = files
         .iter()
         .filter(|f| previous.get(&f.file_id).is_none_or(|p| p.size != f.size || p.mtime != f.mtime))
@@ -515,8 +522,9 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
     // 6. The new manifest, then moves into place.
     let facts = state.facts();
     let plist = manifest::manifest_plist(&facts, &content.app_bundles(), SystemTime::now());
-    let db = match manifest::build_manifest_db(&files) {
-        Ok(db) => db,
+    let db = match manifest_db.await {
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => return Ok(Err(Failure::new(code::UNSUPPORTED, format!("building Manifest.db: {e}")))),
         Err(e) => return Ok(Err(Failure::new(code::UNSUPPORTED, format!("building Manifest.db: {e}")))),
     };
     link.upload_bytes(format!("{target}/Snapshot/Manifest.plist"), plist, 100.0).await?;

@@ -77,6 +77,9 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     assert_eq!(status(&after), "idle", "backed up just now: {after}");
     assert!(after["devices"][0]["last_backup_unix_ms"].is_i64());
     let first: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // Each file the phone sent was read through the handle it was written with, while the
+    // phone went on; only the agent's own Info.plist is read after the phone is done.
+    assert_eq!(first["files_read_at_end"], 1, "{first}");
     let snapshot = first["snapshot"].as_str().unwrap().parse().unwrap();
 
     // The committed snapshot, downloaded with the agent's keys, holds exactly the phone.

@@ -482,7 +482,7 @@ async fn the_pipeline_uploads_while_the_phone_side_never_waits() {
     let mut pipeline = Pipeline::start(client.clone(), keys, run, FileCache::default(), progress.clone());
     let feed = pipeline.feed();
     for rel in transfer::list_files(tree.path()).unwrap() {
-        assert!(feed.file(tree.path().join(rel)));
+        assert!(feed.files(vec![(tree.path().join(rel), None)]));
     }
     let watched = progress.clone();
     let busy_phone = async move {
@@ -495,6 +495,37 @@ async fn the_pipeline_uploads_while_the_phone_side_never_waits() {
     };
     let uploaded = pipeline.run_until(busy_phone).await.unwrap();
     assert!(uploaded > 0, "nothing was uploaded while the phone's side was busy");
+    drop(pipeline);
+    fx.server.stop().await.unwrap();
+}
+
+/// A batch that does not fill goes out once the chunker has nothing more to give, not
+/// only when the phone is done: at the end of a backup the phone spends seconds moving
+/// its files into place, and the last chunks must not wait for that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_does_not_fill_goes_out_while_the_phone_is_still_busy() {
+    use lifeboat_agent::pipeline::{FileCache, Pipeline};
+    use lifeboat_agent::progress::Progress;
+    let Some(fx) = start_server().await else { return };
+    let tenant = fx.tenant("acme").await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
+    let (run, _) = open_run(&client, &device(UDID)).await;
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::write(tree.path().join("one"), incompressible(200_000, 5)).unwrap();
+    let progress = std::sync::Arc::new(Progress::new());
+    let mut pipeline = Pipeline::start(client.clone(), keys, run, FileCache::default(), progress.clone());
+    assert!(pipeline.feed().files(vec![(tree.path().join("one"), None)]));
+    let watched = progress.clone();
+    let moving_files = async move {
+        // Passes in a fraction of a second; generous for a loaded CI.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while Progress::get(&watched.bytes_uploaded) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Progress::get(&watched.bytes_uploaded)
+    };
+    let uploaded = pipeline.run_until(moving_files).await.unwrap();
+    assert!(uploaded > 0, "the last, unfilled batch waited for the phone");
     drop(pipeline);
     fx.server.stop().await.unwrap();
 }
