@@ -284,7 +284,10 @@ struct MirrorDelegate {
 /// is not known cannot make any entry wrong. Should the mirror change behind the agent's
 /// back, the file create or rename that then fails with NotFound forgets everything and
 /// tries once more. A name put behind its back into a directory it made is the one thing
-/// it would miss: the next file of that name is then written over it, in place.
+/// it would miss: the next file of that name is then written over it, in place. Paths
+/// are compared byte for byte, so the mirror must be on a case-sensitive file system
+/// (the phone's names are lowercase hex and fixed words; a case-insensitive one would
+/// only make two spellings of one name look like two names).
 #[derive(Default)]
 struct KnownDirs(std::sync::Mutex<Known>);
 
@@ -520,7 +523,9 @@ impl BackupDelegate for MirrorDelegate {
             if std::fs::metadata(src).is_ok_and(|m| m.is_dir()) {
                 self.known.create(dst)
             } else {
-                self.known.retry_parent(dst, || std::fs::copy(src, dst).map(|_| ())).map(|()| self.known.placed(dst))
+                // Placed first: a copy that fails halfway leaves a file behind.
+                self.known.placed(dst);
+                self.known.retry_parent(dst, || std::fs::copy(src, dst).map(|_| ()))
             }
             .map_err(internal)
         })

@@ -41,11 +41,11 @@ const STREAMS_PER_BATCH: usize = 4;
 /// Files are read in blocks of this size (smaller ones whole) and cut in memory.
 const READ_BLOCK_BYTES: u64 = 8 * 1024 * 1024;
 /// Messages of pieces the chunker may run ahead of the uploads.
-const PIECES_QUEUED: usize = 8;
-/// A message of pieces goes out at this many bytes of new chunks (two average chunks of
-/// a large file) or this many pieces (small files), and whenever the chunker runs out of
-/// files: the queue holds about the 16 chunks of a large file it held one by one before.
-const MESSAGE_BYTES: usize = 1024 * 1024;
+const PIECES_QUEUED: usize = 16;
+/// A message of pieces goes out at this many bytes of new chunks (an average chunk: a
+/// large file's chunks mostly go one to a message, as all pieces did before messages) or
+/// this many pieces (small files), and whenever the chunker runs out of files.
+const MESSAGE_BYTES: usize = lifeboat_shared::format::CHUNK_AVG_BYTES as usize;
 const MESSAGE_PIECES: usize = 64;
 /// A batch not yet full goes out once the chunker has been this long without a new piece
 /// (the phone is between files, or moving them into place at the end of a backup), so
@@ -271,7 +271,8 @@ pub struct Pipeline {
     progress: Arc<Progress>,
     feed: Feed,
     pieces: mpsc::Receiver<Vec<Piece>>,
-    /// Pieces received and not yet taken (only while finishing).
+    /// Pieces received and not yet taken: a message is taken a piece at a time, and only
+    /// while the batch has room.
     inbox: std::collections::VecDeque<Piece>,
     /// Files chunked (this run) or cached (last snapshot; `true`), by key.
     known: HashMap<FileKey, (Box<[ChunkRef]>, bool)>,
@@ -348,6 +349,7 @@ impl Pipeline {
     pub async fn run_until<T>(&mut self, done: impl Future<Output = T>) -> Result<T, TransferError> {
         tokio::pin!(done);
         loop {
+            self.take_received();
             let blocked = self.blocked();
             let may_flush = !self.batch.is_empty() && self.uploads.len() < BATCHES_IN_FLIGHT;
             // The pipeline's branches first: they are quick, while the phone's loop, with
@@ -357,8 +359,8 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 Some(r) = self.uploads.join_next(), if !self.uploads.is_empty() => self.settled(r)?,
-                message = self.pieces.recv(), if !blocked => match message {
-                    Some(pieces) => pieces.into_iter().for_each(|p| self.take(p)),
+                message = self.pieces.recv(), if !blocked && self.inbox.is_empty() => match message {
+                    Some(pieces) => self.inbox.extend(pieces),
                     None => return Err(TransferError::Invalid("the chunker stopped".into())),
                 },
                 () = &mut self.idle, if may_flush => {
@@ -456,16 +458,27 @@ impl Pipeline {
         Ok((files, keys, self.report))
     }
 
+    /// Takes the pieces received, one at a time while the batch has room (a message holds
+    /// up to [`MESSAGE_PIECES`]; a batch must not outgrow one request's ids).
+    fn take_received(&mut self) {
+        while !self.blocked() {
+            match self.inbox.pop_front() {
+                Some(piece) => self.take(piece),
+                None => break,
+            }
+        }
+    }
+
     async fn next_piece(&mut self) -> Result<Piece, TransferError> {
         loop {
-            if let Some(piece) = self.inbox.pop_front() {
+            let blocked = self.blocked();
+            if !blocked && let Some(piece) = self.inbox.pop_front() {
                 return Ok(piece);
             }
-            let blocked = self.blocked();
             tokio::select! {
                 biased;
                 Some(r) = self.uploads.join_next(), if !self.uploads.is_empty() => self.settled(r)?,
-                message = self.pieces.recv(), if !blocked => {
+                message = self.pieces.recv(), if !blocked && self.inbox.is_empty() => {
                     self.inbox.extend(message.ok_or_else(|| TransferError::Invalid("the chunker stopped".into()))?);
                 }
             }

@@ -68,8 +68,9 @@ pub struct UploadReport {
     pub blob_bytes_sent: u64,
     /// Files whose chunks came from the local cache (not read at all).
     pub files_from_cache: u64,
-    /// Files read only after the phone was done (not handed on while it sent: the
-    /// agent's own Info.plist, or a file that changed while it was read).
+    /// Files read only after the phone was done: the agent's own Info.plist, a file
+    /// that changed while it was read, one that waited without a handle (more than 256
+    /// waiting) and was moved before it was read, and every file of `upload_dir`.
     pub files_read_at_end: u64,
 }
 

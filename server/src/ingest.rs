@@ -656,14 +656,16 @@ impl Hub {
         let buf = self.buffer(run, s.tenant);
         // The run's last pack is written while the manifest is opened (decrypted,
         // decompressed, decoded: tens of milliseconds for 50,000 files, on the blocking pool).
-        let keys = self.tenant_keys(s.tenant).await?;
-        let opening =
-            tokio::task::spawn_blocking(move || Manifest::open(&keys.data, &snapshot, &sealed).map(|m| (m, sealed)));
-        let flush = self.flush(&buf).await;
-        let opened = opening.await.map_err(|e| Rejection::internal("opening a manifest", e))?;
-        flush?;
-        let (manifest, sealed) =
-            opened.map_err(|e| Rejection::new(ErrorCode::Malformed, format!("manifest refused: {e}")))?;
+        let opening = async {
+            let keys = self.tenant_keys(s.tenant).await?;
+            tokio::task::spawn_blocking(move || Manifest::open(&keys.data, &snapshot, &sealed).map(|m| (m, sealed)))
+                .await
+                .map_err(|e| Rejection::internal("opening a manifest", e))?
+                .map_err(|e| Rejection::new(ErrorCode::Malformed, format!("manifest refused: {e}")))
+        };
+        let (flushed, opened) = tokio::join!(self.flush(&buf), opening);
+        flushed?;
+        let (manifest, sealed) = opened?;
         if manifest.device.udid.as_str() != row.udid {
             return Err(Rejection::new(ErrorCode::Malformed, "manifest is for another device than the run"));
         }
