@@ -629,18 +629,17 @@ fn chunker(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     pieces: mpsc::Sender<Vec<Piece>>,
     keys: Keys,
-    mut seen: HashSet<ChunkId>,
+    seen: HashSet<ChunkId>,
     progress: Arc<Progress>,
 ) {
-    let mut out = Outbox::new(pieces);
+    let seed = keys.id.chunker_seed();
+    let mut chunker = Chunker { keys, seed, seen, progress, out: Outbox::new(pieces) };
     let mut next = jobs.blocking_recv();
     while let Some(job) = next {
         let done = match job {
-            Job::Flush => out.push(Piece::Flushed),
-            Job::File(path, handle) => chunk_file(path, handle, &keys, &mut seen, &progress, &mut out),
-            Job::Files(files) => files
-                .into_iter()
-                .try_for_each(|(path, handle)| chunk_file(path, handle, &keys, &mut seen, &progress, &mut out)),
+            Job::Flush => chunker.out.push(Piece::Flushed),
+            Job::File(path, handle) => chunker.file(path, handle),
+            Job::Files(files) => files.into_iter().try_for_each(|(path, handle)| chunker.file(path, handle)),
         };
         if done.is_err() {
             return;
@@ -648,87 +647,94 @@ fn chunker(
         next = match jobs.try_recv() {
             Ok(job) => Some(job),
             Err(_) => {
-                if out.send().is_err() {
+                if chunker.out.send().is_err() {
                     return;
                 }
                 jobs.blocking_recv()
             }
         };
     }
-    let _ = out.send();
+    let _ = chunker.out.send();
 }
 
-/// Reads one file: its new chunks, then its chunk list (or why it was skipped).
-fn chunk_file(
-    path: PathBuf,
-    handle: Option<Handle>,
-    keys: &Keys,
-    seen: &mut HashSet<ChunkId>,
-    progress: &Progress,
-    out: &mut Outbox,
-) -> Result<(), Stopped> {
-    let opened = match handle {
-        Some(h) => Ok(h),
-        None => open_for_reading(&path).map(|file| Handle { file, _slot: None }),
-    };
-    let handle = match opened {
-        Ok(f) => f,
-        Err(e) => return out.push(Piece::Skipped(path, e)),
-    };
-    let seed = keys.id.chunker_seed();
-    let mut file = &handle.file;
-    let mut stopped = false;
-    let result = (|| -> Result<(FileKey, Box<[ChunkRef]>), std::io::Error> {
-        // A handle the phone's file was written through is at its end.
-        std::io::Seek::rewind(&mut file)?;
-        let before = FileKey::of(&file.metadata()?);
-        let mut chunks = Vec::new();
-        let mut fresh = Vec::new();
-        let mut emit = |buf: &Bytes, ranges: &[std::ops::Range<usize>]| -> Result<(), std::io::Error> {
-            fresh.clear();
-            for range in ranges {
-                let id = keys.id.chunk_id(&buf[range.clone()]);
-                chunks.push(ChunkRef { id, length: range.len() as u32 });
-                Progress::add(&progress.bytes_chunked, range.len() as u64);
-                if seen.insert(id) {
-                    fresh.push((id, range.clone()));
-                }
-            }
-            // New chunks are slices of the read buffer, which each keeps whole: when
-            // they are less than half of it (a big file changed here and there), they
-            // are copied out instead, so memory follows the chunks queued.
-            let fresh_bytes: usize = fresh.iter().map(|(_, r)| r.len()).sum();
-            let slice = 2 * fresh_bytes >= buf.len();
-            for (id, range) in fresh.drain(..) {
-                let chunk = if slice { buf.slice(range) } else { Bytes::copy_from_slice(&buf[range]) };
-                if out.push(Piece::Chunk(id, chunk)).is_err() {
-                    stopped = true;
-                    return Err(std::io::Error::other("the pipeline stopped"));
-                }
-            }
-            Ok(())
+/// What the chunker thread keeps from file to file.
+struct Chunker {
+    keys: Keys,
+    /// The content-defined cut points' seed, derived from the id key once.
+    seed: u64,
+    /// Chunk ids already emitted (this run) or known from the cache.
+    seen: HashSet<ChunkId>,
+    progress: Arc<Progress>,
+    out: Outbox,
+}
+
+impl Chunker {
+    /// Reads one file: its new chunks, then its chunk list (or why it was skipped).
+    fn file(&mut self, path: PathBuf, handle: Option<Handle>) -> Result<(), Stopped> {
+        let Self { keys, seed, seen, progress, out } = self;
+        let seed = *seed;
+        let opened = match handle {
+            Some(h) => Ok(h),
+            None => open_for_reading(&path).map(|file| Handle { file, _slot: None }),
         };
-        // A small file (most of a phone's) is read whole into a buffer of its size,
-        // a larger one in blocks; new chunks are mostly slices of those buffers. At
-        // most one byte past the size is read: a growing file is refused below.
-        let block = before.size.saturating_add(1).min(READ_BLOCK_BYTES) as usize;
-        read_chunks(std::io::Read::take(file, before.size.saturating_add(1)), seed, block, &mut emit)?;
-        // A file written to while it was read is not what its chunks say.
-        let after = FileKey::of(&file.metadata()?);
-        let read: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();
-        if after != before || read != before.size {
-            return Err(std::io::Error::other("the file changed while it was read"));
+        let handle = match opened {
+            Ok(f) => f,
+            Err(e) => return out.push(Piece::Skipped(path, e)),
+        };
+        let mut file = &handle.file;
+        let mut stopped = false;
+        let result = (|| -> Result<(FileKey, Box<[ChunkRef]>), std::io::Error> {
+            // A handle the phone's file was written through is at its end.
+            std::io::Seek::rewind(&mut file)?;
+            let before = FileKey::of(&file.metadata()?);
+            let mut chunks = Vec::new();
+            let mut fresh = Vec::new();
+            let mut emit = |buf: &Bytes, ranges: &[std::ops::Range<usize>]| -> Result<(), std::io::Error> {
+                fresh.clear();
+                for range in ranges {
+                    let id = keys.id.chunk_id(&buf[range.clone()]);
+                    chunks.push(ChunkRef { id, length: range.len() as u32 });
+                    Progress::add(&progress.bytes_chunked, range.len() as u64);
+                    if seen.insert(id) {
+                        fresh.push((id, range.clone()));
+                    }
+                }
+                // New chunks are slices of the read buffer, which each keeps whole: when
+                // they are less than half of it (a big file changed here and there), they
+                // are copied out instead, so memory follows the chunks queued.
+                let fresh_bytes: usize = fresh.iter().map(|(_, r)| r.len()).sum();
+                let slice = 2 * fresh_bytes >= buf.len();
+                for (id, range) in fresh.drain(..) {
+                    let chunk = if slice { buf.slice(range) } else { Bytes::copy_from_slice(&buf[range]) };
+                    if out.push(Piece::Chunk(id, chunk)).is_err() {
+                        stopped = true;
+                        return Err(std::io::Error::other("the pipeline stopped"));
+                    }
+                }
+                Ok(())
+            };
+            // A small file (most of a phone's) is read whole into a buffer of its size,
+            // a larger one in blocks; new chunks are mostly slices of those buffers. At
+            // most one byte past the size is read: a growing file is refused below.
+            let block = before.size.saturating_add(1).min(READ_BLOCK_BYTES) as usize;
+            read_chunks(std::io::Read::take(file, before.size.saturating_add(1)), seed, block, &mut emit)?;
+            // A file written to while it was read is not what its chunks say.
+            let after = FileKey::of(&file.metadata()?);
+            let read: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();
+            if after != before || read != before.size {
+                return Err(std::io::Error::other("the file changed while it was read"));
+            }
+            Ok((before, chunks.into_boxed_slice()))
+        })();
+        if stopped {
+            return Err(Stopped);
         }
-        Ok((before, chunks.into_boxed_slice()))
-    })();
-    if stopped {
-        return Err(Stopped);
+        Progress::add(&progress.files_chunked, 1);
+        out.push(match result {
+            Ok((key, chunks)) => Piece::File(key, chunks),
+            Err(e) => Piece::Skipped(path, e),
+        })
     }
-    Progress::add(&progress.files_chunked, 1);
-    out.push(match result {
-        Ok((key, chunks)) => Piece::File(key, chunks),
-        Err(e) => Piece::Skipped(path, e),
-    })
 }
 
 #[cfg(test)]
