@@ -19,6 +19,7 @@ use plist::{Dictionary, Value};
 
 use crate::pipeline::FinishedFile;
 use crate::progress::{Phase, Progress};
+use crate::staging::{Exchanges, Moved};
 
 const LABEL: &str = "lifeboat-agent";
 
@@ -183,9 +184,15 @@ impl Provider {
             current: std::sync::Mutex::new(None),
             handoff: std::sync::Mutex::default(),
             known: KnownDirs::default(),
+            staged: Exchanges::default(),
         };
         let reply = client.backup_from_path(mirror, Some(&self.udid), None, &delegate).await.map_err(classify)?;
         let _ = client.disconnect().await;
+        // Staged files the phone did not move are put back where it left them (a phone
+        // removes its staging directory at the end, so normally there are none).
+        delegate.staged.settle_all().map_err(|e| {
+            DeviceError::Failed(format!("putting staged files back into the mirror's Snapshot directory: {e}"))
+        })?;
         let reply = reply.ok_or_else(|| DeviceError::Failed("the iPhone ended the backup without a verdict".into()))?;
         let code = reply.get("ErrorCode").and_then(Value::as_unsigned_integer).unwrap_or(0);
         if code == 208 {
@@ -266,6 +273,8 @@ struct MirrorDelegate {
     handoff: std::sync::Mutex<(Vec<FinishedFile>, u64)>,
     /// Directories the mirror has, as far as this backup knows.
     known: KnownDirs,
+    /// Staging directories swapped whole with their destinations (the phone's moves).
+    staged: Exchanges,
 }
 
 /// What this backup knows of the mirror's directories, so that the thread talking to the
@@ -300,6 +309,8 @@ struct Known {
     /// Hashes of the paths this backup put into directories it made (files, moves,
     /// copies, subdirectories). Two paths with one hash only cost an `unlink` in vain.
     placed: HashSet<u64>,
+    /// The directories it made that it has put something into.
+    filled: HashSet<PathBuf>,
 }
 
 /// The key of a path in [`Known::placed`] (SipHash with fixed keys: the same in every run).
@@ -334,6 +345,7 @@ impl KnownDirs {
         if known.dirs.remove(path) {
             known.dirs.retain(|d| !d.starts_with(path));
             known.made.retain(|d| !d.starts_with(path));
+            known.filled.retain(|d| !d.starts_with(path));
         }
     }
     fn clear(&self) {
@@ -342,9 +354,21 @@ impl KnownDirs {
     /// This backup put something at `path`.
     fn placed(&self, path: &Path) {
         let mut known = self.lock();
-        if path.parent().is_some_and(|p| known.made.contains(p)) {
+        if let Some(parent) = path.parent().filter(|p| known.made.contains(*p)) {
+            if !known.filled.contains(parent) {
+                known.filled.insert(parent.to_path_buf());
+            }
             known.placed.insert(path_hash(path));
         }
+    }
+    /// `dir` was made by this backup.
+    fn made(&self, dir: &Path) -> bool {
+        self.lock().made.contains(dir)
+    }
+    /// `dir` was made by this backup, which has put nothing into it.
+    fn made_empty(&self, dir: &Path) -> bool {
+        let known = self.lock();
+        known.made.contains(dir) && !known.filled.contains(dir)
     }
     /// False when nothing can be at `path`: its directory was made by this backup, which
     /// put nothing there by that name.
@@ -419,6 +443,10 @@ const HANDOFF_BYTES: u64 = 1024 * 1024;
 
 impl Drop for MirrorDelegate {
     fn drop(&mut self) {
+        // A backup that failed: the mirror is left as the phone knows it.
+        if let Err(e) = self.staged.settle_all() {
+            tracing::warn!(error = %e, "could not put staged files back into the mirror's Snapshot directory");
+        }
         self.hand_off();
     }
 }
@@ -430,6 +458,10 @@ impl MirrorDelegate {
         if !files.is_empty() {
             let _ = self.sink.finished.files(files);
         }
+    }
+    /// Before anything but a move touches `path`: staged files a swap moved early go back.
+    fn settle(&self, path: &Path) -> Result<(), IdeviceError> {
+        self.staged.settle_touching(path).map_err(internal)
     }
     fn seen(&self) {
         if self.sink.started.send_if_modified(|s| !std::mem::replace(s, true)) {
@@ -455,6 +487,7 @@ impl BackupDelegate for MirrorDelegate {
     ) -> DelegateFuture<'a, Result<Box<dyn std::io::Read + Send>, IdeviceError>> {
         self.seen();
         Box::pin(async move {
+            self.settle(path)?;
             // Missing files must be NotFound: that is how "no previous backup" reads.
             match std::fs::File::open(path) {
                 Ok(f) => Ok(Box::new(f) as Box<dyn std::io::Read + Send>),
@@ -469,6 +502,7 @@ impl BackupDelegate for MirrorDelegate {
     ) -> DelegateFuture<'a, Result<Box<dyn std::io::Write + Send>, IdeviceError>> {
         self.seen();
         Box::pin(async move {
+            self.settle(path)?;
             let file =
                 self.known.retry_parent(path, || crate::pipeline::create_for_reading_back(path)).map_err(internal)?;
             self.known.placed(path);
@@ -481,12 +515,20 @@ impl BackupDelegate for MirrorDelegate {
     }
     fn create_dir_all<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
         // Not a sign of the device: idevice creates the backup directory before it asks.
-        Box::pin(async move { self.known.create(path).map_err(internal) })
+        Box::pin(async move {
+            // idevice asks for the destination's directory before every move: one that
+            // exists is left alone, swapped or not.
+            if !self.known.contains(path) {
+                self.settle(path)?;
+            }
+            self.known.create(path).map_err(internal)
+        })
     }
     fn remove<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
         Box::pin(async move {
             // idevice removes every file's path before creating it, mostly in vain: no
             // system call where nothing can be, one for a file, a second for a directory.
+            self.settle(path)?;
             if !self.known.may_exist(path) {
                 return Err(internal(std::io::ErrorKind::NotFound.into()));
             }
@@ -510,16 +552,42 @@ impl BackupDelegate for MirrorDelegate {
     }
     fn rename<'a>(&'a self, from: &'a Path, to: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
         Box::pin(async move {
+            Progress::add(&self.sink.progress.files_moved, 1);
+            let dest_made = |d: &Path| self.known.made_empty(d);
+            match self.staged.try_move(from, to, |s| self.known.made(s), dest_made).map_err(internal)? {
+                (Moved::Done, swapped_in) => {
+                    if let Some(dest) = to.parent() {
+                        for name in swapped_in {
+                            self.known.placed(&dest.join(name));
+                        }
+                    }
+                    self.known.placed(to);
+                    Progress::add(&self.sink.progress.files_moved_by_swap, 1);
+                    return Ok(());
+                }
+                (Moved::NotHere, _) => {
+                    self.settle(from)?;
+                    self.settle(to)?;
+                }
+            }
             self.known.forget(from);
             // A directory moved over another replaces what the cache knew of it.
             self.known.forget(to);
-            self.known.retry_parent(to, || std::fs::rename(from, to)).map_err(internal)?;
+            match self.known.retry_parent(to, || std::fs::rename(from, to)) {
+                Ok(()) => {}
+                Err(e) if crate::staging::moved_before(from, to, &e) => {
+                    tracing::info!(from = %from.display(), to = %to.display(), "a move the iPhone asked for again was done before");
+                }
+                Err(e) => return Err(internal(e)),
+            }
             self.known.placed(to);
             Ok(())
         })
     }
     fn copy<'a>(&'a self, src: &'a Path, dst: &'a Path) -> DelegateFuture<'a, Result<(), IdeviceError>> {
         Box::pin(async move {
+            self.settle(src)?;
+            self.settle(dst)?;
             if std::fs::metadata(src).is_ok_and(|m| m.is_dir()) {
                 self.known.create(dst)
             } else {
@@ -531,13 +599,26 @@ impl BackupDelegate for MirrorDelegate {
         })
     }
     fn exists<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, bool> {
-        Box::pin(async move { path.exists() })
+        Box::pin(async move {
+            // The answer is then what the file system holds; the failure is kept and
+            // fails the backup at its end.
+            if let Err(e) = self.settle(path) {
+                tracing::warn!(error = %e, "could not put staged files back into the mirror's Snapshot directory");
+            }
+            path.exists()
+        })
     }
     fn is_dir<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, bool> {
-        Box::pin(async move { path.is_dir() })
+        Box::pin(async move {
+            if let Err(e) = self.settle(path) {
+                tracing::warn!(error = %e, "could not put staged files back into the mirror's Snapshot directory");
+            }
+            path.is_dir()
+        })
     }
     fn list_dir<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, Result<Vec<DirEntryInfo>, IdeviceError>> {
         Box::pin(async move {
+            self.settle(path)?;
             let mut out = Vec::new();
             for entry in std::fs::read_dir(path).map_err(internal)? {
                 let entry = entry.map_err(internal)?;

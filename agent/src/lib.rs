@@ -9,6 +9,7 @@
 //! - `service`: `run` — watching usbmuxd, the schedule, concurrency and retries.
 //! - `transfer`: a whole directory up as a snapshot, and a snapshot back into a directory.
 //! - `progress`: live counters of a backup, for the progress bar and logs.
+//! - `staging`: the phone's moves out of `Snapshot/`, a directory at a time where it can.
 //! - `state`: what enrolment leaves in the state directory.
 
 pub mod client;
@@ -18,5 +19,6 @@ pub mod job;
 pub mod pipeline;
 pub mod progress;
 pub mod service;
+mod staging;
 pub mod state;
 pub mod transfer;

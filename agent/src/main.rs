@@ -198,6 +198,8 @@ async fn backup(config: &Config, udid: &str, json: bool) -> anyhow::Result<()> {
             "chunks": o.upload.chunks, "chunks_sent": o.upload.chunks_sent,
             "blob_bytes_sent": o.upload.blob_bytes_sent, "quic_bytes_sent": o.quic_bytes_sent,
             "cached_files": o.cached_files, "files_read_at_end": o.upload.files_read_at_end,
+            "files_moved": Progress::get(&progress.files_moved),
+            "files_moved_by_swap": Progress::get(&progress.files_moved_by_swap),
         });
         println!("{out}");
     } else {

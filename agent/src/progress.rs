@@ -59,6 +59,10 @@ pub struct Progress {
     pub bytes_chunked: AtomicU64,
     /// Sealed bytes sent to the server (chunks the server lacked).
     pub bytes_uploaded: AtomicU64,
+    /// Moves the phone asked for, and those a swap of whole directories did (see
+    /// `staging`): no rename of their own.
+    pub files_moved: AtomicU64,
+    pub files_moved_by_swap: AtomicU64,
     /// Set once the phone was found waiting for its passcode (stays set), so whoever
     /// shows progress says so even if the passcode came before it looked.
     pub passcode_asked: std::sync::atomic::AtomicBool,

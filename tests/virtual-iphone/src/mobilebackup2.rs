@@ -465,13 +465,15 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
         let files = files.clone();
         tokio::task::spawn_blocking(move || manifest::build_manifest_db(&files))
     };
-    let changed: Vec<&ManifestFile> = files
-        .iter()
-        .filter(|f| previous.get(&f.file_id).is_none_or(|p| p.size != f.size || p.mtime != f.mtime))
+    let changed: Vec<usize> = (0..files.len())
+        .filter(|&i| {
+            let f = &files[i];
+            previous.get(&f.file_id).is_none_or(|p| p.size != f.size || p.mtime != f.mtime)
+        })
         .collect();
     let current: std::collections::HashSet<&str> = files.iter().map(|f| f.file_id.as_str()).collect();
     let deleted: Vec<&str> = previous.keys().map(String::as_str).filter(|id| !current.contains(id)).collect();
-    let upload_bytes: u64 = changed.iter().map(|f| f.size).sum();
+    let upload_bytes: u64 = changed.iter().map(|&i| files[i].size).sum();
     tracing::info!(
         device.udid = %state.device.udid, backup.full = is_full, backup.files = files.len(), backup.changed = changed.len(),
         backup.deleted = deleted.len(), backup.bytes = upload_bytes, "backup plan"
@@ -501,19 +503,19 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
     let status = |snapshot: &str| manifest::status_plist(snapshot, is_full, &uuid, SystemTime::now());
     link.upload_bytes(format!("{target}/Status.plist"), status("uploading"), 0.0).await?;
 
-    // 5. New and changed files into the snapshot.
-    let blobs = state.blobs_dir();
+    // 5. New and changed files into the snapshot. Each batch's files are opened (this
+    // simulator builds its text, plist and SQLite bodies then) on another thread while
+    // the batch before goes out, as a phone reads ahead from its flash.
+    let open_next = |batch: Vec<usize>| {
+        let (content, files, blobs, target) = (content.clone(), files.clone(), state.blobs_dir(), target.clone());
+        tokio::task::spawn_blocking(move || open_batch(&content, &files, &batch, &blobs, &target))
+    };
+    let mut batches = changed.chunks(BATCH).map(<[usize]>::to_vec);
+    let mut next = batches.next().map(&open_next);
     let mut done = 0u64;
-    for batch in changed.chunks(BATCH) {
-        let mut streams = Vec::with_capacity(batch.len());
-        let mut batch_bytes = 0;
-        for f in batch {
-            let key = FileKey { domain: f.domain.clone(), path: f.path.clone() };
-            let reader = content.open(&blobs, &key)?;
-            let device_path = format!("/var/mobile/{}/{}", f.domain, f.path);
-            streams.push((format!("{target}/Snapshot/{}/{}", &f.file_id[..2], f.file_id), device_path, reader));
-            batch_bytes += f.size;
-        }
+    while let Some(opening) = next.take() {
+        let (streams, batch_bytes) = opening.await.map_err(std::io::Error::other)??;
+        next = batches.next().map(&open_next);
         let progress = if upload_bytes == 0 { 100.0 } else { done as f64 * 100.0 / upload_bytes as f64 };
         link.upload(streams, batch_bytes, progress).await?;
         done += batch_bytes;
@@ -533,7 +535,8 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
     for batch in changed.chunks(BATCH) {
         let moves: Dictionary = batch
             .iter()
-            .map(|f| {
+            .map(|&i| {
+                let f = &files[i];
                 let rel = format!("{}/{}", &f.file_id[..2], f.file_id);
                 (format!("{target}/Snapshot/{rel}"), Value::String(format!("{target}/{rel}")))
             })
@@ -556,6 +559,28 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
     link.upload_bytes(format!("{target}/Status.plist"), status("finished"), 100.0).await?;
     state.record_backup(changed.len() as u64, upload_bytes);
     Ok(Ok(()))
+}
+
+/// A batch's files, opened for sending: (host path, device path, reader) each, and their bytes.
+type Opened = (Vec<(String, String, Box<dyn std::io::Read + Send>)>, u64);
+
+fn open_batch(
+    content: &crate::content::Content,
+    files: &[ManifestFile],
+    batch: &[usize],
+    blobs: &std::path::Path,
+    target: &str,
+) -> std::io::Result<Opened> {
+    let mut streams = Vec::with_capacity(batch.len());
+    let mut bytes = 0;
+    for f in batch.iter().map(|&i| &files[i]) {
+        let key = FileKey { domain: f.domain.clone(), path: f.path.clone() };
+        let reader = content.open(blobs, &key)?;
+        let device_path = format!("/var/mobile/{}/{}", f.domain, f.path);
+        streams.push((format!("{target}/Snapshot/{}/{}", &f.file_id[..2], f.file_id), device_path, reader));
+        bytes += f.size;
+    }
+    Ok((streams, bytes))
 }
 
 async fn move_items<S: AsyncRead + AsyncWrite + Unpin + Send>(

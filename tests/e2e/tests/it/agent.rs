@@ -84,6 +84,10 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     // handle's end instead of its start, every file would be.)
     let (files, read_at_end) = (first["files"].as_u64().unwrap(), first["files_read_at_end"].as_u64().unwrap());
     assert!((1..=1 + files.saturating_sub(256)).contains(&read_at_end), "{first}");
+    // The phone's moves out of Snapshot/ were done a directory at a time, all but those of
+    // its two manifests (into the backup directory itself, not one this backup made).
+    let (moved, by_swap) = (first["files_moved"].as_u64().unwrap(), first["files_moved_by_swap"].as_u64().unwrap());
+    assert!(moved > 2 && by_swap == moved - 2, "{first}");
     let snapshot = first["snapshot"].as_str().unwrap().parse().unwrap();
 
     // The committed snapshot, downloaded with the agent's keys, holds exactly the phone.
@@ -107,6 +111,9 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     assert!(ok, "{err}");
     let second: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(phone.stats().last_backup_files, used.added + used.changed, "the phone made an incremental backup");
+    // Into directories that hold the last backup: one rename per file.
+    assert_eq!(second["files_moved"].as_u64(), Some(used.added + used.changed + 2), "{second}");
+    assert_eq!(second["files_moved_by_swap"].as_u64(), Some(0), "{second}");
     let sent = second["blob_bytes_sent"].as_u64().unwrap();
     let total = second["logical_bytes"].as_u64().unwrap();
     assert!(sent < total / 4, "sent {sent} of {total} bytes after {used:?}");
