@@ -18,9 +18,10 @@
 //! name, and the end of the backup. So the phone always sees what per-file moves would
 //! have left.
 //!
-//! Only plain files are swapped. If a directory or anything else is in the staging
-//! directory, or anything turns up in the destination, the swap is undone and each file
-//! is moved on its own; so it is where the file system cannot swap.
+//! Only plain files named as the phone names them (a file id: 40 lowercase hex digits,
+//! kept in 20 bytes while pending, ~4 MB for 200,000 files) are swapped. If anything else
+//! is in the staging directory, or anything turns up in the destination, the swap is
+//! undone and each file is moved on its own; so it is where the file system cannot swap.
 //!
 //! A file is put back only where no file is (`RENAME_NOREPLACE`). If one cannot be, the
 //! backup fails at its end ([`Exchanges::settle_all`]), even if a later try succeeded:
@@ -29,8 +30,9 @@
 //! asks to move them again, and [`moved_before`] counts such a move as done, as it must
 //! after any crash between a rename and its answer.
 
-use std::collections::{HashMap, HashSet};
-use std::ffi::OsString;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::{Path, PathBuf};
 
 /// Staging directories swapped with their destination, and what is pending in each.
@@ -50,8 +52,49 @@ struct State {
 
 struct Swap {
     dest: PathBuf,
-    /// Names the phone knows in the staging directory, now in `dest`.
-    pending: HashSet<OsString>,
+    /// The names swapped in (sorted), and whether each is still pending: the phone knows
+    /// it in the staging directory, though it is in `dest`.
+    names: Vec<FileId>,
+    pending: Vec<bool>,
+    left: usize,
+}
+
+impl Swap {
+    /// `name` was pending: it is not any more.
+    fn take(&mut self, name: &OsStr) -> bool {
+        let Some(i) = file_id(name).and_then(|id| self.names.binary_search(&id).ok()) else { return false };
+        if !std::mem::replace(&mut self.pending[i], false) {
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+}
+
+/// A file's name as the phone gives it (its file id, the SHA-1 of domain and path: 40
+/// lowercase hex digits), in 20 bytes.
+type FileId = [u8; 20];
+
+fn file_id(name: &OsStr) -> Option<FileId> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let name = name.as_bytes();
+    if name.len() != 40 {
+        return None;
+    }
+    let mut id = [0u8; 20];
+    for (byte, pair) in id.iter_mut().zip(name.chunks_exact(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(id)
+}
+
+fn file_name(id: &FileId) -> OsString {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    OsString::from_vec(id.iter().flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]).collect())
 }
 
 /// How [`Exchanges::try_move`] went.
@@ -89,8 +132,8 @@ impl Exchanges {
         }
         let mut state = self.lock();
         if let Some(swap) = state.swapped.get_mut(staging) {
-            if swap.dest == dest && swap.pending.remove(name) {
-                if swap.pending.is_empty() {
+            if swap.dest == dest && swap.take(name) {
+                if swap.left == 0 {
                     state.swapped.remove(staging);
                 }
                 return Ok((Moved::Done, Vec::new()));
@@ -112,7 +155,8 @@ impl Exchanges {
             return not_here;
         }
         // What was the destination is the staging directory now: it must be empty, and
-        // everything swapped in must be a plain file, the one being moved among them.
+        // everything swapped in must be a plain file with a file id's name, the one being
+        // moved among them.
         let swapped_in = || -> std::io::Result<Option<Vec<OsString>>> {
             if std::fs::read_dir(staging)?.next().is_some() {
                 return Ok(None);
@@ -120,7 +164,7 @@ impl Exchanges {
             let mut names = Vec::new();
             for entry in std::fs::read_dir(dest)? {
                 let entry = entry?;
-                if !entry.file_type()?.is_file() {
+                if !entry.file_type()?.is_file() || file_id(&entry.file_name()).is_none() {
                     return Ok(None);
                 }
                 names.push(entry.file_name());
@@ -142,9 +186,12 @@ impl Exchanges {
             }
             return not_here;
         };
-        let pending: HashSet<OsString> = names.iter().filter(|n| *n != name).cloned().collect();
-        if !pending.is_empty() {
-            state.swapped.insert(staging.to_path_buf(), Swap { dest: dest.to_path_buf(), pending });
+        let mut ids: Vec<FileId> = names.iter().filter_map(|n| file_id(n)).collect();
+        ids.sort_unstable();
+        let mut swap = Swap { dest: dest.to_path_buf(), pending: vec![true; ids.len()], left: ids.len(), names: ids };
+        swap.take(name);
+        if swap.left > 0 {
+            state.swapped.insert(staging.to_path_buf(), swap);
         }
         Ok((Moved::Done, names))
     }
@@ -201,14 +248,17 @@ pub(crate) fn moved_before(from: &Path, to: &Path, error: &std::io::Error) -> bo
 /// and the failure is kept.
 fn settle(state: &mut State, staging: &Path) -> std::io::Result<()> {
     let Some(swap) = state.swapped.get_mut(staging) else { return Ok(()) };
-    let names: Vec<OsString> = swap.pending.iter().cloned().collect();
-    for name in names {
+    for i in 0..swap.names.len() {
+        if !swap.pending[i] {
+            continue;
+        }
+        let name = file_name(&swap.names[i]);
         let (from, to) = (swap.dest.join(&name), staging.join(&name));
         if let Err(e) = put_back(&from, &to) {
             state.failed = Some(format!("{} could not be put back at {}: {e}", from.display(), to.display()));
             return Err(e);
         }
-        swap.pending.remove(&name);
+        swap.take(&name);
     }
     state.swapped.remove(staging);
     Ok(())
@@ -250,14 +300,25 @@ mod tests {
         std::fs::create_dir_all(&staging).unwrap();
         std::fs::create_dir_all(&dest).unwrap();
         for n in names {
-            std::fs::write(staging.join(n), n.as_bytes()).unwrap();
+            std::fs::write(staging.join(id(n)), n.as_bytes()).unwrap();
         }
         (staging, dest)
     }
 
+    /// A file id's name for a short label (its bytes in hex, zeros in front).
+    fn id(label: &str) -> String {
+        let hex: String = label.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{hex:0>40}")
+    }
+
+    /// The labels of what is in `dir` (names that are not file ids as they are).
     fn names(dir: &Path) -> Vec<String> {
+        let label = |name: String| match file_id(OsStr::new(&name)) {
+            Some(id) => String::from_utf8(id.iter().copied().filter(|b| *b != 0).collect()).unwrap(),
+            None => name,
+        };
         let mut v: Vec<String> =
-            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            std::fs::read_dir(dir).unwrap().map(|e| label(e.unwrap().file_name().into_string().unwrap())).collect();
         v.sort();
         v
     }
@@ -271,23 +332,32 @@ mod tests {
     }
 
     #[test]
+    fn file_ids_round_trip_and_nothing_else_is_one() {
+        let name = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(file_name(&file_id(OsStr::new(name)).unwrap()), name);
+        for other in ["0123456789ABCDEF0123456789abcdef01234567", "0123", "Manifest.db", &format!("{name}0")] {
+            assert_eq!(file_id(OsStr::new(other)), None, "{other}");
+        }
+    }
+
+    #[test]
     fn moving_every_staged_file_swaps_the_directories_once() {
         let tmp = tempfile::tempdir().unwrap();
         let (staging, dest) = staged(tmp.path(), &["a1", "a2", "a3"]);
         let staged_ino = ino(&staging);
         let ex = Exchanges::default();
-        let (moved, names_in) = ex.try_move(&staging.join("a2"), &dest.join("a2"), |_| true, |_| true).unwrap();
+        let (moved, names_in) = ex.try_move(&staging.join(id("a2")), &dest.join(id("a2")), |_| true, |_| true).unwrap();
         assert_eq!(moved, Moved::Done);
         assert_eq!(names_in.len(), 3);
         // The staging directory's inode is the destination now: one swap, not a rename a file.
         assert_eq!(ino(&dest), staged_ino);
         for n in ["a1", "a3"] {
-            assert_eq!(try_move(&ex, &staging.join(n), &dest.join(n)), Moved::Done);
+            assert_eq!(try_move(&ex, &staging.join(id(n)), &dest.join(id(n))), Moved::Done);
         }
         assert!(ex.lock().swapped.is_empty());
         assert_eq!(names(&dest), ["a1", "a2", "a3"]);
         assert!(names(&staging).is_empty());
-        assert_eq!(std::fs::read(dest.join("a3")).unwrap(), b"a3");
+        assert_eq!(std::fs::read(dest.join(id("a3"))).unwrap(), b"a3");
     }
 
     #[test]
@@ -295,17 +365,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (staging, dest) = staged(tmp.path(), &["a1", "a2", "a3"]);
         let ex = Exchanges::default();
-        assert_eq!(try_move(&ex, &staging.join("a1"), &dest.join("a1")), Moved::Done);
+        assert_eq!(try_move(&ex, &staging.join(id("a1")), &dest.join(id("a1"))), Moved::Done);
         // Untouched paths (a sibling, the backup's own files) settle nothing.
         ex.settle_touching(&tmp.path().join("T/Status.plist")).unwrap();
         ex.settle_touching(&tmp.path().join("T/cd/x")).unwrap();
         assert_eq!(names(&dest), ["a1", "a2", "a3"]);
         // A staged name the phone reads: the pending files are where it left them.
-        ex.settle_touching(&staging.join("a2")).unwrap();
+        ex.settle_touching(&staging.join(id("a2"))).unwrap();
         assert_eq!(names(&dest), ["a1"]);
         assert_eq!(names(&staging), ["a2", "a3"]);
         // Moved on its own from now on.
-        assert_eq!(try_move(&ex, &staging.join("a2"), &dest.join("a2")), Moved::NotHere);
+        assert_eq!(try_move(&ex, &staging.join(id("a2")), &dest.join(id("a2"))), Moved::NotHere);
 
         // The end of the backup, or the removal of the directory above: the same.
         for settle in [
@@ -316,7 +386,7 @@ mod tests {
         ] {
             let tmp = tempfile::tempdir().unwrap();
             let (staging, dest) = staged(tmp.path(), &["b1", "b2"]);
-            assert_eq!(try_move(&ex, &staging.join("b2"), &dest.join("b2")), Moved::Done);
+            assert_eq!(try_move(&ex, &staging.join(id("b2")), &dest.join(id("b2"))), Moved::Done);
             settle(&ex, tmp.path()).unwrap();
             assert_eq!(names(&dest), ["b2"]);
             assert_eq!(names(&staging), ["b1"]);
@@ -329,19 +399,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (staging, dest) = staged(tmp.path(), &["a1", "a2"]);
         let ex = Exchanges::default();
-        assert_eq!(try_move(&ex, &staging.join("a1"), &dest.join("a1")), Moved::Done);
+        assert_eq!(try_move(&ex, &staging.join(id("a1")), &dest.join(id("a1"))), Moved::Done);
         // Put where a2 goes back, behind the backup's back.
-        std::fs::write(staging.join("a2"), b"other").unwrap();
+        std::fs::write(staging.join(id("a2")), b"other").unwrap();
         // Anything below either directory settles, however deep.
-        let err = ex.settle_touching(&dest.join("a2/deeper")).unwrap_err();
+        let err = ex.settle_touching(&dest.join(id("a2")).join("deeper")).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
-        assert_eq!(std::fs::read(staging.join("a2")).unwrap(), b"other");
-        assert_eq!(std::fs::read(dest.join("a2")).unwrap(), b"a2");
+        assert_eq!(std::fs::read(staging.join(id("a2"))).unwrap(), b"other");
+        assert_eq!(std::fs::read(dest.join(id("a2"))).unwrap(), b"a2");
         // Once the way is clear it goes back, but the backup still fails.
-        std::fs::remove_file(staging.join("a2")).unwrap();
+        std::fs::remove_file(staging.join(id("a2"))).unwrap();
         let err = ex.settle_all().unwrap_err().to_string();
         assert!(err.contains("could not be put back"), "{err}");
-        assert_eq!(std::fs::read(staging.join("a2")).unwrap(), b"a2");
+        assert_eq!(std::fs::read(staging.join(id("a2"))).unwrap(), b"a2");
         assert_eq!(names(&dest), ["a1"]);
     }
 
@@ -350,41 +420,46 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (staging, dest) = staged(tmp.path(), &["a1", "a2"]);
         let ex = Exchanges::default();
-        assert_eq!(try_move(&ex, &staging.join("a1"), &dest.join("a1")), Moved::Done);
+        assert_eq!(try_move(&ex, &staging.join(id("a1")), &dest.join(id("a1"))), Moved::Done);
         // The agent is killed here: a2 is in the destination, the phone thinks it staged.
         drop(ex);
         let again = |name: &str| {
-            let (from, to) = (staging.join(name), dest.join(name));
+            let (from, to) = (staging.join(id(name)), dest.join(id(name)));
             let err = std::fs::rename(&from, &to).unwrap_err();
             moved_before(&from, &to, &err)
         };
         assert!(again("a2"));
-        assert_eq!(std::fs::read(dest.join("a2")).unwrap(), b"a2");
+        assert_eq!(std::fs::read(dest.join(id("a2"))).unwrap(), b"a2");
         // Nowhere, or still at its source (another error): not done.
         assert!(!again("a3"));
-        std::fs::write(staging.join("a4"), b"x").unwrap();
-        std::fs::create_dir(dest.join("a4")).unwrap();
-        std::fs::write(dest.join("a4/in"), b"x").unwrap();
+        std::fs::write(staging.join(id("a4")), b"x").unwrap();
+        std::fs::create_dir(dest.join(id("a4"))).unwrap();
+        std::fs::write(dest.join(id("a4")).join("in"), b"x").unwrap();
         assert!(!again("a4"));
     }
 
     #[test]
-    fn a_destination_that_is_not_empty_or_a_staging_directory_with_a_subdirectory_is_not_swapped() {
-        for (in_staging, in_dest) in [(None, Some("x9")), (Some("sub"), None)] {
+    fn a_destination_that_is_not_empty_or_a_staging_directory_with_more_than_file_ids_is_not_swapped() {
+        for (dir, file, in_dest) in
+            [(None, None, Some("x9")), (Some("sub"), None, None), (None, Some("Manifest.db"), None)]
+        {
             let tmp = tempfile::tempdir().unwrap();
             let (staging, dest) = staged(tmp.path(), &["a1", "a2"]);
-            if let Some(d) = in_staging {
+            if let Some(d) = dir {
                 std::fs::create_dir(staging.join(d)).unwrap();
+            }
+            if let Some(f) = file {
+                std::fs::write(staging.join(f), b"db").unwrap();
             }
             // Put there behind the backup's back: the caller thinks it empty.
             if let Some(f) = in_dest {
                 std::fs::write(dest.join(f), b"keep").unwrap();
             }
             let ex = Exchanges::default();
-            assert_eq!(try_move(&ex, &staging.join("a1"), &dest.join("a1")), Moved::NotHere);
+            assert_eq!(try_move(&ex, &staging.join(id("a1")), &dest.join(id("a1"))), Moved::NotHere);
             // Undone: both directories hold what they held.
             let mut want_staging = vec!["a1", "a2"];
-            want_staging.extend(in_staging);
+            want_staging.extend(dir.or(file));
             want_staging.sort();
             assert_eq!(names(&staging), want_staging);
             assert_eq!(names(&dest), in_dest.into_iter().collect::<Vec<_>>());
@@ -398,13 +473,19 @@ mod tests {
         let ex = Exchanges::default();
         // The caller says the destination has something in it, or the staging directory
         // was there before this backup.
-        assert_eq!(ex.try_move(&staging.join("a1"), &dest.join("a1"), |_| true, |_| false).unwrap().0, Moved::NotHere);
-        assert_eq!(ex.try_move(&staging.join("a1"), &dest.join("a1"), |_| false, |_| true).unwrap().0, Moved::NotHere);
+        assert_eq!(
+            ex.try_move(&staging.join(id("a1")), &dest.join(id("a1")), |_| true, |_| false).unwrap().0,
+            Moved::NotHere
+        );
+        assert_eq!(
+            ex.try_move(&staging.join(id("a1")), &dest.join(id("a1")), |_| false, |_| true).unwrap().0,
+            Moved::NotHere
+        );
         // Another name, or into a directory below.
-        assert_eq!(try_move(&ex, &staging.join("a1"), &dest.join("b1")), Moved::NotHere);
-        assert_eq!(try_move(&ex, &staging.join("a1"), &staging.join("sub/a1")), Moved::NotHere);
+        assert_eq!(try_move(&ex, &staging.join(id("a1")), &dest.join(id("b1"))), Moved::NotHere);
+        assert_eq!(try_move(&ex, &staging.join(id("a1")), &staging.join("sub").join(id("a1"))), Moved::NotHere);
         // A file that is not there: not swapped (the caller's rename reports it).
-        assert_eq!(try_move(&ex, &staging.join("zz"), &dest.join("zz")), Moved::NotHere);
+        assert_eq!(try_move(&ex, &staging.join(id("zz")), &dest.join(id("zz"))), Moved::NotHere);
         assert_eq!(names(&staging), ["a1"]);
         assert!(names(&dest).is_empty());
     }
