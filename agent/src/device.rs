@@ -575,8 +575,9 @@ impl BackupDelegate for MirrorDelegate {
             self.known.forget(to);
             match self.known.retry_parent(to, || std::fs::rename(from, to)) {
                 Ok(()) => {}
+                // Debug: a resumed backup may ask again for every file it staged.
                 Err(e) if crate::staging::moved_before(from, to, &e) => {
-                    tracing::info!(from = %from.display(), to = %to.display(), "a move the iPhone asked for again was done before");
+                    tracing::debug!(from = %from.display(), to = %to.display(), "a move the iPhone asked for again was done before");
                 }
                 Err(e) => return Err(internal(e)),
             }
