@@ -197,7 +197,7 @@ impl Exchanges {
     }
 
     /// Puts back the pending files of every swap that `path` touches: `path` is either
-    /// directory, a name in one, or a directory above one.
+    /// directory, anything below one, or a directory above one.
     pub(crate) fn settle_touching(&self, path: &Path) -> std::io::Result<()> {
         let mut state = self.lock();
         if state.swapped.is_empty() {
