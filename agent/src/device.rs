@@ -463,6 +463,13 @@ impl MirrorDelegate {
     fn settle(&self, path: &Path) -> Result<(), IdeviceError> {
         self.staged.settle_touching(path).map_err(internal)
     }
+    /// [`Self::settle`] for a question that cannot fail: the answer is then what the file
+    /// system holds, and the failure, kept, fails the backup at its end.
+    fn settle_to_ask(&self, path: &Path) {
+        if let Err(e) = self.settle(path) {
+            tracing::warn!(error = %e, "could not put staged files back into the mirror's Snapshot directory");
+        }
+    }
     fn seen(&self) {
         if self.sink.started.send_if_modified(|s| !std::mem::replace(s, true)) {
             self.sink.progress.set_phase(Phase::Receiving);
@@ -555,13 +562,13 @@ impl BackupDelegate for MirrorDelegate {
             Progress::add(&self.sink.progress.files_moved, 1);
             let dest_made = |d: &Path| self.known.made_empty(d);
             match self.staged.try_move(from, to, |s| self.known.made(s), dest_made).map_err(internal)? {
+                // The names a swap brings in (`to`'s among them) are recorded once, then.
                 (Moved::Done, swapped_in) => {
                     if let Some(dest) = to.parent() {
                         for name in swapped_in {
                             self.known.placed(&dest.join(name));
                         }
                     }
-                    self.known.placed(to);
                     Progress::add(&self.sink.progress.files_moved_by_swap, 1);
                     return Ok(());
                 }
@@ -601,19 +608,13 @@ impl BackupDelegate for MirrorDelegate {
     }
     fn exists<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, bool> {
         Box::pin(async move {
-            // The answer is then what the file system holds; the failure is kept and
-            // fails the backup at its end.
-            if let Err(e) = self.settle(path) {
-                tracing::warn!(error = %e, "could not put staged files back into the mirror's Snapshot directory");
-            }
+            self.settle_to_ask(path);
             path.exists()
         })
     }
     fn is_dir<'a>(&'a self, path: &'a Path) -> DelegateFuture<'a, bool> {
         Box::pin(async move {
-            if let Err(e) = self.settle(path) {
-                tracing::warn!(error = %e, "could not put staged files back into the mirror's Snapshot directory");
-            }
+            self.settle_to_ask(path);
             path.is_dir()
         })
     }

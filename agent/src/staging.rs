@@ -219,15 +219,16 @@ impl Exchanges {
     }
 
     /// Puts back every pending file (the backup is over). An error if any file could not
-    /// be put back, now or when the phone looked earlier.
+    /// be put back, now or when the phone looked earlier (reported once: the delegate's
+    /// `Drop` calls this again after the backup has failed with it).
     pub(crate) fn settle_all(&self) -> std::io::Result<()> {
         let mut state = self.lock();
         let all: Vec<PathBuf> = state.swapped.keys().cloned().collect();
         for staging in all {
             settle(&mut state, &staging)?;
         }
-        match &state.failed {
-            Some(failed) => Err(std::io::Error::other(failed.clone())),
+        match state.failed.take() {
+            Some(failed) => Err(std::io::Error::other(failed)),
             None => Ok(()),
         }
     }
