@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::service::ServiceConfig;
+use crate::job::service::ServiceConfig;
 
 pub const DEFAULT_STATE_DIR: &str = "./lifeboat-agent";
 pub const DEFAULT_MAX_CONCURRENT: usize = 2;

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lifeboat_agent::client::Client;
 use lifeboat_agent::config::{Config, Overrides};
 use lifeboat_agent::device::{self, Provider};
+use lifeboat_agent::job::service;
 use lifeboat_agent::job::{self, Agent, LocalState};
+use lifeboat_agent::net::Client;
+use lifeboat_agent::pipeline::transfer;
 use lifeboat_agent::progress::{Phase, Progress};
 use lifeboat_agent::state::AgentState;
-use lifeboat_agent::{service, transfer};
 use lifeboat_shared::token::EnrollToken;
 use lifeboat_shared::wire::{Auth, Request, Response};
 use plist::Value;

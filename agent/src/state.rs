@@ -12,7 +12,7 @@ use lifeboat_shared::ids::{AgentId, TenantId};
 use lifeboat_shared::wire::{Auth, Enrolled};
 use serde::{Deserialize, Serialize};
 
-use crate::transfer::Keys;
+use crate::pipeline::transfer::Keys;
 
 const FILE: &str = "agent.json";
 

@@ -10,11 +10,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::config::{Config, DatabaseConfig};
-use crate::datadir::{DataDir, DataDirError};
-use crate::db;
-use crate::keys::MasterKey;
-use crate::pg::{Cluster, ClusterOptions};
-use crate::serve::EMBEDDED_DB;
+use crate::platform::datadir::{DataDir, DataDirError};
+use crate::platform::db::{self, EMBEDDED_DB};
+use crate::platform::pg::{self, Cluster, ClusterOptions};
 
 /// A database connection for one command, and what must be stopped afterwards.
 #[derive(Debug)]
@@ -52,7 +50,7 @@ impl AdminDb {
                         .with_context(|| format!("the server is running but {} is unreadable", pidfile.display()))?;
                     let socket_dir = text.lines().nth(4).unwrap_or_default().trim().to_string();
                     let mut c = tokio_postgres::Config::new();
-                    c.host_path(socket_dir).port(5432).user(crate::pg::SUPERUSER).dbname(EMBEDDED_DB);
+                    c.host_path(socket_dir).port(5432).user(pg::SUPERUSER).dbname(EMBEDDED_DB);
                     Ok(Self { client: db::connect(&c, timeout).await?, owned: None })
                 }
                 Err(e) => Err(e.into()),
@@ -68,30 +66,4 @@ impl AdminDb {
             drop(dd);
         }
     }
-}
-
-/// Environment variable that may hold the master key itself (64 hex digits), for
-/// deployments that inject secrets as environment; it wins over `master_key_file`.
-pub const MASTER_KEY_ENV: &str = "LIFEBOAT_MASTER_KEY";
-
-/// Loads the master key from `LIFEBOAT_MASTER_KEY`, or from its file, creating the file
-/// (with a loud note) if it is missing.
-pub fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
-    if let Some(value) = std::env::var_os(MASTER_KEY_ENV) {
-        let value = lifeboat_shared::Secret::new(value.to_string_lossy().into_owned());
-        return MasterKey::from_hex(value.expose())
-            .ok_or_else(|| anyhow::anyhow!("{MASTER_KEY_ENV} must hold exactly 64 hex digits"));
-    }
-    if let Some(parent) = config.master_key_file.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let (key, created) = MasterKey::load_or_create(&config.master_key_file)?;
-    if created {
-        tracing::warn!(
-            master_key.file = %config.master_key_file.display(),
-            master_key.id = key.id(),
-            "generated a new master key: BACK IT UP, apart from the data directory; without it no snapshot can be restored"
-        );
-    }
-    Ok(key)
 }

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use lifeboat_shared::Secret;
 use serde::Deserialize;
@@ -283,9 +284,9 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     /// Fleet metrics and restore-test runner settings.
-    pub fleet: crate::fleet::FleetConfig,
+    pub fleet: FleetConfig,
     /// The policy agents follow: back up a device whose last backup is older than this.
-    pub backup_interval: std::time::Duration,
+    pub backup_interval: Duration,
     /// The file the configuration came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -386,13 +387,13 @@ impl Config {
                 (None, None) => None,
                 _ => return Err(ConfigError::Invalid("quic.cert_file and quic.key_file go together".into())),
             };
-        let defaults = crate::fleet::FleetConfig::default();
-        let positive = |v: Option<u64>, name: &str, default: std::time::Duration, unit: u64| match v {
+        let defaults = FleetConfig::default();
+        let positive = |v: Option<u64>, name: &str, default: Duration, unit: u64| match v {
             Some(0) => Err(ConfigError::Invalid(format!("{name} must be at least 1"))),
-            Some(n) => Ok(std::time::Duration::from_secs(n * unit)),
+            Some(n) => Ok(Duration::from_secs(n * unit)),
             None => Ok(default),
         };
-        let fleet = crate::fleet::FleetConfig {
+        let fleet = FleetConfig {
             refresh: positive(file.monitoring.refresh_seconds, "monitoring.refresh_seconds", defaults.refresh, 1)?,
             stale_after: positive(
                 file.monitoring.stale_after_hours,
@@ -426,7 +427,7 @@ impl Config {
         let backup_interval = positive(
             o.backup_interval_seconds.or(file.backup.interval_seconds),
             "backup.interval_seconds",
-            crate::ingest::DEFAULT_BACKUP_INTERVAL,
+            DEFAULT_BACKUP_INTERVAL,
             1,
         )?;
         let master_key_file =
@@ -459,6 +460,39 @@ pub fn unknown_env_vars() -> Vec<String> {
         // LIFEBOAT_AGENT_* belong to lifeboat-agent, which may share the environment.
         .filter(|k| k.starts_with("LIFEBOAT_") && !k.starts_with("LIFEBOAT_AGENT_") && !KNOWN_ENV.contains(&k.as_str()))
         .collect()
+}
+
+/// The default policy: back up a device once a day.
+pub const DEFAULT_BACKUP_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// Settings of the fleet jobs (`[monitoring]` and `[restore_tests]` in the configuration).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// How often the fleet gauges are refreshed.
+    pub refresh: Duration,
+    /// A device without a committed snapshot for this long is stale.
+    pub stale_after: Duration,
+    pub restore_tests: bool,
+    /// How often the runner looks for work.
+    pub restore_test_interval: Duration,
+    /// Share (0–100) of new snapshots tested right after they are committed.
+    pub restore_test_sample_percent: u8,
+    /// A device's newest snapshot is tested again when its last test is older than this;
+    /// also the coverage window.
+    pub restore_test_window: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            refresh: Duration::from_secs(15),
+            stale_after: Duration::from_secs(3 * 86400),
+            restore_tests: true,
+            restore_test_interval: Duration::from_secs(60),
+            restore_test_sample_percent: 100,
+            restore_test_window: Duration::from_secs(7 * 86400),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -219,6 +219,32 @@ impl TenantKeys {
     }
 }
 
+/// Environment variable that may hold the master key itself (64 hex digits), for
+/// deployments that inject secrets as environment; it wins over `master_key_file`.
+pub const MASTER_KEY_ENV: &str = "LIFEBOAT_MASTER_KEY";
+
+/// Loads the master key from `LIFEBOAT_MASTER_KEY`, or from its file, creating the file
+/// (with a loud note) if it is missing.
+pub fn load_master(config: &crate::config::Config) -> anyhow::Result<MasterKey> {
+    if let Some(value) = std::env::var_os(MASTER_KEY_ENV) {
+        let value = lifeboat_shared::Secret::new(value.to_string_lossy().into_owned());
+        return MasterKey::from_hex(value.expose())
+            .ok_or_else(|| anyhow::anyhow!("{MASTER_KEY_ENV} must hold exactly 64 hex digits"));
+    }
+    if let Some(parent) = config.master_key_file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        anyhow::Context::with_context(std::fs::create_dir_all(parent), || format!("creating {}", parent.display()))?;
+    }
+    let (key, created) = MasterKey::load_or_create(&config.master_key_file)?;
+    if created {
+        tracing::warn!(
+            master_key.file = %config.master_key_file.display(),
+            master_key.id = key.id(),
+            "generated a new master key: BACK IT UP, apart from the data directory; without it no snapshot can be restored"
+        );
+    }
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,28 +2,26 @@
 //!
 //! It keeps tenants, agents, devices, backup runs and snapshots in PostgreSQL (an embedded
 //! private cluster by default), snapshot data in object storage through OpenDAL, and
-//! answers HTTP for health, readiness and metrics. See `ARCHITECTURE.md` for the map.
+//! answers agents over QUIC and people over HTTP. One module per subsystem; the map with
+//! each one's invariants is in `ARCHITECTURE.md`.
+//!
+//! Dependency order, lowest first (nothing imports upwards): `platform`, `config`, `keys`
+//! → `store`, `objects`, `ios` → `session`, `app`, `users` → `ingest`, `restore` →
+//! `agents`, `jobs`, `http` → `serve`, `admin`.
 
 pub mod admin;
-pub mod api;
-pub mod auth;
-pub mod backup;
-pub mod chunkstore;
+pub mod agents;
+pub mod app;
 pub mod config;
-pub mod datadir;
-pub mod db;
-pub mod fleet;
 pub mod http;
 pub mod ingest;
+pub mod ios;
+pub mod jobs;
 pub mod keys;
-pub mod metrics;
-pub mod pg;
-pub mod quic;
+pub mod objects;
+pub mod platform;
+pub mod restore;
 pub mod serve;
-pub mod storage;
-pub mod telemetry;
-pub mod tenants;
-pub mod testing;
-pub mod tls;
+pub mod session;
+pub mod store;
 pub mod users;
-pub mod verify;

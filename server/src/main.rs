@@ -4,9 +4,11 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lifeboat_server::admin::{self, AdminDb};
+use lifeboat_server::admin::AdminDb;
 use lifeboat_server::config::{self, Config, Overrides};
-use lifeboat_server::{serve, telemetry, tenants};
+use lifeboat_server::platform::telemetry;
+use lifeboat_server::store::tenants;
+use lifeboat_server::{keys, serve};
 
 /// Lifeboat server: fleet backup for company iPhones.
 ///
@@ -201,7 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
                 let db = AdminDb::open(&config).await?;
-                let result = lifeboat_server::auth::revoke(&db.client, id).await;
+                let result = lifeboat_server::agents::auth::revoke(&db.client, id).await;
                 db.close().await;
                 anyhow::ensure!(result?, "no active agent {id}");
                 println!("revoked agent {id}");
@@ -222,7 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
-    let master = admin::master_key(config)?;
+    let master = keys::load_master(config)?;
     let mut db = AdminDb::open(config).await?;
     let result = match cmd {
         TenantCommand::Create { name, json } => tenants::create(&mut db.client, &master, &name).await.map(|t| {
@@ -248,12 +250,12 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
 }
 
 async fn token_create(config: &Config, tenant: &str, expires: std::time::Duration, json: bool) -> anyhow::Result<()> {
-    lifeboat_server::tls::install_default_provider();
-    let identity = lifeboat_server::tls::Identity::for_config(config)?;
+    lifeboat_server::platform::tls::install_default_provider();
+    let identity = lifeboat_server::platform::tls::Identity::for_config(config)?;
     let db = AdminDb::open(config).await?;
     let result = async {
         let t = tenants::by_name(&db.client, tenant).await?;
-        let token = lifeboat_server::auth::create_enroll_token(
+        let token = lifeboat_server::agents::auth::create_enroll_token(
             &db.client,
             t.id,
             expires,
@@ -291,31 +293,26 @@ async fn verify(
     all: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    use lifeboat_server::verify;
+    use lifeboat_server::restore::verify;
     anyhow::ensure!(
         snapshot.is_some() || device.is_some() || all,
         "say what to verify: --snapshot ID, --device UDID or --all"
     );
-    let master = admin::master_key(config)?;
-    let op = lifeboat_server::storage::operator(&config.storage)?;
+    let master = keys::load_master(config)?;
+    let op = lifeboat_server::objects::operator(&config.storage)?;
+    // Beside a running server's own scratch files, in a directory of this command's.
+    let scratch = lifeboat_server::ios::Scratch::for_command(&config.data_dir, "verify")?;
     let db = AdminDb::open(config).await?;
     let result = async {
         let only = match tenant {
-            Some(name) => Some(tenants::by_name(&db.client, name).await?.id.0),
+            Some(name) => Some(tenants::by_name(&db.client, name).await?.id),
             None => None,
         };
         // The newest matching snapshot of each device, in every tenant unless one is named.
-        let rows = db
-            .client
-            .query(
-                "SELECT DISTINCT ON (tenant_id, udid) tenant_id, id, logical_bytes FROM snapshots \
-                 WHERE ($1::uuid IS NULL OR tenant_id = $1) AND ($2::uuid IS NULL OR id = $2) \
-                 AND ($3::text IS NULL OR udid = $3) ORDER BY tenant_id, udid, committed_at DESC",
-                &[&only, &snapshot.map(|s| s.0), &device],
-            )
-            .await?;
+        let rows =
+            lifeboat_server::store::snapshots::newest_matching(&db.client, only, snapshot, device.as_deref()).await?;
         anyhow::ensure!(!rows.is_empty(), "no snapshot matches");
-        let total: i64 = rows.iter().map(|r| r.get::<_, i64>(2)).sum();
+        let total: i64 = rows.iter().map(|r| r.2).sum();
         let mut keys_of = std::collections::HashMap::new();
         let bar = if json {
             indicatif::ProgressBar::hidden()
@@ -328,16 +325,14 @@ async fn verify(
             )
         };
         let mut failed = 0;
-        for row in &rows {
-            let tenant = lifeboat_shared::ids::TenantId(row.get(0));
-            let id = lifeboat_shared::ids::SnapshotId(row.get(1));
+        for &(tenant, id, _) in &rows {
             if let std::collections::hash_map::Entry::Vacant(e) = keys_of.entry(tenant) {
-                e.insert(tenants::keys(&db.client, &master, tenant).await?);
+                e.insert(std::sync::Arc::new(tenants::keys(&db.client, &master, tenant).await?));
             }
             let keys = &keys_of[&tenant];
             bar.set_message(id.to_string());
             let started = std::time::SystemTime::now();
-            let report = verify::verify_snapshot(&db.client, &op, keys, id, |n| bar.inc(n)).await?;
+            let report = verify::verify_snapshot(&db.client, &op, keys, &scratch, id, |n| bar.inc(n)).await?;
             verify::record(&db.client, tenant, &report, started).await?;
             if !report.passed {
                 failed += 1;
@@ -370,5 +365,6 @@ async fn verify(
     }
     .await;
     db.close().await;
+    let _ = std::fs::remove_dir_all(scratch.path());
     result
 }

@@ -13,17 +13,17 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::agents::Agents;
+use crate::app::App;
 use crate::config::{Config, DatabaseConfig, StorageConfig};
-use crate::datadir::DataDir;
-use crate::http::AppState;
-use crate::ingest::Hub;
-use crate::metrics::Metrics;
-use crate::pg::{Cluster, ClusterOptions};
-use crate::tls::Identity;
-use crate::{db, storage};
-
-/// Name of the database the server uses inside the embedded cluster.
-pub const EMBEDDED_DB: &str = "lifeboat";
+use crate::ingest::Ingest;
+use crate::ios::Scratch;
+use crate::objects;
+use crate::platform::datadir::DataDir;
+use crate::platform::db::{self, EMBEDDED_DB};
+use crate::platform::metrics::Metrics;
+use crate::platform::pg::{Cluster, ClusterOptions};
+use crate::platform::tls::{self, Identity};
 const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A started server. Stop it with [`Running::stop`].
@@ -35,7 +35,8 @@ pub struct Running {
     pub cert_fingerprint: [u8; 32],
     /// The embedded cluster, when no database URL was configured.
     pub cluster: Option<Arc<Cluster>>,
-    pub hub: Arc<Hub>,
+    pub app: Arc<App>,
+    pub agents: Arc<Agents>,
     stop_tx: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     quic: JoinHandle<()>,
@@ -51,11 +52,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
     let http_addr = listener.local_addr().context("reading the HTTP listener's address")?;
-    crate::tls::install_default_provider();
+    tls::install_default_provider();
     let identity = Identity::for_config(&config)?;
-    let endpoint = crate::tls::quic_endpoint(config.quic_listen, identity.quic_server_config()?)
+    let endpoint = tls::quic_endpoint(config.quic_listen, identity.quic_server_config()?)
         .with_context(|| format!("cannot listen for QUIC on {}", config.quic_listen))?;
-    let master = Arc::new(crate::admin::master_key(&config)?);
+    let master = Arc::new(crate::keys::load_master(&config)?);
 
     let (pg_config, cluster) = match &config.database {
         DatabaseConfig::Embedded => {
@@ -102,19 +103,23 @@ async fn bring_up(
     let quic_addr = endpoint.local_addr().context("reading the QUIC endpoint's address")?;
     let mut client = db::connect(&pg_config, DB_CONNECT_TIMEOUT).await?;
     let report = db::migrate(&mut client).await?;
-    let signer = crate::auth::Signer::load_or_create(&client, &master).await?;
+    let signer = crate::agents::auth::Signer::load_or_create(&client, &master).await?;
     drop(client);
     let pool = db::pool(pg_config.clone(), config.db_max_connections)?;
 
-    let op = storage::operator(&config.storage)?;
-    storage::ping(&op, Duration::from_secs(10)).await.map_err(|e| anyhow::anyhow!("storage is not usable: {e}"))?;
+    let op = objects::operator(&config.storage)?;
+    objects::ping(&op, Duration::from_secs(10)).await.map_err(|e| anyhow::anyhow!("storage is not usable: {e}"))?;
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    let mut hub = Hub::new(pool.clone(), op.clone(), master, signer, metrics.clone());
-    hub.backup_interval = config.backup_interval;
-    hub.local_root = storage::local_root(&config.storage);
-    let hub = Arc::new(hub);
-    let app = crate::http::router(AppState { db: pool.clone(), storage: op, metrics, hub: hub.clone() });
+    let scratch = Scratch::in_data_dir(data_dir.path())
+        .with_context(|| format!("preparing {}/scratch", data_dir.path().display()))?;
+    let mut app = App::new(pool.clone(), op, master, signer, metrics, scratch);
+    app.backup_interval = config.backup_interval;
+    let app = Arc::new(app);
+    let mut ingest = Ingest::new(app.clone());
+    ingest.local_root = objects::local_root(&config.storage);
+    let agents = Arc::new(Agents { app: app.clone(), ingest });
+    let router = crate::http::router(app.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -122,13 +127,13 @@ async fn bring_up(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let http = tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stopped()).into_future());
-    let quic = tokio::spawn(crate::quic::serve(endpoint, hub.clone(), stopped()));
+    let http = tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stopped()).into_future());
+    let quic = tokio::spawn(crate::agents::endpoint::serve(endpoint, agents.clone(), stopped()));
     let fleet = {
-        let (hub, config, stop) = (hub.clone(), config.fleet.clone(), stopped());
+        let (app, config, stop) = (app.clone(), config.fleet.clone(), stopped());
         tokio::spawn(async move {
             tokio::select! {
-                () = crate::fleet::run(hub, config) => {}
+                () = crate::jobs::run(app, config) => {}
                 () = stop => {}
             }
         })
@@ -155,7 +160,8 @@ async fn bring_up(
         quic_addr,
         cert_fingerprint: fingerprint,
         cluster,
-        hub,
+        app,
+        agents,
         stop_tx,
         http,
         quic,

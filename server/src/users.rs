@@ -7,8 +7,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use lifeboat_shared::ids::TenantId;
 use serde::Serialize;
 
-use crate::auth::secret_hash;
+use crate::agents::auth::secret_hash;
 use crate::keys::{KeyError, random_32};
+use crate::store;
 
 const PREFIX: &str = "lbu1_";
 
@@ -72,13 +73,7 @@ pub async fn create(
         return Err(UserError::BadName);
     }
     let secret = random_32()?;
-    let id: uuid::Uuid = client
-        .query_one(
-            "INSERT INTO users (tenant_id, name, role, credential_hash) VALUES ($1, $2, $3, $4) RETURNING id",
-            &[&tenant.0, &name, &role.as_str(), &secret_hash(&secret)],
-        )
-        .await?
-        .get(0);
+    let id = store::users::insert(client, tenant, name, role.as_str(), &secret_hash(&secret)).await?;
     Ok((id, format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(secret))))
 }
 
@@ -87,13 +82,6 @@ pub async fn authenticate(client: &tokio_postgres::Client, credential: &str) -> 
     let Some(secret) = credential.strip_prefix(PREFIX).and_then(|b| URL_SAFE_NO_PAD.decode(b).ok()) else {
         return Ok(None);
     };
-    let row = client
-        .query_opt(
-            "SELECT tenant_id, id, role FROM users WHERE credential_hash = $1 AND revoked_at IS NULL",
-            &[&secret_hash(&secret)],
-        )
-        .await?;
-    Ok(row.and_then(|r| {
-        Some(Caller { tenant: TenantId(r.get(0)), user: r.get(1), role: Role::parse(r.get::<_, &str>(2))? })
-    }))
+    let row = store::users::by_credential(client, &secret_hash(&secret)).await?;
+    Ok(row.and_then(|(tenant, user, role)| Some(Caller { tenant, user, role: Role::parse(&role)? })))
 }

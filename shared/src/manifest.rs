@@ -124,8 +124,7 @@ impl Manifest {
         nonce.copy_from_slice(&object[5..5 + NONCE_BYTES]);
         let packed =
             key.open(nonce, &aad(snapshot), &object[5 + NONCE_BYTES..]).ok_or(ManifestError::Unauthentic(*snapshot))?;
-        let plain =
-            zstd::bulk::decompress(&packed, MAX_MANIFEST_BYTES).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        let plain = decompress_bounded(&packed, MAX_MANIFEST_BYTES)?;
         let m: Manifest = postcard::from_bytes(&plain).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
         if m.snapshot != *snapshot {
             return Err(ManifestError::Unauthentic(*snapshot));
@@ -133,6 +132,22 @@ impl Manifest {
         m.validate()?;
         Ok(m)
     }
+}
+
+/// Decompresses a zstd stream of at most `max` bytes, growing the output with the data.
+/// The writer streams its frame without recording the content size, so the size is not
+/// known in advance; reserving `max` up front (what `zstd::bulk` does) would ask for a
+/// gigabyte for every manifest opened.
+fn decompress_bounded(packed: &[u8], max: usize) -> Result<Vec<u8>, ManifestError> {
+    use std::io::Read as _;
+    let corrupt = |e: std::io::Error| ManifestError::Corrupt(e.to_string());
+    let decoder = zstd::stream::read::Decoder::with_buffer(packed).map_err(corrupt)?;
+    let mut plain = Vec::new();
+    decoder.take(max as u64 + 1).read_to_end(&mut plain).map_err(corrupt)?;
+    if plain.len() > max {
+        return Err(ManifestError::Corrupt(format!("decompresses to more than {max} bytes")));
+    }
+    Ok(plain)
 }
 
 fn aad(snapshot: &SnapshotId) -> [u8; 21] {
@@ -155,6 +170,28 @@ pub fn is_safe_relative_path(p: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (server layout issue): `Manifest::open` reserved the 1 GiB limit for
+    /// every manifest (`zstd::bulk` sizes its output by the limit when the frame, as our
+    /// writer streams it, records no content size). Decoding grows with the data.
+    #[test]
+    fn decompressing_a_manifest_grows_with_the_data_not_the_limit() {
+        let plain = vec![7u8; 100_000];
+        let mut packed = Vec::new();
+        let mut encoder = zstd::stream::write::Encoder::new(&mut packed, 3).unwrap();
+        std::io::Write::write_all(&mut encoder, &plain).unwrap();
+        encoder.finish().unwrap();
+        assert!(
+            matches!(zstd::zstd_safe::get_frame_content_size(&packed), Ok(None)),
+            "a streamed frame, as seal writes"
+        );
+        let out = decompress_bounded(&packed, MAX_MANIFEST_BYTES).unwrap();
+        assert_eq!(out, plain);
+        assert!(out.capacity() < 4 << 20, "{} bytes reserved for {} bytes", out.capacity(), out.len());
+        // Over the limit: refused, not truncated.
+        let err = decompress_bounded(&packed, 99_999).unwrap_err();
+        assert_eq!(err, ManifestError::Corrupt("decompresses to more than 99999 bytes".into()));
+    }
 
     fn sample() -> Manifest {
         Manifest {

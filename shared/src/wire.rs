@@ -1,4 +1,5 @@
-//! The agent ↔ server wire protocol, version 1 (`docs/protocol.md`).
+//! The agent ↔ server wire protocol, version 2 (`docs/protocol.md`; every frame's bytes
+//! pinned by `shared/tests/golden/`).
 //!
 //! QUIC (ALPN `lifeboat/1`); every message is a frame: `length u32be | postcard payload`,
 //! with a hard size limit checked before the payload is read. The first bidirectional
@@ -24,7 +25,7 @@ use crate::manifest::DeviceInfo;
 /// QUIC/TLS application protocol name.
 pub const ALPN: &[u8] = b"lifeboat/1";
 /// Versions of this protocol that this build speaks, newest last.
-pub const VERSIONS: &[u16] = &[1];
+pub const VERSIONS: &[u16] = &[2];
 /// Largest control frame (hello, requests, responses).
 pub const MAX_CONTROL_FRAME_BYTES: usize = 1024 * 1024;
 /// Largest data frame: one blob, or one part of a byte stream, plus framing.
@@ -486,7 +487,7 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let mut s = MemStream::default();
-        let hello = Hello { versions: vec![1], auth: Auth::Access { token: "t".into() } };
+        let hello = Hello { versions: vec![2], auth: Auth::Access { token: "t".into() } };
         let data = Data::Blob { id: ChunkId([7; 32]), blob: vec![1, 2, 3] };
         block_on(write_frame(&mut s, &hello)).unwrap();
         block_on(write_frame(&mut s, &data)).unwrap();
@@ -559,9 +560,10 @@ mod tests {
 
     #[test]
     fn versions_are_negotiated_or_refused() {
-        assert_eq!(negotiate(&[1]), Some(1));
-        assert_eq!(negotiate(&[1, 2, 3]), Some(1));
-        assert_eq!(negotiate(&[2]), None);
+        assert_eq!(negotiate(&[2]), Some(2));
+        assert_eq!(negotiate(&[1, 2, 3]), Some(2));
+        assert_eq!(negotiate(&[1]), None, "v1 is no longer spoken");
+        assert_eq!(negotiate(&[3]), None);
         assert_eq!(negotiate(&[]), None);
     }
 

@@ -2,7 +2,7 @@
 
 use lifeboat_server::config::{Config, FileConfig, Overrides};
 use lifeboat_server::serve;
-use lifeboat_server::testing::{http_get, test_db};
+use lifeboat_test_support::{http_get, test_db};
 
 fn config(url: String, data_dir: &std::path::Path) -> Config {
     let o = Overrides {

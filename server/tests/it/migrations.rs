@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use lifeboat_server::db::{self, MIGRATION_TABLE};
-use lifeboat_server::testing::{cluster, test_db};
+use lifeboat_server::platform::db::{self, MIGRATION_TABLE};
+use lifeboat_test_support::{cluster, test_db};
 
 #[tokio::test]
 async fn the_template_database_has_the_whole_schema() {

@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lifeboat_server::db;
-use lifeboat_server::pg::{Cluster, ClusterError, ClusterOptions, Durability};
-use lifeboat_server::testing::have_postgres;
+use lifeboat_server::platform::db;
+use lifeboat_server::platform::pg::{Cluster, ClusterError, ClusterOptions, Durability};
+use lifeboat_test_support::have_postgres;
 
 /// A temp dir that the `postgres` user can traverse when the tests run as root.
 fn tempdir() -> tempfile::TempDir {

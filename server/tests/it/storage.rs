@@ -2,7 +2,7 @@
 //! (OpenDAL s3 against a local S3-compatible server, moto).
 
 use lifeboat_server::config::StorageConfig;
-use lifeboat_server::storage;
+use lifeboat_server::objects as storage;
 use lifeboat_shared::chunk::{DataKey, IdKey, open_and_verify, seal_chunk};
 use lifeboat_shared::pack::{PackBuilder, read_index};
 use opendal::{ErrorKind, Operator};
@@ -97,7 +97,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test]
                 async fn $check() {
-                    let Some(config) = lifeboat_server::testing::s3_bucket().await else { return };
+                    let Some(config) = lifeboat_test_support::s3_bucket().await else { return };
                     super::$check(super::storage::operator(&config).unwrap()).await;
                 }
             )*

@@ -1,8 +1,8 @@
 //! Tenants and their wrapped keys, on a real database.
 
 use lifeboat_server::keys::MasterKey;
-use lifeboat_server::tenants::{self, TenantError};
-use lifeboat_server::testing::test_db;
+use lifeboat_server::store::tenants::{self, TenantError};
+use lifeboat_test_support::test_db;
 
 #[tokio::test]
 async fn a_tenant_gets_its_own_keys_which_only_the_master_key_opens() {

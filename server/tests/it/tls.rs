@@ -1,6 +1,6 @@
 //! The server's QUIC identity: generated once and kept, or loaded from the operator's files.
 
-use lifeboat_server::tls::{Identity, fingerprint};
+use lifeboat_server::platform::tls::{Identity, fingerprint};
 
 #[test]
 fn a_generated_identity_is_kept_across_restarts() {
@@ -16,7 +16,7 @@ fn a_generated_identity_is_kept_across_restarts() {
 
 #[test]
 fn an_operator_certificate_loads_from_pem_and_a_mismatched_key_is_refused() {
-    lifeboat_server::tls::install_default_provider();
+    lifeboat_server::platform::tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
     let ck = rcgen::generate_simple_self_signed(vec!["backup.example".into()]).unwrap();
     let other = rcgen::generate_simple_self_signed(vec!["other.example".into()]).unwrap();

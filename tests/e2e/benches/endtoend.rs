@@ -163,7 +163,7 @@ async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
     let mut cmd = Command::new("idevicebackup2");
     cmd.args(["-u", &udid, "backup", "--full"]).arg(&target).env("USBMUXD_SOCKET_ADDRESS", &mux);
     let (ib_secs, _, _, _) = tokio::task::block_in_place(|| timed(cmd))?;
-    let written = lifeboat_agent::transfer::dir_bytes(&target) as f64 / 1e6;
+    let written = lifeboat_agent::pipeline::transfer::dir_bytes(&target) as f64 / 1e6;
     println!(
         "idevicebackup2 backup --full to the bench directory:    {ib_secs:6.1} s  {:6.0} MB/s  ({written:.0} MB written)",
         written / ib_secs

@@ -8,10 +8,12 @@
 use std::time::Instant;
 
 use lifeboat_e2e::{enrol, open_run, server_config};
-use lifeboat_server::{serve, tenants, testing};
+use lifeboat_server::serve;
+use lifeboat_server::store::tenants;
 use lifeboat_shared::chunk::seal_chunk;
 use lifeboat_shared::ids::ChunkId;
 use lifeboat_shared::manifest::{ChunkRef, DeviceInfo, FileEntry, Manifest};
+use lifeboat_test_support as testing;
 
 const TOTAL_BYTES: usize = 1 << 30;
 const CHUNK_BYTES: usize = 512 * 1024;
@@ -34,7 +36,7 @@ async fn run(clients: usize) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let server = serve::start(server_config(&db.url, &dir.path().join("data"))).await?;
     let mut pg = db.client().await;
-    let tenant = tenants::create(&mut pg, &server.hub.master, "bench").await?.id;
+    let tenant = tenants::create(&mut pg, &server.app.master, "bench").await?.id;
 
     // Enrol the clients and seal their data before timing.
     let mut jobs = Vec::new();

@@ -7,22 +7,26 @@
 
 use std::time::Instant;
 
-use lifeboat_agent::transfer;
+use lifeboat_agent::pipeline::transfer;
 use lifeboat_e2e::{BackupContent, enrol, make_iphone_backup, open_run, server_config};
-use lifeboat_server::{serve, tenants, testing, verify};
+use lifeboat_server::restore::verify;
+use lifeboat_server::serve;
+use lifeboat_server::store::tenants;
 use lifeboat_shared::manifest::DeviceInfo;
+use lifeboat_test_support as testing;
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (server, db, _dirs, tenant, snapshot) = rt.block_on(setup())?;
-    let keys = rt.block_on(server.hub.tenant_keys(tenant)).map_err(|r| anyhow::anyhow!(r.message))?;
-    let op = server.hub.storage.clone();
+    let keys = rt.block_on(server.app.tenant_keys(tenant)).map_err(|e| anyhow::anyhow!(e.to_string()))?;
+    let op = server.app.storage.clone();
     // Verification itself on a single-threaded runtime: one core.
     let one = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let client = one.block_on(db.client());
     for round in 0..3 {
         let start = Instant::now();
-        let report = one.block_on(verify::verify_snapshot(&client, &op, &keys, snapshot, |_| {}))?;
+        let report =
+            one.block_on(verify::verify_snapshot(&client, &op, &keys, &server.app.scratch, snapshot, |_| {}))?;
         let secs = start.elapsed().as_secs_f64();
         anyhow::ensure!(report.passed, "{:?}", report.problems);
         println!(
@@ -48,7 +52,7 @@ async fn setup() -> anyhow::Result<(
     let dir = tempfile::tempdir()?;
     let server = serve::start(server_config(&db.url, &dir.path().join("data"))).await?;
     let mut pg = db.client().await;
-    let tenant = tenants::create(&mut pg, &server.hub.master, "bench").await?.id;
+    let tenant = tenants::create(&mut pg, &server.app.master, "bench").await?.id;
     let (client, keys) = enrol(&server, &pg, tenant, "bench").await?;
     let backup = tempfile::tempdir()?;
     // About 1 GiB: 250 photos of 4 MiB, with the databases and plists of a backup.

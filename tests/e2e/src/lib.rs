@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-pub use lifeboat_server::testing::{have_postgres, http_get, http_post_json, in_ci, skip_or_fail};
+pub use lifeboat_test_support::{have_postgres, http_get, http_post_json, in_ci, skip_or_fail};
 
 /// Path of a workspace binary (`lifeboat-server`, `lifeboat-agent`), built next to this
 /// test executable (`target/<profile>/deps/it-…` → `target/<profile>/<name>`).
@@ -208,7 +208,7 @@ pub fn make_tree(root: &Path, files: usize, total_bytes: usize, seed: u64) -> st
 
 /// Every file under `root` with its bytes, by relative path.
 pub fn read_tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    lifeboat_agent::transfer::list_files(root)
+    lifeboat_agent::pipeline::transfer::list_files(root)
         .expect("listing a tree")
         .into_iter()
         .map(|rel| {
@@ -222,7 +222,9 @@ pub fn read_tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 pub async fn embedded_db(data_dir: &Path) -> tokio_postgres::Client {
     let mut config = tokio_postgres::Config::new();
     config.host_path(data_dir.join("postgres")).port(5432).user("lifeboat").dbname("lifeboat");
-    lifeboat_server::db::connect(&config, Duration::from_secs(10)).await.expect("connecting to the embedded database")
+    lifeboat_server::platform::db::connect(&config, Duration::from_secs(10))
+        .await
+        .expect("connecting to the embedded database")
 }
 
 /// Runs `lifeboat-server --data-dir DIR ARGS…`; returns (success, stdout, stderr).
@@ -403,9 +405,9 @@ pub async fn enrol(
     db: &tokio_postgres::Client,
     tenant: lifeboat_shared::ids::TenantId,
     hostname: &str,
-) -> anyhow::Result<(lifeboat_agent::client::Client, lifeboat_agent::transfer::Keys)> {
+) -> anyhow::Result<(lifeboat_agent::net::Client, lifeboat_agent::pipeline::transfer::Keys)> {
     let addr = server.quic_addr.to_string();
-    let token = lifeboat_server::auth::create_enroll_token(
+    let token = lifeboat_server::agents::auth::create_enroll_token(
         db,
         tenant,
         Duration::from_secs(3600),
@@ -418,14 +420,14 @@ pub async fn enrol(
         hostname: hostname.into(),
         agent_version: "test".into(),
     };
-    let client = lifeboat_agent::client::Client::connect(&addr, server.cert_fingerprint, auth).await?;
+    let client = lifeboat_agent::net::Client::connect(&addr, server.cert_fingerprint, auth).await?;
     let e = client.accepted.enrolled.clone().ok_or_else(|| anyhow::anyhow!("the welcome carried no keys"))?;
-    Ok((client, lifeboat_agent::transfer::Keys::from_bytes(e.id_key, e.data_key)))
+    Ok((client, lifeboat_agent::pipeline::transfer::Keys::from_bytes(e.id_key, e.data_key)))
 }
 
 /// Registers `device` and opens a backup run for it: returns the run and its snapshot id.
 pub async fn open_run(
-    client: &lifeboat_agent::client::Client,
+    client: &lifeboat_agent::net::Client,
     device: &lifeboat_shared::manifest::DeviceInfo,
 ) -> anyhow::Result<(lifeboat_shared::ids::RunId, lifeboat_shared::ids::SnapshotId)> {
     use lifeboat_shared::wire::{Request, Response};
@@ -439,7 +441,7 @@ pub async fn open_run(
 /// The regular files under `root` with a `packs` directory in their path below it: a
 /// local-disk storage's packs.
 pub fn pack_files(root: &Path) -> Vec<PathBuf> {
-    lifeboat_agent::transfer::list_files(root)
+    lifeboat_agent::pipeline::transfer::list_files(root)
         .unwrap_or_default()
         .into_iter()
         .filter(|rel| rel.split('/').any(|c| c == "packs"))

@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use lifeboat_agent::client::Client;
+use lifeboat_agent::net::Client;
+use lifeboat_agent::pipeline::transfer;
 use lifeboat_agent::state::AgentState;
-use lifeboat_agent::transfer;
 use lifeboat_e2e::{ServerProcess, bin, have_postgres, iphone_backup_content, server_cli, tempdir, tenant_with_token};
 use virtual_iphone::content::Profile;
 use virtual_iphone::{Config, Registry, usbmuxd};

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lifeboat_agent::client::Client;
+use lifeboat_agent::net::Client;
+use lifeboat_agent::pipeline::transfer;
 use lifeboat_agent::state::AgentState;
-use lifeboat_agent::transfer;
 use lifeboat_e2e::{
     ServerProcess, bin, have_postgres, http_get, http_post_json, iphone_backup_content, server_cli, tempdir,
     tenant_with_token,

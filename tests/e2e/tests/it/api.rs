@@ -1,6 +1,6 @@
 //! The help-desk HTTP API and the ingest metrics, after real uploads over QUIC.
 
-use lifeboat_agent::transfer;
+use lifeboat_agent::pipeline::transfer;
 use lifeboat_e2e::{http_get, make_tree};
 use lifeboat_server::users::{self, Role};
 use lifeboat_shared::wire::{Request, RunEnd};

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use lifeboat_agent::client::Client;
-use lifeboat_agent::transfer::{self, Keys};
+use lifeboat_agent::net::Client;
+use lifeboat_agent::pipeline::transfer::{self, Keys};
 use lifeboat_e2e::{ServerProcess, embedded_db, eventually, have_postgres, make_tree, read_tree, server_cli, tempdir};
-use lifeboat_server::auth::EnrollToken;
+use lifeboat_server::agents::auth::EnrollToken;
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
 use nix::sys::signal::Signal;

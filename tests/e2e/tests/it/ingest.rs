@@ -3,16 +3,17 @@
 
 use std::time::Duration;
 
-use lifeboat_agent::client::{Client, ClientError};
-use lifeboat_agent::transfer::{self, Keys, now_unix_ms};
+use lifeboat_agent::net::{Client, ClientError};
+use lifeboat_agent::pipeline::transfer::{self, Keys, now_unix_ms};
+use lifeboat_server::agents::auth;
 use lifeboat_server::config::StorageConfig;
 use lifeboat_server::serve::{self, Running};
-use lifeboat_server::testing::{TestDb, test_db};
-use lifeboat_server::{auth, tenants};
+use lifeboat_server::store::tenants;
 use lifeboat_shared::chunk::seal_chunk;
 use lifeboat_shared::ids::{RunId, SnapshotId, TenantId};
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
+use lifeboat_test_support::{TestDb, test_db};
 
 use lifeboat_e2e::{
     cached_bytes, enrol, incompressible, make_tree, pack_files, read_tree, server_config, skip_or_fail,
@@ -45,7 +46,7 @@ pub async fn start_server_on(storage: Option<StorageConfig>) -> Option<Fixture> 
 impl Fixture {
     pub async fn tenant(&self, name: &str) -> TenantId {
         let mut client = self.db.client().await;
-        tenants::create(&mut client, &self.server.hub.master, name).await.unwrap().id
+        tenants::create(&mut client, &self.server.app.master, name).await.unwrap().id
     }
 
     pub async fn token(&self, tenant: TenantId, ttl: Duration) -> Vec<u8> {
@@ -104,7 +105,7 @@ async fn a_bulk_upload_on_loopback_ends_with_the_largest_packets() {
     transfer::upload_dir(&client, &keys, run, snapshot, dev, tree.path(), now_unix_ms()).await.unwrap();
     let stats = client.quic_stats();
     assert_eq!(stats.path.black_holes_detected, 0, "{:?}", stats.path);
-    assert_eq!(stats.path.current_mtu, lifeboat_server::tls::MTU_UPPER_BOUND, "{:?}", stats.path);
+    assert_eq!(stats.path.current_mtu, lifeboat_server::platform::tls::MTU_UPPER_BOUND, "{:?}", stats.path);
     // The data went in packets of that size, not mostly in smaller ones before a fall.
     assert!(stats.udp_tx.bytes / stats.udp_tx.datagrams > 4_000, "{:?}", stats.udp_tx);
     fx.server.stop().await.unwrap();
@@ -293,7 +294,7 @@ async fn bad_credentials_are_refused_with_a_reason() {
     // Access tokens: a good one works; one naming another tenant or signed elsewhere does not.
     let good = client.accepted.access_token.clone();
     fx.connect(Auth::Access { token: good.clone() }).await.unwrap();
-    let wrong_tenant = fx.server.hub.signer.issue(agent, b).unwrap();
+    let wrong_tenant = fx.server.app.signer.issue(agent, b).unwrap();
     let err = fx.connect(Auth::Access { token: wrong_tenant }).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::BadCredential), "{err}");
     // Change one character in the middle of the signature (the last one may only carry padding bits).
@@ -316,9 +317,8 @@ async fn bad_credentials_are_refused_with_a_reason() {
 
 /// Sends raw bytes as the hello; returns the welcome.
 async fn raw_hello(fx: &Fixture, bytes: &[u8]) -> lifeboat_shared::wire::Welcome {
-    let (_ep, conn) = lifeboat_agent::client::connect_raw(&fx.server.quic_addr.to_string(), fx.server.cert_fingerprint)
-        .await
-        .unwrap();
+    let (_ep, conn) =
+        lifeboat_agent::net::connect_raw(&fx.server.quic_addr.to_string(), fx.server.cert_fingerprint).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     let _ = send.finish();
@@ -340,17 +340,24 @@ async fn malformed_oversized_and_unknown_version_frames_are_refused() {
 
     let future = encode(&Hello { versions: vec![99], auth: Auth::Access { token: "x".into() } });
     assert_eq!(refused_with(raw_hello(&fx, &future).await), ErrorCode::UnsupportedVersion);
+    // A v1 agent (before the layout issue's protocol v2) is told to upgrade.
+    let v1 = encode(&Hello { versions: vec![1], auth: Auth::Access { token: "x".into() } });
+    let refusal = raw_hello(&fx, &v1).await;
+    assert!(
+        matches!(&refusal, lifeboat_shared::wire::Welcome::Refused { code: ErrorCode::UnsupportedVersion, message }
+            if message == "agent speaks protocol versions [1]; this server speaks [2]: upgrade lifeboat-agent"),
+        "{refusal:?}"
+    );
     assert_eq!(refused_with(raw_hello(&fx, &u32::MAX.to_be_bytes()).await), ErrorCode::TooLarge);
     assert_eq!(refused_with(raw_hello(&fx, &[0, 0, 0, 3, 0xff, 0xfe, 0xfd]).await), ErrorCode::Malformed);
 
     // After a good hello: a garbage request, and an oversized chunk frame, are refused and store nothing.
     let (client, _keys) = fx.enrolled_agent(tenant).await;
     let (run, _) = open_run(&client, &device(UDID)).await;
-    let (_ep, conn) = lifeboat_agent::client::connect_raw(&fx.server.quic_addr.to_string(), fx.server.cert_fingerprint)
-        .await
-        .unwrap();
+    let (_ep, conn) =
+        lifeboat_agent::net::connect_raw(&fx.server.quic_addr.to_string(), fx.server.cert_fingerprint).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hello = Hello { versions: vec![1], auth: Auth::Access { token: client.accepted.access_token.clone() } };
+    let hello = Hello { versions: vec![2], auth: Auth::Access { token: client.accepted.access_token.clone() } };
     send.write_all(&encode(&hello)).await.unwrap();
     let _ = send.finish();
     let welcome: lifeboat_shared::wire::Welcome =
@@ -393,7 +400,7 @@ async fn malformed_oversized_and_unknown_version_frames_are_refused() {
 
 #[tokio::test]
 async fn a_snapshot_round_trips_through_s3_storage() {
-    let Some(storage) = lifeboat_server::testing::s3_bucket().await else { return };
+    let Some(storage) = lifeboat_test_support::s3_bucket().await else { return };
     let Some(fx) = start_server_on(Some(storage)).await else { return };
     let tenant = fx.tenant("acme").await;
     let (client, keys) = fx.enrolled_agent(tenant).await;
@@ -405,7 +412,7 @@ async fn a_snapshot_round_trips_through_s3_storage() {
     let out = tempfile::tempdir().unwrap();
     transfer::download_snapshot(&client, &keys, snapshot, out.path()).await.unwrap();
     assert!(read_tree(tree.path()) == read_tree(out.path()), "restored tree differs");
-    let (status, body) = lifeboat_server::testing::http_get(fx.server.http_addr, "/readyz", None).await.unwrap();
+    let (status, body) = lifeboat_test_support::http_get(fx.server.http_addr, "/readyz", None).await.unwrap();
     assert_eq!(status, 200, "{body}");
     fx.server.stop().await.unwrap();
 }

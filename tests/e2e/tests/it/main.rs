@@ -8,6 +8,8 @@ mod agent_run;
 mod api;
 mod crash_resume;
 mod ingest;
+mod jobs;
+mod leases;
 mod monitoring;
 mod operator_cli;
 mod server_lifecycle;

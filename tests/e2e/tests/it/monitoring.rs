@@ -5,11 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lifeboat_agent::transfer;
+use lifeboat_agent::pipeline::transfer;
 use lifeboat_e2e::{BackupContent, http_get, make_iphone_backup, server_config, skip_or_fail};
-use lifeboat_server::testing::{free_port, spawn_stopped_on_exit, test_db};
-use lifeboat_server::{serve, verify};
+use lifeboat_server::restore::verify;
+use lifeboat_server::serve;
 use lifeboat_shared::wire::{DeviceState, Request, RunEnd};
+use lifeboat_test_support::{free_port, spawn_stopped_on_exit, test_db};
 use serde_json::Value;
 
 use crate::ingest::{Fixture, device, open_run};
@@ -165,8 +166,10 @@ async fn prometheus_scrapes_the_server_and_every_panel_and_alert_works() {
     let storage = fx.server.data_dir().join("storage/tenants");
     let pack = find_pack(&storage).expect("a pack");
     std::fs::remove_file(&pack).unwrap();
-    let keys = fx.server.hub.tenant_keys(tenant).await.unwrap();
-    let report = verify::verify_snapshot(&pg, &fx.server.hub.storage, &keys, snapshot, |_| {}).await.unwrap();
+    let keys = fx.server.app.tenant_keys(tenant).await.unwrap();
+    let report = verify::verify_snapshot(&pg, &fx.server.app.storage, &keys, &fx.server.app.scratch, snapshot, |_| {})
+        .await
+        .unwrap();
     assert!(!report.passed);
     verify::record(&pg, tenant, &report, std::time::SystemTime::now()).await.unwrap();
 

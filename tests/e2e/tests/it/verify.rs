@@ -1,9 +1,9 @@
 //! Restore tests: a good snapshot passes with its counts; a corrupted or deleted pack
 //! makes it fail, naming the file; results are recorded; the `verify` command says so.
 
-use lifeboat_agent::transfer;
+use lifeboat_agent::pipeline::transfer;
 use lifeboat_e2e::{BackupContent, file_id, make_iphone_backup};
-use lifeboat_server::verify;
+use lifeboat_server::restore::verify;
 
 use crate::ingest::{device, open_run, start_server};
 
@@ -39,10 +39,11 @@ async fn a_restore_test_passes_on_a_good_snapshot_and_names_the_file_when_a_pack
     let (report, _) = transfer::upload_dir(&client, &keys, run, snapshot, dev, backup.path(), 0).await.unwrap();
 
     let db = fx.db.client().await;
-    let tkeys = fx.server.hub.tenant_keys(tenant).await.unwrap();
-    let op = &fx.server.hub.storage;
+    let tkeys = fx.server.app.tenant_keys(tenant).await.unwrap();
+    let op = &fx.server.app.storage;
     let mut progressed = 0;
-    let good = verify::verify_snapshot(&db, op, &tkeys, snapshot, |n| progressed += n).await.unwrap();
+    let good =
+        verify::verify_snapshot(&db, op, &tkeys, &fx.server.app.scratch, snapshot, |n| progressed += n).await.unwrap();
     assert!(good.passed, "{:?}", good.problems);
     assert_eq!(good.files_checked, report.files);
     assert_eq!(good.bytes_checked, report.logical_bytes);
@@ -58,7 +59,7 @@ async fn a_restore_test_passes_on_a_good_snapshot_and_names_the_file_when_a_pack
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&packs[0], &bytes).unwrap();
-    let bad = verify::verify_snapshot(&db, op, &tkeys, snapshot, |_| {}).await.unwrap();
+    let bad = verify::verify_snapshot(&db, op, &tkeys, &fx.server.app.scratch, snapshot, |_| {}).await.unwrap();
     assert!(!bad.passed);
     let files: Vec<String> = transfer::list_files(backup.path()).unwrap();
     assert!(
@@ -70,7 +71,7 @@ async fn a_restore_test_passes_on_a_good_snapshot_and_names_the_file_when_a_pack
 
     // Delete the pack: every file with a chunk in it is named.
     std::fs::remove_file(&packs[0]).unwrap();
-    let gone = verify::verify_snapshot(&db, op, &tkeys, snapshot, |_| {}).await.unwrap();
+    let gone = verify::verify_snapshot(&db, op, &tkeys, &fx.server.app.scratch, snapshot, |_| {}).await.unwrap();
     assert!(!gone.passed);
     assert!(gone.problems.iter().any(|p| p.contains("cannot be read")), "{:?}", gone.problems);
     let sms = file_id("HomeDomain", "Library/SMS/sms.db");
@@ -152,14 +153,17 @@ async fn restore_test_results_show_what_the_backup_holds_beside_the_previous_sna
     let tenant = fx.tenant("acme").await;
     let (client, keys) = fx.enrolled_agent(tenant).await;
     let db = fx.db.client().await;
-    let tkeys = fx.server.hub.tenant_keys(tenant).await.unwrap();
+    let tkeys = fx.server.app.tenant_keys(tenant).await.unwrap();
     let dev = device(UDID);
     for (seed, messages) in [(4u64, 10i64), (5, 25)] {
         let backup = tempfile::tempdir().unwrap();
         make_iphone_backup(backup.path(), seed, BackupContent { messages, contacts: 3, photos: 1 }, 10_000).unwrap();
         let (run, snapshot) = open_run(&client, &dev).await;
         transfer::upload_dir(&client, &keys, run, snapshot, dev.clone(), backup.path(), 0).await.unwrap();
-        let report = verify::verify_snapshot(&db, &fx.server.hub.storage, &tkeys, snapshot, |_| {}).await.unwrap();
+        let report =
+            verify::verify_snapshot(&db, &fx.server.app.storage, &tkeys, &fx.server.app.scratch, snapshot, |_| {})
+                .await
+                .unwrap();
         assert!(report.passed, "{:?}", report.problems);
         verify::record(&db, tenant, &report, std::time::SystemTime::now()).await.unwrap();
     }
@@ -180,7 +184,7 @@ async fn restore_test_results_show_what_the_backup_holds_beside_the_previous_sna
 
 #[tokio::test]
 async fn the_background_runner_tests_sampled_snapshots_at_once_and_the_others_on_schedule() {
-    let Some(db) = lifeboat_server::testing::test_db().await else { return };
+    let Some(db) = lifeboat_test_support::test_db().await else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut config = lifeboat_e2e::server_config(&db.url, &dir.path().join("data"));
     config.fleet.restore_tests = true;

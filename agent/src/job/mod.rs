@@ -1,0 +1,492 @@
+//! One backup of one attached iPhone, from lockdown to a committed snapshot — what both
+//! `lifeboat-agent backup` and the service (`run`) do.
+//!
+//! The phone sends into the local mirror while the pipeline uploads each file it
+//! finishes. The run id is kept in `<state>/devices/<udid>.run` until the run ends, so an
+//! agent killed mid-upload resumes the same run and the server's stored chunks are not
+//! sent again. The device's state goes to the server (and to `<udid>.state`, for
+//! `status` in another process) as it changes.
+
+pub mod service;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_shared::ids::{RunId, SnapshotId};
+use lifeboat_shared::manifest::{DeviceInfo, Manifest};
+use lifeboat_shared::wire::{DeviceState, ErrorCode, Request, Response, RunEnd};
+use plist::Value;
+
+use crate::device::{BackupSink, DeviceError, Provider};
+use crate::net::{Client, ClientError};
+use crate::pipeline::transfer::{self, Keys, TransferError, UploadReport};
+use crate::pipeline::{FileCache, Pipeline};
+use crate::progress::{Phase, Progress};
+use crate::state::AgentState;
+
+/// How long a backup may stay silent before the agent says the iPhone wants its passcode.
+pub const PASSCODE_HINT_AFTER: Duration = Duration::from_secs(3);
+/// How long the agent waits for the passcode before it gives up (needs-passcode), so a
+/// locked phone left on a desk does not hold a backup slot for ever.
+pub const PASSCODE_GIVE_UP_AFTER: Duration = Duration::from_secs(600);
+
+/// An enrolled agent, ready to work.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub state_dir: PathBuf,
+    pub state: AgentState,
+    pub keys: Keys,
+    /// The most disk one device's mirror may use (bytes).
+    pub mirror_budget: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("uploading the backup: {0}")]
+    Upload(#[from] TransferError),
+    #[error("the server: {0}")]
+    Server(#[from] ClientError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl JobError {
+    /// The run-end reason reported to the server.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Device(e) => e.reason(),
+            Self::Upload(_) | Self::Server(_) => "upload-failed",
+            Self::Other(_) => "backup-failed",
+        }
+    }
+
+    /// The reason reported for a failed restore job.
+    pub fn restore_reason(&self) -> &'static str {
+        match self {
+            Self::Device(DeviceError::Refused { code: 105, .. }) => "out-of-space",
+            Self::Device(e) => e.reason(),
+            Self::Upload(_) | Self::Server(_) => "download-failed",
+            Self::Other(_) => "restore-failed",
+        }
+    }
+}
+
+/// What a committed backup did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub snapshot: SnapshotId,
+    pub files: u64,
+    pub logical_bytes: u64,
+    pub upload: UploadReport,
+    /// UDP payload bytes this backup's connection sent (all of QUIC's overhead included).
+    pub quic_bytes_sent: u64,
+    /// Files the local cache spared from being read again.
+    pub cached_files: u64,
+}
+
+impl Agent {
+    pub fn load(state_dir: &Path, mirror_budget: Option<u64>) -> anyhow::Result<Self> {
+        let state = AgentState::load(state_dir)?;
+        let keys = state.keys().ok_or_else(|| anyhow::anyhow!("{}: damaged keys", state_dir.display()))?;
+        Ok(Self { state_dir: state_dir.to_path_buf(), state, keys, mirror_budget })
+    }
+
+    /// A fresh authenticated connection (each job gets one, so a revoked agent stops at
+    /// its next job and an access token never outlives its connection's purpose).
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        let damaged = |what: &str| ClientError::Protocol(format!("{}: damaged {what}", self.state_dir.display()));
+        let fingerprint = self.state.fingerprint().ok_or_else(|| damaged("fingerprint"))?;
+        let auth = self.state.refresh_auth().ok_or_else(|| damaged("refresh secret"))?;
+        Client::connect(&self.state.server, fingerprint, auth).await
+    }
+}
+
+/// Reports a device state to the server; a failure is logged, never fatal.
+pub async fn report(client: &Client, udid: &lifeboat_shared::ids::Udid, state: DeviceState, message: &str) {
+    let req = Request::ReportState { udid: udid.clone(), state, message: Some(message.into()) };
+    if let Err(e) = client.request(&req).await {
+        tracing::warn!(device.udid = %udid, error = %e, "could not report the device's state");
+    }
+}
+
+/// Backs up the attached iPhone behind `provider` into a new snapshot (or finishes the
+/// run a killed agent left).
+pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>) -> Result<Outcome, JobError> {
+    let udid = provider.udid.as_str();
+    let local = LocalState::new(&agent.state_dir, udid);
+    progress.set_phase(Phase::Connecting);
+    let values = match provider.values().await {
+        Ok(v) => v,
+        Err(DeviceError::NotTrusted) => {
+            report_needs_trust(agent, provider).await;
+            return Err(DeviceError::NotTrusted.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let info = device_info(udid, &values)?;
+    let client = agent.connect().await?;
+    register(&client, &info, &values).await?;
+    let (run, snapshot) = open_run(&client, &agent.state_dir, &info).await?;
+    tracing::info!(device.udid = %udid, run.id = %run, device.name = %info.name, "backup started");
+    local.set("backing-up");
+    report(&client, &info.udid, DeviceState::BackingUp, "backing up").await;
+
+    let result = back_up(agent, provider, &client, &info, run, snapshot, &values, progress.clone()).await.and_then(
+        |(upload, committed)| match committed {
+            Response::Committed { snapshot, files, logical_bytes } => Ok((upload, snapshot, files, logical_bytes)),
+            other => Err(JobError::Other(format!("the server did not commit the snapshot: {other:?}"))),
+        },
+    );
+    let quic_bytes_sent = client.bytes_sent();
+    match result {
+        Ok((upload, snapshot, files, logical_bytes)) => {
+            let cached_files = upload.files_from_cache;
+            RunFile::remove(&agent.state_dir, udid);
+            local.finish("idle");
+            progress.set_phase(Phase::Done);
+            report(&client, &info.udid, DeviceState::Idle, "backed up").await;
+            client.close().await;
+            tracing::info!(
+                device.udid = %udid, run.id = %run, snapshot.id = %snapshot, files, logical_bytes,
+                chunks_sent = upload.chunks_sent, bytes_sent = upload.blob_bytes_sent, "backup committed"
+            );
+            Ok(Outcome { snapshot, files, logical_bytes, upload, quic_bytes_sent, cached_files })
+        }
+        Err(e) => {
+            // Say why it stopped; the chunks already stored stay on the server for the next run.
+            let (local_state, server_state) = match &e {
+                JobError::Device(DeviceError::Locked) => ("locked", DeviceState::NeedsPasscode),
+                _ => ("failing", DeviceState::Failing),
+            };
+            local.finish(local_state);
+            report(&client, &info.udid, server_state, &e.to_string()).await;
+            let end = RunEnd::Failed { reason: e.reason().into(), message: e.to_string() };
+            match client.request(&Request::EndRun { run, end }).await {
+                Ok(_) => RunFile::remove(&agent.state_dir, udid),
+                Err(err) => tracing::warn!(run.id = %run, error = %err, "could not report the failed run"),
+            }
+            client.close().await;
+            tracing::warn!(device.udid = %udid, run.id = %run, reason = e.reason(), error = %e, "backup failed");
+            Err(e)
+        }
+    }
+}
+
+fn device_info(udid: &str, values: &plist::Dictionary) -> Result<DeviceInfo, JobError> {
+    let text = |k: &str| values.get(k).and_then(Value::as_string).unwrap_or_default().to_string();
+    Ok(DeviceInfo {
+        udid: udid.parse().map_err(|e| JobError::Other(format!("{udid} is not a UDID: {e}")))?,
+        name: text("DeviceName"),
+        product_type: text("ProductType"),
+        ios_version: text("ProductVersion"),
+    })
+}
+
+async fn register(client: &Client, info: &DeviceInfo, values: &plist::Dictionary) -> Result<(), JobError> {
+    let serial = values.get("SerialNumber").and_then(Value::as_string).filter(|s| !s.is_empty()).map(String::from);
+    client.request(&Request::RegisterDevice { device: info.clone(), serial_number: serial }).await?;
+    Ok(())
+}
+
+/// The iPhone does not trust this computer yet: register it with what lockdown tells
+/// anyone, and say it needs its user to tap Trust (in the log, to the server, in `status`).
+pub async fn report_needs_trust(agent: &Agent, provider: &Provider) {
+    LocalState::new(&agent.state_dir, &provider.udid).set("needs-trust");
+    let udid = provider.udid.as_str();
+    tracing::info!(device.udid = %udid, "the iPhone does not trust this computer yet: unlock it and tap Trust");
+    let reported = async {
+        let values = provider.public_values().await?;
+        let info = device_info(udid, &values)?;
+        let client = agent.connect().await?;
+        register(&client, &info, &values).await?;
+        report(&client, &info.udid, DeviceState::NeedsTrust, "unlock the iPhone and tap Trust").await;
+        client.close().await;
+        Ok::<_, JobError>(())
+    };
+    if let Err(e) = reported.await {
+        tracing::warn!(device.udid = %udid, error = %e, "could not report needs-trust");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn back_up(
+    agent: &Agent,
+    provider: &Provider,
+    client: &Client,
+    info: &DeviceInfo,
+    run: RunId,
+    snapshot: SnapshotId,
+    values: &plist::Dictionary,
+    progress: Arc<Progress>,
+) -> Result<(UploadReport, Response), JobError> {
+    let udid = provider.udid.as_str();
+    let cache = FileCache::load(&agent.state_dir, udid);
+    let mirror = agent.state_dir.join("mirror");
+    // What the mirror holds counts against its budget (walked only when there is one).
+    let mirror_bytes = if agent.mirror_budget.is_some() { transfer::dir_bytes(&mirror.join(udid)) } else { 0 };
+    let mut pipeline = Pipeline::start(client.clone(), agent.keys.clone(), run, cache, progress.clone());
+    let (started_tx, started) = tokio::sync::watch::channel(false);
+    let mut waiting = started.clone();
+    let sink = BackupSink {
+        started: started_tx,
+        finished: pipeline.feed(),
+        progress: progress.clone(),
+        budget: agent.mirror_budget,
+        mirror_bytes,
+    };
+    // The passcode watch reports on its own connection's streams, never holding up the phone.
+    let watch = tokio::spawn(passcode_watch(
+        client.clone(),
+        info.udid.clone(),
+        LocalState::new(&agent.state_dir, udid),
+        started,
+        progress.clone(),
+    ));
+    let give_up = async move {
+        let started = async { waiting.wait_for(|s| *s).await.is_ok() };
+        match tokio::time::timeout(PASSCODE_GIVE_UP_AFTER, started).await {
+            Err(_) => DeviceError::Locked,
+            Ok(_) => std::future::pending().await,
+        }
+    };
+    let phone = async {
+        tokio::select! {
+            r = provider.backup(&mirror, values, sink) => r,
+            e = give_up => Err(e),
+        }
+    };
+    let received = pipeline.run_until(phone).await;
+    watch.abort();
+    let dir = received??;
+    progress.set_phase(Phase::Uploading);
+    let (files, file_keys, upload) = pipeline.finish(&dir).await?;
+    progress.set_phase(Phase::Committing);
+    let manifest = Manifest { snapshot, device: info.clone(), created_unix_ms: transfer::now_unix_ms(), files };
+    let committed = match transfer::commit(client, &agent.keys, run, &manifest).await {
+        Err(TransferError::Client(e)) if e.code() == Some(ErrorCode::MissingChunks) => {
+            // The cache promised chunks the server does not hold: forget it; the retry
+            // reads every file.
+            FileCache::remove(&agent.state_dir, udid);
+            return Err(TransferError::Client(e).into());
+        }
+        other => other?,
+    };
+    let cache = FileCache::from_snapshot(file_keys, manifest.files);
+    if let Err(e) = cache.save(&agent.state_dir, udid) {
+        tracing::warn!(device.udid = %udid, error = %e, "could not save the file cache; the next backup reads every file");
+    }
+    Ok((upload, committed))
+}
+
+/// Until the phone asks for its first file it is waiting for its passcode (iOS 16.1
+/// and later): after [`PASSCODE_HINT_AFTER`] say so, and say when it goes on.
+async fn passcode_watch(
+    client: Client,
+    udid: lifeboat_shared::ids::Udid,
+    local: LocalState,
+    mut started: tokio::sync::watch::Receiver<bool>,
+    progress: Arc<Progress>,
+) {
+    if tokio::time::timeout(PASSCODE_HINT_AFTER, started.wait_for(|s| *s)).await.is_ok() {
+        return;
+    }
+    progress.set_phase(Phase::WaitingForPasscode);
+    progress.passcode_asked.store(true, std::sync::atomic::Ordering::Relaxed);
+    local.set("needs-passcode");
+    tracing::info!(device.udid = %udid, "waiting for the passcode to be entered on the iPhone");
+    report(&client, &udid, DeviceState::NeedsPasscode, "waiting for the passcode").await;
+    if started.wait_for(|s| *s).await.is_ok() {
+        local.set("backing-up");
+        report(&client, &udid, DeviceState::BackingUp, "backing up").await;
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub snapshot: SnapshotId,
+    /// The UDID of the iPhone the snapshot was taken from.
+    pub source: String,
+    pub files: usize,
+    pub rebooted: bool,
+}
+
+/// Restores `snapshot` onto the attached iPhone behind `provider` (which may be another
+/// model than the snapshot's): pre-flight (room for the download here, the target's iOS
+/// not older than the snapshot's), download with every chunk verified, MobileBackup2
+/// Restore with the snapshot's device as source, and with `reboot` the wait through the
+/// restart. The download — the phone's data in the clear — is removed however it ends.
+pub async fn restore(
+    agent: &Agent,
+    provider: &Provider,
+    snapshot: SnapshotId,
+    reboot: bool,
+    say: &(dyn Fn(&str) + Sync),
+) -> Result<Restored, JobError> {
+    let target = provider.udid.clone();
+    let values = provider.values().await?;
+    let target_ios = values.get("ProductVersion").and_then(Value::as_string).unwrap_or_default().to_string();
+    let client = agent.connect().await?;
+    let sealed = client.get_manifest(snapshot).await?;
+    let manifest = Manifest::open(&agent.keys.data, &snapshot, &sealed)
+        .map_err(|e| JobError::Other(format!("snapshot {snapshot}: {e}")))?;
+    if crate::device::version_older(&target_ios, &manifest.device.ios_version) {
+        return Err(JobError::Other(format!(
+            "the snapshot is from iOS {}, newer than the target's iOS {target_ios}: update the iPhone first",
+            manifest.device.ios_version
+        )));
+    }
+    let needed: u64 = manifest.files.iter().map(|f| f.size).sum();
+    let restore_dir = agent.state_dir.join("restore");
+    std::fs::create_dir_all(&restore_dir).map_err(|e| JobError::Other(format!("{}: {e}", restore_dir.display())))?;
+    let free = idevice::services::mobilebackup2::BackupDelegate::get_free_disk_space(
+        &idevice::services::mobilebackup2::FsBackupDelegate,
+        &restore_dir,
+    );
+    if free < needed.saturating_add(needed / 20) {
+        return Err(JobError::Other(format!(
+            "the snapshot needs {needed} bytes in {} for the restore, and only {free} are free",
+            restore_dir.display()
+        )));
+    }
+    let root = restore_dir.join(snapshot.to_string());
+    let _ = std::fs::remove_dir_all(&root);
+    let _cleanup = RemoveOnDrop(root.clone());
+    let download = root.join("download");
+    say(&format!("downloading snapshot {snapshot} ({} files) …", manifest.files.len()));
+    let manifest = transfer::download_snapshot(&client, &agent.keys, snapshot, &download).await?;
+    client.close().await;
+    let source = manifest.device.udid.as_str().to_string();
+    std::fs::rename(&download, root.join(&source))
+        .map_err(|e| JobError::Other(format!("preparing the restore directory: {e}")))?;
+    say(&format!(
+        "restoring {} ({}, iOS {}) onto {target} (iOS {target_ios}) …",
+        manifest.device.name, manifest.device.product_type, manifest.device.ios_version
+    ));
+    let local = LocalState::new(&agent.state_dir, &target);
+    local.set("restoring");
+    let result = async {
+        provider.restore(&root, &source, reboot).await?;
+        if reboot {
+            say("the iPhone restarts …");
+            crate::device::wait_for_reboot(provider.addr(), &target, Duration::from_secs(180)).await?;
+        }
+        Ok::<_, JobError>(())
+    }
+    .await;
+    local.finish(if result.is_ok() { "idle" } else { "failing" });
+    result?;
+    tracing::info!(device.udid = %target, snapshot.id = %snapshot, source = %source, "restore done");
+    Ok(Restored { snapshot, source, files: manifest.files.len(), rebooted: reboot })
+}
+
+/// Removes a directory tree when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Opens the run: the one a killed agent left for this device if the server still
+/// holds it open, else a new one.
+async fn open_run(client: &Client, state_dir: &Path, info: &DeviceInfo) -> Result<(RunId, SnapshotId), JobError> {
+    let udid = info.udid.as_str();
+    if let Some(run) = RunFile::load(state_dir, udid) {
+        match client.request(&Request::OpenRun { udid: info.udid.clone(), resume: Some(run) }).await {
+            Ok(Response::RunOpened { run, snapshot, .. }) => {
+                tracing::info!(device.udid = %udid, run.id = %run, "resuming the interrupted run");
+                return Ok((run, snapshot));
+            }
+            Ok(other) => return Err(JobError::Other(format!("the server did not reopen the run: {other:?}"))),
+            Err(e) => {
+                tracing::info!(device.udid = %udid, run.id = %run, error = %e, "the interrupted run is gone; starting anew")
+            }
+        }
+    }
+    match client.request(&Request::OpenRun { udid: info.udid.clone(), resume: None }).await? {
+        Response::RunOpened { run, snapshot, .. } => {
+            RunFile::save(state_dir, udid, run);
+            Ok((run, snapshot))
+        }
+        other => Err(JobError::Other(format!("the server did not open a run: {other:?}"))),
+    }
+}
+
+/// The open run of a device: `<state>/devices/<udid>.run`, there from the run's start to
+/// its end, so a killed agent finds it again.
+struct RunFile;
+
+impl RunFile {
+    fn path(state_dir: &Path, udid: &str) -> PathBuf {
+        state_dir.join("devices").join(format!("{udid}.run"))
+    }
+
+    fn load(state_dir: &Path, udid: &str) -> Option<RunId> {
+        std::fs::read_to_string(Self::path(state_dir, udid)).ok()?.trim().parse().ok()
+    }
+
+    fn save(state_dir: &Path, udid: &str, run: RunId) {
+        let path = Self::path(state_dir, udid);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension("run-tmp");
+        if std::fs::write(&tmp, format!("{run}\n")).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+            tracing::warn!(path = %path.display(), "could not record the run; a killed agent would start anew");
+        }
+    }
+
+    fn remove(state_dir: &Path, udid: &str) {
+        let _ = std::fs::remove_file(Self::path(state_dir, udid));
+    }
+}
+
+/// What the agent says about a device, for `status` in another process:
+/// `<state>/devices/<udid>.state`.
+#[derive(Debug, Clone)]
+pub struct LocalState {
+    path: PathBuf,
+}
+
+impl LocalState {
+    pub fn new(state_dir: &Path, udid: &str) -> Self {
+        Self { path: state_dir.join("devices").join(format!("{udid}.state")) }
+    }
+
+    /// A state while this process works on the device (`backing-up`, `needs-passcode`,
+    /// `needs-trust`): recorded with its pid, so a killed agent does not look busy forever.
+    pub fn set(&self, state: &str) {
+        self.write(&format!("{state} {}", std::process::id()));
+    }
+
+    /// How the backup ended (`idle`, `failing`, `locked`): kept until the next one.
+    pub fn finish(&self, state: &str) {
+        self.write(state);
+    }
+
+    fn write(&self, line: &str) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = self.path.with_extension("tmp");
+        if std::fs::write(&tmp, format!("{line}\n")).and_then(|()| std::fs::rename(&tmp, &self.path)).is_err() {
+            tracing::warn!(path = %self.path.display(), "could not record the device's state");
+        }
+    }
+
+    /// The state recorded; an in-progress one whose process is gone no longer counts
+    /// (`locked` reads as needs-passcode: the next backup will ask again).
+    pub fn get(state_dir: &Path, udid: &str) -> Option<String> {
+        let text = std::fs::read_to_string(Self::new(state_dir, udid).path).ok()?;
+        match text.trim().split_once(' ') {
+            Some((state, pid)) => Path::new("/proc").join(pid).exists().then(|| state.to_string()),
+            None if text.trim() == "locked" => Some("needs-passcode".into()),
+            None => Some(text.trim().to_string()),
+        }
+    }
+}

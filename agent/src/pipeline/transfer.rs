@@ -1,0 +1,218 @@
+//! Moving a directory tree (an iPhone backup directory) to the server as a snapshot, and
+//! a snapshot back into a directory.
+//!
+//! Upload: the backup pipeline ([`crate::pipeline`]) given the whole tree: cut each file
+//! into content-defined chunks; ask the server in batches which chunk ids it lacks; seal
+//! and upload only those, on parallel streams; then seal the manifest and commit. Memory
+//! is bounded by the batches in flight, not by file or tree size.
+//!
+//! Download: open the manifest, fetch the chunks of a batch of files, verify every chunk
+//! (decrypt, decompress, re-hash) and write the files; a restore never writes a byte
+//! that does not match its id.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::join_all;
+use lifeboat_shared::chunk::{DataKey, IdKey, open_and_verify};
+use lifeboat_shared::ids::{ChunkId, RunId, SnapshotId};
+use lifeboat_shared::manifest::{DeviceInfo, FileEntry, Manifest};
+use lifeboat_shared::wire::{MAX_IDS_PER_REQUEST, Response};
+
+use crate::net::{Client, ClientError};
+use crate::pipeline::{FileCache, Pipeline};
+
+/// Plaintext held per batch of downloaded files.
+const BATCH_BYTES: usize = 64 * 1024 * 1024;
+/// Download streams in flight at once.
+const PARALLEL_STREAMS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
+    move |cause| TransferError::Io { path: path.to_path_buf(), cause }
+}
+
+/// The tenant keys an enrolled agent holds.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub id: IdKey,
+    pub data: Arc<DataKey>,
+}
+
+impl Keys {
+    pub fn from_bytes(id: [u8; 32], data: [u8; 32]) -> Self {
+        Self { id: IdKey::from_bytes(id), data: Arc::new(DataKey::from_bytes(&data)) }
+    }
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadReport {
+    pub files: u64,
+    pub logical_bytes: u64,
+    pub chunks: u64,
+    pub chunks_sent: u64,
+    pub blob_bytes_sent: u64,
+    /// Files whose chunks came from the local cache (not read at all).
+    pub files_from_cache: u64,
+    /// Files read only after the phone was done: the agent's own Info.plist, a file
+    /// that changed while it was read, one that waited without a handle (more than 256
+    /// waiting) and was moved before it was read, and every file of `upload_dir`.
+    pub files_read_at_end: u64,
+}
+
+pub(crate) fn nonce() -> Result<[u8; 12], TransferError> {
+    let mut n = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)
+        .map_err(|_| TransferError::Invalid("the system random number generator failed".into()))?;
+    Ok(n)
+}
+
+/// Regular files under `root`, as sorted `/`-separated relative paths.
+pub fn list_files(root: &Path) -> Result<Vec<String>, TransferError> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let entry = entry.map_err(io(&dir))?;
+            let path = entry.path();
+            let ft = entry.file_type().map_err(io(&path))?;
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                let rel = path.strip_prefix(root).map_err(|e| TransferError::Invalid(e.to_string()))?;
+                let rel =
+                    rel.to_str().ok_or_else(|| TransferError::Invalid(format!("{} is not UTF-8", path.display())))?;
+                out.push(rel.to_string());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Bytes of the regular files under `root` (0 if it does not exist).
+pub fn dir_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Uploads the tree at `root` into an open run and commits it as `snapshot` (the
+/// pipeline of a backup, given the whole directory at once).
+pub async fn upload_dir(
+    client: &Client,
+    keys: &Keys,
+    run: RunId,
+    snapshot: SnapshotId,
+    device: DeviceInfo,
+    root: &Path,
+    created_unix_ms: i64,
+) -> Result<(UploadReport, Response), TransferError> {
+    let progress = Arc::new(crate::progress::Progress::new());
+    let pipeline = Pipeline::start(client.clone(), keys.clone(), run, FileCache::default(), progress);
+    let (files, _keys, report) = pipeline.finish(root).await?;
+    let committed = commit(client, keys, run, &Manifest { snapshot, device, created_unix_ms, files }).await?;
+    Ok((report, committed))
+}
+
+/// Seals `manifest` and commits it as the run's snapshot.
+pub async fn commit(client: &Client, keys: &Keys, run: RunId, manifest: &Manifest) -> Result<Response, TransferError> {
+    let sealed = manifest.seal(&keys.data, nonce()?).map_err(|e| TransferError::Invalid(e.to_string()))?;
+    tracing::debug!(run.id = %run, files = manifest.files.len(), manifest.bytes = sealed.len(), "manifest sealed; committing");
+    Ok(client.commit(run, manifest.snapshot, &sealed).await?)
+}
+
+/// Downloads `snapshot` into `dest` (which must be empty or absent), verifying every chunk.
+pub async fn download_snapshot(
+    client: &Client,
+    keys: &Keys,
+    snapshot: SnapshotId,
+    dest: &Path,
+) -> Result<Manifest, TransferError> {
+    let sealed = client.get_manifest(snapshot).await?;
+    let manifest = Manifest::open(&keys.data, &snapshot, &sealed).map_err(|e| TransferError::Invalid(e.to_string()))?;
+    std::fs::create_dir_all(dest).map_err(io(dest))?;
+
+    let mut start = 0;
+    while start < manifest.files.len() {
+        // A batch of files whose chunks fit the memory budget (at least one file).
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < manifest.files.len()
+            && (end == start
+                || (bytes + manifest.files[end].size <= BATCH_BYTES as u64 && end - start < MAX_IDS_PER_REQUEST))
+        {
+            bytes += manifest.files[end].size;
+            end += 1;
+        }
+        let files = &manifest.files[start..end];
+        let mut wanted: Vec<ChunkId> = Vec::new();
+        let mut uniq = HashSet::new();
+        for f in files {
+            wanted.extend(f.chunks.iter().map(|c| c.id).filter(|id| uniq.insert(*id)));
+        }
+        let mut plain: HashMap<ChunkId, Vec<u8>> = HashMap::with_capacity(wanted.len());
+        // Up to PARALLEL_STREAMS downloads at once; each answers with its chunks as a stream.
+        let per_stream = wanted.len().div_ceil(PARALLEL_STREAMS).clamp(1, MAX_IDS_PER_REQUEST);
+        for result in join_all(wanted.chunks(per_stream).map(|ids| client.get_chunks(ids))).await {
+            for (id, blob) in result? {
+                if !uniq.contains(&id) {
+                    return Err(TransferError::Invalid(format!("the server sent chunk {id}, which was not asked for")));
+                }
+                let data = open_and_verify(&keys.data, &keys.id, &id, &blob)
+                    .map_err(|e| TransferError::Invalid(format!("restoring {snapshot}: {e}")))?;
+                plain.insert(id, data);
+            }
+        }
+        for f in files {
+            write_file(dest, f, &plain)?;
+        }
+        start = end;
+    }
+    Ok(manifest)
+}
+
+fn write_file(dest: &Path, f: &FileEntry, plain: &HashMap<ChunkId, Vec<u8>>) -> Result<(), TransferError> {
+    // Manifest::open validated the path: relative, no `..`, no empty components.
+    let path = dest.join(&f.path);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let mut out = std::fs::File::create(&path).map_err(io(&path))?;
+    for c in &f.chunks {
+        let data = plain.get(&c.id).ok_or_else(|| TransferError::Invalid(format!("chunk {} was not sent", c.id)))?;
+        out.write_all(data).map_err(io(&path))?;
+    }
+    out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777)).map_err(io(&path))?;
+    let mtime = UNIX_EPOCH + Duration::from_secs(f.mtime_unix_seconds.max(0) as u64);
+    out.set_modified(mtime).map_err(io(&path))?;
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

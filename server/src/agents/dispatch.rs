@@ -1,0 +1,75 @@
+//! One request stream: read the request, hand it to the subsystem that answers it, write
+//! the answer. Refusals become `Response::Error`; the stream is finished either way.
+
+use futures_io::{AsyncRead, AsyncWrite};
+use lifeboat_shared::wire::{self, MAX_CONTROL_FRAME_BYTES, Request, Response};
+
+use super::Agents;
+use crate::restore::agent as restore;
+use crate::session::{Reply, Session};
+
+async fn respond<W: AsyncWrite + Unpin>(send: &mut W, r: &Response) -> Reply {
+    wire::write_frame(send, r).await.map_err(Into::into)
+}
+
+async fn ok<W: AsyncWrite + Unpin>(send: &mut W) -> Reply {
+    respond(send, &Response::Ok).await
+}
+
+impl Agents {
+    /// Serves one request stream.
+    pub async fn serve_stream<R, W>(&self, s: Session, mut recv: R, mut send: W)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let result = match wire::expect_frame::<Request, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await {
+            Ok(req) => self.dispatch(s, req, &mut recv, &mut send).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(r) = result {
+            tracing::debug!(agent.id = %s.agent, code = ?r.code, message = %r.message, "request refused");
+            let _ = wire::write_frame(&mut send, &Response::Error { code: r.code, message: r.message }).await;
+        }
+    }
+
+    async fn dispatch<R, W>(&self, s: Session, req: Request, recv: &mut R, send: &mut W) -> Reply
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let (ingest, app) = (&self.ingest, &*self.app);
+        match req {
+            Request::RegisterDevice { device, serial_number } => {
+                ingest.register_device(s, &device, serial_number).await?;
+                ok(send).await
+            }
+            Request::ReportState { udid, state, message } => {
+                ingest.report_state(s, &udid, state, message).await?;
+                ok(send).await
+            }
+            Request::OpenRun { udid, resume } => respond(send, &ingest.open_run(s, &udid, resume).await?).await,
+            Request::MissingChunks { run, ids } => {
+                let missing = ingest.missing_chunks(s, run, ids).await?;
+                respond(send, &Response::Missing { ids: missing }).await
+            }
+            Request::PutChunks { run } => respond(send, &ingest.put_chunks(s, run, recv).await?).await,
+            Request::Commit { run, snapshot } => respond(send, &ingest.commit(s, run, snapshot, recv).await?).await,
+            Request::EndRun { run, end } => {
+                ingest.end_run(s, run, end).await?;
+                ok(send).await
+            }
+            Request::LatestSnapshot { udid } => respond(send, &restore::latest_snapshot(app, s, &udid).await?).await,
+            Request::GetManifest { snapshot } => restore::get_manifest(app, s, snapshot, send).await,
+            Request::GetChunks { ids } => restore::get_chunks(app, s, ids, send).await,
+            Request::GetPolicy => {
+                respond(send, &Response::Policy { backup_interval_seconds: app.backup_interval.as_secs() }).await
+            }
+            Request::NextRestore { udid } => respond(send, &restore::next_restore(app, s, &udid).await?).await,
+            Request::EndRestore { job, end } => {
+                restore::end_restore(app, s, job, end).await?;
+                ok(send).await
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! `devices`: the iPhones agents have registered, their state and who saw them last.
+
+use lifeboat_shared::ids::{AgentId, TenantId, Udid};
+use lifeboat_shared::manifest::DeviceInfo;
+use tokio_postgres::{Client, Error};
+
+use super::ts;
+
+/// Registers a device or updates what is known of it.
+pub async fn register(
+    client: &Client,
+    tenant: TenantId,
+    agent: AgentId,
+    d: &DeviceInfo,
+    serial: Option<&str>,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO devices (tenant_id, udid, name, product_type, ios_version, serial_number, last_agent_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (tenant_id, udid) DO UPDATE SET name = EXCLUDED.name, product_type = EXCLUDED.product_type, \
+             ios_version = EXCLUDED.ios_version, serial_number = COALESCE(EXCLUDED.serial_number, devices.serial_number), \
+             last_agent_id = EXCLUDED.last_agent_id, last_seen_at = now()",
+            &[&tenant.0, &d.udid.as_str(), &d.name, &d.product_type, &d.ios_version, &serial, &agent.0],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Sets a device's state (its change time moves only when the state changes); false if
+/// the device is not registered.
+pub async fn set_state(
+    client: &Client,
+    tenant: TenantId,
+    agent: AgentId,
+    udid: &Udid,
+    state: &str,
+) -> Result<bool, Error> {
+    let n = client
+        .execute(
+            "UPDATE devices SET state_changed_at = CASE WHEN state <> $3 THEN now() ELSE state_changed_at END, \
+             state = $3, last_seen_at = now(), last_agent_id = $4 WHERE tenant_id = $1 AND udid = $2",
+            &[&tenant.0, &udid.as_str(), &state, &agent.0],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+pub async fn exists(client: &Client, tenant: TenantId, udid: &str) -> Result<bool, Error> {
+    Ok(client
+        .query_opt("SELECT 1 FROM devices WHERE tenant_id = $1 AND udid = $2", &[&tenant.0, &udid])
+        .await?
+        .is_some())
+}
+
+/// A device as the API lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceRow {
+    pub udid: String,
+    pub name: Option<String>,
+    pub product_type: Option<String>,
+    pub ios_version: Option<String>,
+    pub state: String,
+    pub state_changed_at: String,
+    pub last_seen_at: String,
+    pub last_successful_backup_at: Option<String>,
+    pub last_snapshot_id: Option<uuid::Uuid>,
+}
+
+/// The tenant's devices with their last successful backup, by UDID.
+pub async fn list(client: &Client, tenant: TenantId) -> Result<Vec<DeviceRow>, Error> {
+    let rows = client
+        .query(
+            concat!(
+                "SELECT d.udid, d.name, d.product_type, d.ios_version, d.state, ",
+                ts!("d.state_changed_at"),
+                ", ",
+                ts!("d.last_seen_at"),
+                ", ",
+                ts!("s.committed_at"),
+                ", s.id FROM devices d LEFT JOIN LATERAL (SELECT id, committed_at FROM snapshots ",
+                "WHERE tenant_id = d.tenant_id AND udid = d.udid ORDER BY committed_at DESC LIMIT 1) s ON true ",
+                "WHERE d.tenant_id = $1 ORDER BY d.udid"
+            ),
+            &[&tenant.0],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| DeviceRow {
+            udid: r.get(0),
+            name: r.get(1),
+            product_type: r.get(2),
+            ios_version: r.get(3),
+            state: r.get(4),
+            state_changed_at: r.get(5),
+            last_seen_at: r.get(6),
+            last_successful_backup_at: r.get(7),
+            last_snapshot_id: r.get(8),
+        })
+        .collect())
+}
