@@ -9,6 +9,8 @@ pub mod format;
 pub mod ids;
 pub mod manifest;
 pub mod pack;
+pub mod protocol;
+pub mod restore;
 pub mod secret;
 pub mod token;
 pub mod wire;

@@ -1,14 +1,16 @@
 //! The agent's side of the wire protocol: a QUIC connection to the server that pins the
 //! server's certificate fingerprint, authenticates in the hello, and runs one request per
-//! bidirectional stream.
+//! bidirectional stream. What each answer must look like is `lifeboat_shared::protocol`'s
+//! state machine; this module only moves frames between it and QUIC streams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use lifeboat_shared::ids::{AgentId, ChunkId, RunId, SnapshotId, TenantId};
+use lifeboat_shared::ids::{ChunkId, RunId, SnapshotId};
+use lifeboat_shared::protocol::{self, Answer, Next, ProtocolError, Step};
 use lifeboat_shared::wire::{
-    self, ALPN, Auth, BYTES_PART, Data, Enrolled, ErrorCode, Hello, MAX_CONTROL_FRAME_BYTES, MAX_DATA_FRAME_BYTES,
-    Request, Response, VERSIONS, Welcome,
+    self, ALPN, Auth, BYTES_PART, Data, ErrorCode, MAX_CONTROL_FRAME_BYTES, MAX_DATA_FRAME_BYTES, Request, Response,
+    Welcome,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -37,11 +39,35 @@ impl ClientError {
     }
 }
 
-fn refused(r: Response) -> ClientError {
-    match r {
-        Response::Error { code, message } => ClientError::Refused { code, message },
-        other => ClientError::Protocol(format!("unexpected response {other:?}")),
+impl From<ProtocolError> for ClientError {
+    fn from(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Refused { code, message } => Self::Refused { code, message },
+            ProtocolError::Violation(what) => Self::Protocol(what),
+        }
     }
+}
+
+/// Reads `req`'s answer from `recv` through the protocol's state machine, handing each
+/// streamed part to `part`; returns the answer's response.
+async fn read_answer(
+    recv: &mut quinn::RecvStream,
+    req: &Request,
+    mut part: impl FnMut(Step),
+) -> Result<Response, ClientError> {
+    let mut answer = Answer::to(req);
+    while let Some(next) = answer.next() {
+        let step = match next {
+            Next::Response => answer.on_response(wire::expect_frame(recv, MAX_CONTROL_FRAME_BYTES).await?)?,
+            Next::Data => answer.on_data(wire::expect_frame(recv, MAX_DATA_FRAME_BYTES).await?)?,
+        };
+        match step {
+            Step::Done(r) => return Ok(r),
+            Step::More => {}
+            other => part(other),
+        }
+    }
+    Err(ClientError::Protocol("the answer ended without a response".into()))
 }
 
 /// Accepts exactly one server certificate: the one whose SHA-256 the enrolment token
@@ -93,14 +119,7 @@ impl ServerCertVerifier for PinnedCert {
 }
 
 /// What the server said when it accepted the connection.
-#[derive(Debug, Clone)]
-pub struct Accepted {
-    pub version: u16,
-    pub agent: AgentId,
-    pub tenant: TenantId,
-    pub access_token: String,
-    pub enrolled: Option<Enrolled>,
-}
+pub use lifeboat_shared::protocol::Accepted;
 
 /// A QUIC connection to `server` that checks its certificate against `fingerprint`, before
 /// any hello (tests use it to send what a well-behaved agent would not).
@@ -204,15 +223,12 @@ impl Client {
     pub async fn connect(server: &str, fingerprint: [u8; 32], auth: Auth) -> Result<Self, ClientError> {
         let (endpoint, conn) = connect_raw(server, fingerprint).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        wire::write_frame(&mut send, &Hello { versions: VERSIONS.to_vec(), auth }).await?;
+        let hello = protocol::hello(auth);
+        wire::write_frame(&mut send, &hello).await?;
         let _ = send.finish();
         let welcome: Welcome = wire::expect_frame(&mut recv, MAX_CONTROL_FRAME_BYTES).await?;
-        match welcome {
-            Welcome::Accepted { version, agent, tenant, access_token, enrolled, .. } => {
-                Ok(Self { endpoint, conn, accepted: Accepted { version, agent, tenant, access_token, enrolled } })
-            }
-            Welcome::Refused { code, message } => Err(ClientError::Refused { code, message }),
-        }
+        let accepted = protocol::on_welcome(&hello.versions, welcome)?;
+        Ok(Self { endpoint, conn, accepted })
     }
 
     /// Bytes this connection has put on the wire (UDP payloads), for transfer accounting.
@@ -230,17 +246,14 @@ impl Client {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         wire::write_frame(&mut send, req).await?;
         let _ = send.finish();
-        let resp: Response = wire::expect_frame(&mut recv, MAX_CONTROL_FRAME_BYTES).await?;
-        match resp {
-            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
-            r => Ok(r),
-        }
+        read_answer(&mut recv, req, |_| {}).await
     }
 
     /// Uploads blobs on one stream.
     pub async fn put_chunks(&self, run: RunId, blobs: Vec<(ChunkId, Vec<u8>)>) -> Result<Response, ClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        wire::write_frame(&mut send, &Request::PutChunks { run }).await?;
+        let req = Request::PutChunks { run };
+        wire::write_frame(&mut send, &req).await?;
         for (id, blob) in blobs {
             // The frame's header, then the blob handed to QUIC as it is: no copy into a
             // message buffer, none into QUIC's send buffer.
@@ -249,67 +262,51 @@ impl Client {
         }
         wire::write_frame(&mut send, &Data::End).await?;
         let _ = send.finish();
-        match wire::expect_frame::<Response, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await? {
-            r @ Response::Stored { .. } => Ok(r),
-            other => Err(refused(other)),
-        }
+        read_answer(&mut recv, &req, |_| {}).await
     }
 
     /// Commits a run's snapshot with its sealed manifest.
     pub async fn commit(&self, run: RunId, snapshot: SnapshotId, sealed: &[u8]) -> Result<Response, ClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        wire::write_frame(&mut send, &Request::Commit { run, snapshot }).await?;
+        let req = Request::Commit { run, snapshot };
+        wire::write_frame(&mut send, &req).await?;
         for part in sealed.chunks(BYTES_PART) {
             wire::write_frame(&mut send, &Data::Bytes(part.to_vec())).await?;
         }
         wire::write_frame(&mut send, &Data::End).await?;
         let _ = send.finish();
-        match wire::expect_frame::<Response, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await? {
-            r @ Response::Committed { .. } => Ok(r),
-            other => Err(refused(other)),
-        }
+        read_answer(&mut recv, &req, |_| {}).await
     }
 
     /// A snapshot's sealed manifest.
     pub async fn get_manifest(&self, snapshot: SnapshotId) -> Result<Vec<u8>, ClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        wire::write_frame(&mut send, &Request::GetManifest { snapshot }).await?;
+        let req = Request::GetManifest { snapshot };
+        wire::write_frame(&mut send, &req).await?;
         let _ = send.finish();
-        let bytes = match wire::expect_frame::<Response, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await? {
-            Response::Manifest { bytes, .. } => bytes,
-            other => return Err(refused(other)),
-        };
-        let mut out = Vec::with_capacity(bytes.min(1 << 30) as usize);
-        loop {
-            match wire::expect_frame::<Data, _>(&mut recv, MAX_DATA_FRAME_BYTES).await? {
-                Data::Bytes(part) => out.extend_from_slice(&part),
-                Data::End => break,
-                Data::Blob { .. } => return Err(ClientError::Protocol("a chunk inside a manifest".into())),
+        let mut out = Vec::new();
+        read_answer(&mut recv, &req, |step| {
+            if let Step::Bytes(part) = step {
+                out.extend_from_slice(&part);
             }
-        }
-        if out.len() as u64 != bytes {
-            return Err(ClientError::Protocol(format!("manifest of {} bytes announced as {bytes}", out.len())));
-        }
+        })
+        .await?;
         Ok(out)
     }
 
     /// Blobs of the given chunks (not yet verified: the caller opens and verifies them).
     pub async fn get_chunks(&self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, ClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        wire::write_frame(&mut send, &Request::GetChunks { ids: ids.to_vec() }).await?;
+        let req = Request::GetChunks { ids: ids.to_vec() };
+        wire::write_frame(&mut send, &req).await?;
         let _ = send.finish();
-        match wire::expect_frame::<Response, _>(&mut recv, MAX_CONTROL_FRAME_BYTES).await? {
-            Response::Ok => {}
-            other => return Err(refused(other)),
-        }
         let mut out = Vec::with_capacity(ids.len());
-        loop {
-            match wire::expect_frame::<Data, _>(&mut recv, MAX_DATA_FRAME_BYTES).await? {
-                Data::Blob { id, blob } => out.push((id, blob)),
-                Data::End => break,
-                Data::Bytes(_) => return Err(ClientError::Protocol("bytes inside a chunk download".into())),
+        read_answer(&mut recv, &req, |step| {
+            if let Step::Blob(id, blob) = step {
+                out.push((id, blob));
             }
-        }
+        })
+        .await?;
         Ok(out)
     }
 

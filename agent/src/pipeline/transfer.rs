@@ -8,9 +8,10 @@
 //!
 //! Download: open the manifest, fetch the chunks of a batch of files, verify every chunk
 //! (decrypt, decompress, re-hash) and write the files; a restore never writes a byte
-//! that does not match its id.
+//! that does not match its id. Planning, verifying and reassembling are
+//! `lifeboat_shared::restore`, the read path restore tests and the API run too.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -18,16 +19,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
-use lifeboat_shared::chunk::{DataKey, IdKey, open_and_verify};
+use lifeboat_shared::chunk::{DataKey, IdKey};
 use lifeboat_shared::ids::{ChunkId, RunId, SnapshotId};
 use lifeboat_shared::manifest::{DeviceInfo, FileEntry, Manifest};
+use lifeboat_shared::restore;
 use lifeboat_shared::wire::{MAX_IDS_PER_REQUEST, Response};
 
 use crate::net::{Client, ClientError};
 use crate::pipeline::{FileCache, Pipeline};
 
-/// Plaintext held per batch of downloaded files.
-const BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// Download streams in flight at once.
 const PARALLEL_STREAMS: usize = 4;
 
@@ -153,44 +153,39 @@ pub async fn download_snapshot(
     dest: &Path,
 ) -> Result<Manifest, TransferError> {
     let sealed = client.get_manifest(snapshot).await?;
-    let manifest = Manifest::open(&keys.data, &snapshot, &sealed).map_err(|e| TransferError::Invalid(e.to_string()))?;
+    let data = keys.data.clone();
+    let manifest = tokio::task::spawn_blocking(move || Manifest::open(&data, &snapshot, &sealed))
+        .await
+        .map_err(|e| TransferError::Invalid(format!("opening the manifest: {e}")))?
+        .map_err(|e| TransferError::Invalid(e.to_string()))?;
     std::fs::create_dir_all(dest).map_err(io(dest))?;
 
-    let mut start = 0;
-    while start < manifest.files.len() {
-        // A batch of files whose chunks fit the memory budget (at least one file).
-        let mut end = start;
-        let mut bytes = 0u64;
-        while end < manifest.files.len()
-            && (end == start
-                || (bytes + manifest.files[end].size <= BATCH_BYTES as u64 && end - start < MAX_IDS_PER_REQUEST))
-        {
-            bytes += manifest.files[end].size;
-            end += 1;
-        }
-        let files = &manifest.files[start..end];
-        let mut wanted: Vec<ChunkId> = Vec::new();
-        let mut uniq = HashSet::new();
-        for f in files {
-            wanted.extend(f.chunks.iter().map(|c| c.id).filter(|id| uniq.insert(*id)));
-        }
-        let mut plain: HashMap<ChunkId, Vec<u8>> = HashMap::with_capacity(wanted.len());
+    // The one read path (`lifeboat_shared::restore`): batches within the memory budget,
+    // every blob verified before a byte of its file is written.
+    for batch in restore::plan(&manifest.files, restore::BATCH_BYTES, MAX_IDS_PER_REQUEST) {
         // Up to PARALLEL_STREAMS downloads at once; each answers with its chunks as a stream.
-        let per_stream = wanted.len().div_ceil(PARALLEL_STREAMS).clamp(1, MAX_IDS_PER_REQUEST);
-        for result in join_all(wanted.chunks(per_stream).map(|ids| client.get_chunks(ids))).await {
-            for (id, blob) in result? {
-                if !uniq.contains(&id) {
-                    return Err(TransferError::Invalid(format!("the server sent chunk {id}, which was not asked for")));
-                }
-                let data = open_and_verify(&keys.data, &keys.id, &id, &blob)
-                    .map_err(|e| TransferError::Invalid(format!("restoring {snapshot}: {e}")))?;
-                plain.insert(id, data);
-            }
+        let per_stream = batch.chunks.len().div_ceil(PARALLEL_STREAMS).clamp(1, MAX_IDS_PER_REQUEST);
+        let mut blobs = Vec::with_capacity(batch.chunks.len());
+        for result in join_all(batch.chunks.chunks(per_stream).map(|ids| client.get_chunks(ids))).await {
+            blobs.extend(result?);
         }
-        for f in files {
-            write_file(dest, f, &plain)?;
+        // Decrypting and re-hashing up to 64 MiB: on the blocking pool.
+        let k = keys.clone();
+        let (batch, opened) = tokio::task::spawn_blocking(move || {
+            let opened = restore::open(&k.data, &k.id, &batch, blobs);
+            (batch, opened)
+        })
+        .await
+        .map_err(|e| TransferError::Invalid(format!("verifying chunks: {e}")))?;
+        if let Some(id) = opened.unasked.first() {
+            return Err(TransferError::Invalid(format!("the server sent chunk {id}, which was not asked for")));
         }
-        start = end;
+        if let Some((_, e)) = opened.failed.first() {
+            return Err(TransferError::Invalid(format!("restoring {snapshot}: {e}")));
+        }
+        for f in &manifest.files[batch.files] {
+            write_file(dest, f, &opened.plain)?;
+        }
     }
     Ok(manifest)
 }
@@ -201,10 +196,10 @@ fn write_file(dest: &Path, f: &FileEntry, plain: &HashMap<ChunkId, Vec<u8>>) -> 
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(parent))?;
     }
+    let parts = restore::parts(f, plain).map_err(|e| TransferError::Invalid(format!("{}: {e}", f.path)))?;
     let mut out = std::fs::File::create(&path).map_err(io(&path))?;
-    for c in &f.chunks {
-        let data = plain.get(&c.id).ok_or_else(|| TransferError::Invalid(format!("chunk {} was not sent", c.id)))?;
-        out.write_all(data).map_err(io(&path))?;
+    for part in parts {
+        out.write_all(part).map_err(io(&path))?;
     }
     out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777)).map_err(io(&path))?;
     let mtime = UNIX_EPOCH + Duration::from_secs(f.mtime_unix_seconds.max(0) as u64);

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifeboat_shared::wire::{self, Auth, Enrolled, ErrorCode, Hello, MAX_CONTROL_FRAME_BYTES, VERSIONS, Welcome};
+use lifeboat_shared::protocol;
+use lifeboat_shared::wire::{self, Auth, Enrolled, ErrorCode, Hello, MAX_CONTROL_FRAME_BYTES, Welcome};
 
 use super::Agents;
 use super::auth::{self, AuthError};
@@ -129,15 +130,7 @@ async fn handshake(hub: &Agents, conn: &quinn::Connection) -> Result<Session, (E
 }
 
 async fn welcome(hub: &Agents, hello: Hello) -> Result<(Session, Welcome), (ErrorCode, String)> {
-    let Some(version) = wire::negotiate(&hello.versions) else {
-        return Err((
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "agent speaks protocol versions {:?}; this server speaks {VERSIONS:?}: upgrade lifeboat-agent",
-                hello.versions
-            ),
-        ));
-    };
+    let version = protocol::negotiate_hello(&hello)?;
     let refuse = |e: AuthError| {
         if matches!(e, AuthError::Refused { .. }) {
             (e.code(), e.to_string())

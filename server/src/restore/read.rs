@@ -1,13 +1,15 @@
 //! The server's read path of a snapshot: its manifest, and its chunks located in the
 //! index, read from packs a ranged read per neighbouring group, and — where the server
-//! itself needs the plaintext (the API, restore tests) — opened and re-hashed.
+//! itself needs the plaintext (the API) — opened, re-hashed and reassembled by
+//! `lifeboat_shared::restore`, the code the agent's restore and restore tests run.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use lifeboat_shared::chunk::{BlobError, open_and_verify};
+use lifeboat_shared::chunk::BlobError;
 use lifeboat_shared::ids::{ChunkId, SnapshotId};
 use lifeboat_shared::manifest::{FileEntry, Manifest};
+use lifeboat_shared::restore::{self, RebuildError};
 
 use crate::keys::TenantKeys;
 use crate::objects::packs::{self, ReadError};
@@ -21,8 +23,8 @@ pub enum ReadPathError {
     Read(#[from] ReadError),
     #[error("{0}")]
     Verify(#[from] BlobError),
-    #[error("{path}: chunk {id} is missing from what was read")]
-    Missing { path: String, id: ChunkId },
+    #[error("{path}: {cause}")]
+    Rebuild { path: String, cause: RebuildError },
     #[error("verifying chunks: {0}")]
     Task(String),
 }
@@ -43,7 +45,7 @@ pub async fn manifest(
 }
 
 /// The verified plaintext of `ids`: each chunk decrypted, decompressed and re-hashed on
-/// the blocking pool (a batch is megabytes of work).
+/// the blocking pool (a batch is megabytes of work), through the shared read path.
 pub async fn plain(
     client: &tokio_postgres::Client,
     op: &opendal::Operator,
@@ -55,18 +57,18 @@ pub async fn plain(
     for group in packs::read_groups(&locations) {
         blobs.extend(packs::read_group(op, keys.tenant, group).await?);
     }
+    let batch = restore::Batch { files: 0..0, chunks: ids.to_vec() };
     let k = keys.clone();
-    tokio::task::spawn_blocking(move || {
-        blobs
-            .into_iter()
-            .map(|(id, blob)| Ok((id, open_and_verify(&k.data, &k.id, &id, &blob)?)))
-            .collect::<Result<HashMap<_, _>, ReadPathError>>()
-    })
-    .await
-    .map_err(|e| ReadPathError::Task(e.to_string()))?
+    let opened = tokio::task::spawn_blocking(move || restore::open(&k.data, &k.id, &batch, blobs))
+        .await
+        .map_err(|e| ReadPathError::Task(e.to_string()))?;
+    if let Some((_, e)) = opened.failed.into_iter().next() {
+        return Err(e.into());
+    }
+    Ok(opened.plain)
 }
 
-/// One file's bytes, read and verified.
+/// One file's bytes, read, verified and reassembled.
 pub async fn file(
     client: &tokio_postgres::Client,
     op: &opendal::Operator,
@@ -75,11 +77,5 @@ pub async fn file(
 ) -> Result<Vec<u8>, ReadPathError> {
     let ids: Vec<ChunkId> = f.chunks.iter().map(|c| c.id).collect();
     let plain = plain(client, op, keys, &ids).await?;
-    let mut bytes = Vec::with_capacity(f.size as usize);
-    for c in &f.chunks {
-        bytes.extend_from_slice(
-            plain.get(&c.id).ok_or_else(|| ReadPathError::Missing { path: f.path.clone(), id: c.id })?,
-        );
-    }
-    Ok(bytes)
+    restore::rebuild(f, &plain).map_err(|e| ReadPathError::Rebuild { path: f.path.clone(), cause: e })
 }

@@ -12,9 +12,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use lifeboat_shared::chunk::open_and_verify;
 use lifeboat_shared::ids::{ChunkId, SnapshotId, TenantId};
 use lifeboat_shared::manifest::{FileEntry, Manifest};
+use lifeboat_shared::restore::{self, RebuildError};
+use lifeboat_shared::wire::MAX_IDS_PER_REQUEST;
 use serde::Serialize;
 
 use crate::ios::{ADDRESS_BOOK_DB, ListedFile, PHOTOS_DB, SMS_DB, Scratch, backup_path, manifest_db_files};
@@ -23,7 +24,7 @@ use crate::objects::packs;
 use crate::store::{self, chunks::IndexError};
 
 /// Plaintext checked per batch.
-pub const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+pub use lifeboat_shared::restore::BATCH_BYTES;
 
 /// What a backup holds; `None` where the database is absent or unreadable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -81,27 +82,26 @@ pub async fn verify_snapshot(
     let mut problems = Vec::new();
     let mut kept: HashMap<String, Vec<u8>> = HashMap::new();
     let (mut files_checked, mut bytes_checked) = (0u64, 0u64);
-    let mut start = 0;
-    while start < manifest.files.len() {
-        let mut end = start;
+    // The agent's restore plans, verifies and reassembles with the same code.
+    for batch in restore::plan(&manifest.files, BATCH_BYTES, MAX_IDS_PER_REQUEST) {
+        let files = &manifest.files[batch.files.clone()];
+        let plain = fetch_batch(client, op, keys, files, batch, &mut problems).await?;
         let mut bytes = 0;
-        while end < manifest.files.len() && (end == start || bytes + manifest.files[end].size <= BATCH_BYTES) {
-            bytes += manifest.files[end].size;
-            end += 1;
-        }
-        let batch = &manifest.files[start..end];
-        let plain = fetch_batch(client, op, keys, batch, &mut problems).await?;
-        for f in batch {
-            if let Some(data) = reassemble(f, &plain, &mut problems)
-                && wanted(&f.path)
-            {
-                kept.insert(f.path.clone(), data);
+        for f in files {
+            match restore::parts(f, &plain) {
+                Ok(parts) if wanted(&f.path) => {
+                    kept.insert(f.path.clone(), parts.concat());
+                }
+                Ok(_) => {}
+                // Already reported against the file by `fetch_batch`.
+                Err(RebuildError::Missing(_)) => {}
+                Err(e) => problems.push(format!("{}: {e}", f.path)),
             }
             files_checked += 1;
             bytes_checked += f.size;
+            bytes += f.size;
         }
         progress(bytes);
-        start = end;
     }
 
     let scratch = scratch.clone();
@@ -127,17 +127,16 @@ async fn fetch_batch(
     client: &tokio_postgres::Client,
     op: &opendal::Operator,
     keys: &Arc<TenantKeys>,
-    batch: &[FileEntry],
+    files: &[FileEntry],
+    batch: restore::Batch,
     problems: &mut Vec<String>,
 ) -> Result<HashMap<ChunkId, Vec<u8>>, VerifyError> {
     let mut users: HashMap<ChunkId, Vec<&str>> = HashMap::new();
-    for f in batch {
+    for f in files {
         for c in &f.chunks {
             users.entry(c.id).or_default().push(&f.path);
         }
     }
-    let ids: Vec<ChunkId> = users.keys().copied().collect();
-    let mut out = HashMap::with_capacity(ids.len());
     let mut report = |ids: &mut dyn Iterator<Item = ChunkId>, what: &str| {
         let mut named: HashSet<&str> = HashSet::new();
         for id in ids {
@@ -149,7 +148,7 @@ async fn fetch_batch(
         }
     };
     let mut located = Vec::new();
-    for part in ids.chunks(lifeboat_shared::wire::MAX_IDS_PER_REQUEST) {
+    for part in batch.chunks.chunks(MAX_IDS_PER_REQUEST) {
         match store::chunks::locate(client, keys.tenant, part).await {
             Ok(l) => located.extend(l),
             Err(IndexError::Missing { .. }) => {
@@ -176,49 +175,13 @@ async fn fetch_batch(
     // Opening and re-hashing a batch (up to 64 MiB) is tens of milliseconds of work: on the
     // blocking pool, as ingest does.
     let k = keys.clone();
-    let opened = tokio::task::spawn_blocking(move || {
-        blobs.into_iter().map(|(id, blob)| (id, open_and_verify(&k.data, &k.id, &id, &blob))).collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|e| VerifyError::Task(e.to_string()))?;
-    for (id, result) in opened {
-        match result {
-            Ok(p) => {
-                out.insert(id, p);
-            }
-            Err(e) => report(&mut std::iter::once(id), &format!("does not verify: {e}")),
-        }
+    let opened = tokio::task::spawn_blocking(move || restore::open(&k.data, &k.id, &batch, blobs))
+        .await
+        .map_err(|e| VerifyError::Task(e.to_string()))?;
+    for (id, e) in &opened.failed {
+        report(&mut std::iter::once(*id), &format!("does not verify: {e}"));
     }
-    Ok(out)
-}
-
-/// The file's bytes if every chunk is there with its length and they add up to its size.
-fn reassemble(f: &FileEntry, plain: &HashMap<ChunkId, Vec<u8>>, problems: &mut Vec<String>) -> Option<Vec<u8>> {
-    let keep = wanted(&f.path);
-    let mut data = Vec::new();
-    let mut total = 0u64;
-    for c in &f.chunks {
-        let chunk = plain.get(&c.id)?; // already reported
-        if chunk.len() != c.length as usize {
-            problems.push(format!(
-                "{}: chunk {} is {} bytes, the manifest says {}",
-                f.path,
-                c.id,
-                chunk.len(),
-                c.length
-            ));
-            return None;
-        }
-        total += chunk.len() as u64;
-        if keep {
-            data.extend_from_slice(chunk);
-        }
-    }
-    if total != f.size {
-        problems.push(format!("{}: rebuilt to {total} bytes, the manifest says {}", f.path, f.size));
-        return None;
-    }
-    Some(data)
+    Ok(opened.plain)
 }
 
 /// The iPhone-backup checks on the reassembled special files.

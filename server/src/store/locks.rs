@@ -13,12 +13,20 @@ pub struct JobLock {
 
 /// Takes the lock `key` if no other session holds it.
 pub async fn try_lock(pool: &deadpool_postgres::Pool, key: i64) -> Result<Option<JobLock>, String> {
-    let object = pool.get().await.map_err(|e| e.to_string())?;
-    // Out of the pool for good: this connection is closed with the lock, never reused.
-    let client = deadpool_postgres::Object::take(object);
-    let locked: bool =
-        client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await.map_err(|e| e.to_string())?.get(0);
-    Ok(locked.then_some(JobLock { _client: client }))
+    // A pooled connection whose server session ended (a restarted PostgreSQL, a killed
+    // backend) may be handed out before the pool notices: then the next one is tried.
+    let mut last = String::new();
+    for _ in 0..3 {
+        let object = pool.get().await.map_err(|e| e.to_string())?;
+        // Out of the pool for good: this connection is closed with the lock, never reused.
+        let client = deadpool_postgres::Object::take(object);
+        match client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await {
+            Ok(row) => return Ok(row.get::<_, bool>(0).then_some(JobLock { _client: client })),
+            Err(e) if client.is_closed() => last = e.to_string(),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(last)
 }
 
 /// Whether any session holds the lock `key` (tests and diagnostics).

@@ -73,7 +73,7 @@ fn alert_exprs() -> Vec<(String, String)> {
             out.push((name.clone(), e.to_string()));
         }
     }
-    assert_eq!(out.len(), 7);
+    assert_eq!(out.len(), 8, "every rule of lifeboat.rules.yml");
     out
 }
 
@@ -143,13 +143,32 @@ async fn prometheus_scrapes_the_server_and_every_panel_and_alert_works() {
         v["data"]["result"].as_array().is_some_and(|r| !r.is_empty())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The job runner's gauge, as Prometheus stores it: the scrape's own `job` label wins,
+    // ours becomes `exported_job` (the alert rule relies on that name).
+    for job in ["fleet-gauges", "restore-tests"] {
+        let expr =
+            format!(r#"max by (exported_job) (lifeboat_job_last_success_timestamp_seconds{{exported_job="{job}"}})"#);
+        until(&format!("the {job} job's last success was scraped"), Duration::from_secs(60), async || {
+            let v = query(prom, &expr).await;
+            v["data"]["result"].as_array().is_some_and(|r| r.len() == 1)
+        })
+        .await;
+    }
 
+    // Every panel's query gets data (rates need scrapes after the counters moved): waited
+    // for, panel by panel, rather than for a guessed few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     for (panel, expr) in dashboard_queries(ok_dev.udid.as_str()) {
-        let v = query(prom, &expr).await;
-        assert_eq!(v["status"], "success", "{panel}: {expr}: {v}");
-        let result = v["data"]["result"].as_array().unwrap_or_else(|| panic!("{panel}: no result: {v}"));
-        assert!(!result.is_empty(), "{panel}: {expr} returned no data");
+        loop {
+            let v = query(prom, &expr).await;
+            assert_eq!(v["status"], "success", "{panel}: {expr}: {v}");
+            let result = v["data"]["result"].as_array().unwrap_or_else(|| panic!("{panel}: no result: {v}"));
+            if !result.is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{panel}: {expr} returned no data");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
     for (alert, expr) in alert_exprs() {
         let v = query(prom, &expr).await;
