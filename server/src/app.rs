@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lifeboat_shared::ids::TenantId;
 
-use crate::agents::auth::Signer;
+use crate::auth::Signer;
 use crate::ios::Scratch;
 use crate::keys::{MasterKey, TenantKeys};
 use crate::platform::metrics::Metrics;

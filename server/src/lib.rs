@@ -6,12 +6,13 @@
 //! each one's invariants is in `ARCHITECTURE.md`.
 //!
 //! Dependency order, lowest first (nothing imports upwards): `platform`, `config`, `keys`
-//! → `store`, `objects`, `ios` → `session`, `app`, `users` → `ingest`, `restore` →
+//! → `store`, `objects`, `ios` → `auth`, `session` → `app`, `users` → `ingest`, `restore` →
 //! `agents`, `jobs`, `http` → `serve`, `admin`.
 
 pub mod admin;
 pub mod agents;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod ingest;

@@ -203,7 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
                 let db = AdminDb::open(&config).await?;
-                let result = lifeboat_server::agents::auth::revoke(&db.client, id).await;
+                let result = lifeboat_server::auth::revoke(&db.client, id).await;
                 db.close().await;
                 anyhow::ensure!(result?, "no active agent {id}");
                 println!("revoked agent {id}");
@@ -255,7 +255,7 @@ async fn token_create(config: &Config, tenant: &str, expires: std::time::Duratio
     let db = AdminDb::open(config).await?;
     let result = async {
         let t = tenants::by_name(&db.client, tenant).await?;
-        let token = lifeboat_server::agents::auth::create_enroll_token(
+        let token = lifeboat_server::auth::create_enroll_token(
             &db.client,
             t.id,
             expires,

@@ -103,7 +103,7 @@ async fn bring_up(
     let quic_addr = endpoint.local_addr().context("reading the QUIC endpoint's address")?;
     let mut client = db::connect(&pg_config, DB_CONNECT_TIMEOUT).await?;
     let report = db::migrate(&mut client).await?;
-    let signer = crate::agents::auth::Signer::load_or_create(&client, &master).await?;
+    let signer = crate::auth::Signer::load_or_create(&client, &master).await?;
     drop(client);
     let pool = db::pool(pg_config.clone(), config.db_max_connections)?;
 

@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use lifeboat_shared::ids::TenantId;
 use serde::Serialize;
 
-use crate::agents::auth::secret_hash;
+use crate::auth::secret_hash;
 use crate::keys::{KeyError, random_32};
 use crate::store;
 

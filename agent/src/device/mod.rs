@@ -1,6 +1,8 @@
 //! The iPhone side of the agent, through idevice: finding a device on usbmuxd, reading
 //! its identity over lockdown, and a MobileBackup2 backup into the local mirror (so the
-//! phone can make its own incremental backups next time).
+//! phone can make its own incremental backups next time). `staging`: the phone's moves
+//! out of `Snapshot/`, a directory at a time where it can.
+//! Never here: the server, chunks or keys — finished files go to the pipeline.
 
 pub(crate) mod staging;
 

@@ -5,7 +5,9 @@
 //! finishes. The run id is kept in `<state>/devices/<udid>.run` until the run ends, so an
 //! agent killed mid-upload resumes the same run and the server's stored chunks are not
 //! sent again. The device's state goes to the server (and to `<udid>.state`, for
-//! `status` in another process) as it changes.
+//! `status` in another process) as it changes. `service`: `run`, watching usbmuxd.
+//! Never here: protocol frames or the phone's protocol — it drives `device`, `pipeline`
+//! and `net`.
 
 pub mod service;
 

@@ -2,6 +2,7 @@
 //! server's certificate fingerprint, authenticates in the hello, and runs one request per
 //! bidirectional stream. What each answer must look like is `lifeboat_shared::protocol`'s
 //! state machine; this module only moves frames between it and QUIC streams.
+//! Never here: keys, files or devices; nothing else in the agent talks to the server.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -13,6 +13,9 @@
 //! into place, so the final walk of the backup directory finds it already chunked. A
 //! file unchanged since the last committed snapshot of this device (the local cache,
 //! [`FileCache`]) is not read at all: its chunks are on the server already.
+//!
+//! `transfer`: a whole directory up as a snapshot, and a snapshot back into a directory
+//! through `lifeboat_shared::restore`. Never here: the phone's protocol (that is `device`).
 
 pub mod transfer;
 

@@ -9,7 +9,7 @@ use lifeboat_shared::protocol;
 use lifeboat_shared::wire::{self, Auth, Enrolled, ErrorCode, Hello, MAX_CONTROL_FRAME_BYTES, Welcome};
 
 use super::Agents;
-use super::auth::{self, AuthError};
+use crate::auth::{self, AuthError};
 use crate::session::Session;
 
 /// Application close codes on the QUIC connection.

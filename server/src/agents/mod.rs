@@ -1,9 +1,8 @@
-//! The QUIC edge for agents: the endpoint and its hello/welcome handshake (`endpoint`),
-//! agent authentication (`auth`), and the dispatch of each request stream to the
+//! The QUIC edge for agents: the endpoint and its hello/welcome handshake (`endpoint`,
+//! authenticating through `crate::auth`), and the dispatch of each request stream to the
 //! subsystem that answers it (`dispatch`: ingest for backups, restore for reads).
 //! Never here: SQL (auth asks `store`), or what a request does once dispatched.
 
-pub mod auth;
 pub mod dispatch;
 pub mod endpoint;
 

@@ -6,6 +6,7 @@
 
 mod cli;
 mod http;
+mod layout;
 mod migrations;
 mod pg_cluster;
 mod storage;

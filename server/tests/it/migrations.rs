@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use lifeboat_server::platform::db::{self, MIGRATION_TABLE};
 use lifeboat_test_support::{cluster, test_db};
+use tokio_postgres::error::SqlState;
 
 #[tokio::test]
 async fn the_template_database_has_the_whole_schema() {
@@ -106,20 +107,50 @@ async fn a_database_whose_applied_migration_differs_is_refused() {
     assert!(again.is_ok(), "advisory lock still held");
 }
 
+/// The SQLSTATE of a statement's failure and the constraint it names.
+fn violation(result: Result<u64, tokio_postgres::Error>) -> (SqlState, String) {
+    let e = result.expect_err("a row that breaks a rule of the schema was accepted");
+    let db = e.as_db_error().unwrap_or_else(|| panic!("not an error of the database: {e}"));
+    (db.code().clone(), db.constraint().unwrap_or_default().to_string())
+}
+
 #[tokio::test]
 async fn the_schema_refuses_rows_that_break_its_rules() {
     let Some(tdb) = test_db().await else { return };
     let client = tdb.client().await;
     let bad_name = client.execute("INSERT INTO tenants (name) VALUES ('Has Spaces')", &[]).await;
-    assert!(bad_name.is_err());
+    assert_eq!(violation(bad_name), (SqlState::CHECK_VIOLATION, "tenants_name_check".into()));
     client.execute("INSERT INTO tenants (name) VALUES ('acme')", &[]).await.unwrap();
     let dup = client.execute("INSERT INTO tenants (name) VALUES ('acme')", &[]).await;
-    assert!(dup.is_err());
+    assert_eq!(violation(dup), (SqlState::UNIQUE_VIOLATION, "tenants_name_key".into()));
     let bad_state = client
         .execute(
             "INSERT INTO devices (tenant_id, udid, state) SELECT id, '00008030-001A2B3C4D5E6F70', 'sleeping' FROM tenants",
             &[],
         )
         .await;
-    assert!(bad_state.is_err());
+    assert_eq!(violation(bad_state), (SqlState::CHECK_VIOLATION, "devices_state_check".into()));
+
+    // A running restore job holds a lease (V5). A job needs a snapshot, which needs its
+    // device and the run that made it, which needs an agent.
+    client
+        .batch_execute(
+            "INSERT INTO agents (tenant_id, hostname) SELECT id, 'ws' FROM tenants; \
+             INSERT INTO devices (tenant_id, udid) SELECT id, '00008030-001A2B3C4D5E6F70' FROM tenants; \
+             INSERT INTO backup_runs (tenant_id, udid, agent_id, status, lease_expires_at, finished_at) \
+               SELECT tenant_id, '00008030-001A2B3C4D5E6F70', id, 'succeeded', now(), now() FROM agents; \
+             INSERT INTO snapshots (tenant_id, udid, run_id, manifest_key, file_count, logical_bytes) \
+               SELECT tenant_id, udid, id, 'tenants/t/snapshots/s', 0, 0 FROM backup_runs;",
+        )
+        .await
+        .unwrap();
+    let job = |lease: &str| {
+        format!(
+            "INSERT INTO restore_jobs (tenant_id, snapshot_id, target_udid, status, started_at, lease_expires_at) \
+             SELECT tenant_id, id, '00008110-000C1D2E3F405162', 'running', now(), {lease} FROM snapshots"
+        )
+    };
+    let unleased = client.execute(&job("NULL::timestamptz"), &[]).await;
+    assert_eq!(violation(unleased), (SqlState::CHECK_VIOLATION, "restore_jobs_running_has_lease".into()));
+    assert_eq!(client.execute(&job("now() + interval '1 hour'"), &[]).await.unwrap(), 1, "with a lease it is one");
 }

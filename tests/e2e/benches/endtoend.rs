@@ -19,13 +19,9 @@
 //! For runs in a row, keep their files and remove them all afterwards.
 //! Results in docs/performance.md. Target: ≥ 150 MB/s for the agent on the 2-core machine.
 
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use lifeboat_e2e::{ServerProcess, bin, tenant_with_token};
-use virtual_iphone::content::Profile;
-use virtual_iphone::{Config, Registry, usbmuxd};
+use lifeboat_e2e::bench::{Rig, cpu_seconds, expect_mb, have, timed};
 
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir_in(std::env::var_os("LIFEBOAT_BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
@@ -38,85 +34,13 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
-}
-
-/// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat.
-fn cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // After the command name in parentheses: state is field 3; utime and stime are 14, 15.
-    let Some((_, rest)) = stat.rsplit_once(") ") else { return 0.0 };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Linux reports in USER_HZ, 100 on every mainstream build.
-    (ticks(14) + ticks(15)) / 100.0
-}
-
-/// Runs `cmd` to completion, sampling its peak resident memory and CPU time; returns
-/// (seconds, peak bytes, CPU seconds, stdout).
-fn timed(mut cmd: Command) -> anyhow::Result<(f64, u64, f64, String)> {
-    let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let pid = child.id().to_string();
-    let status_path = format!("/proc/{pid}/status");
-    let mut peak = 0u64;
-    let mut cpu = 0.0f64;
-    let out = std::thread::scope(|s| {
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let o = s.spawn(move || stdout.map(|r| std::io::read_to_string(r).unwrap_or_default()).unwrap_or_default());
-        let e = s.spawn(move || stderr.map(|r| std::io::read_to_string(r).unwrap_or_default()).unwrap_or_default());
-        loop {
-            // VmHWM only grows: the last reading before exit is the peak.
-            if let Ok(text) = std::fs::read_to_string(&status_path)
-                && let Some(kb) = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
-                peak = peak.max(kb * 1024);
-            }
-            cpu = cpu.max(cpu_seconds(&pid));
-            if child.try_wait()?.is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let status = child.wait()?;
-        let (out, err) = (o.join().unwrap_or_default(), e.join().unwrap_or_default());
-        anyhow::ensure!(status.success(), "{cmd:?} failed: {status}\n{err}");
-        anyhow::Ok(out)
-    })?;
-    Ok((start.elapsed().as_secs_f64(), peak, cpu, out))
-}
-
 async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
-    let data = dir.path().join("data");
-    let server = ServerProcess::start(&data, &[])?;
-    let token = tenant_with_token(&server, "bench")?;
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let mux = listener.local_addr()?.to_string();
-    let profile: Profile = match std::env::var("LIFEBOAT_BENCH_PROFILE") {
-        Ok(p) => p.parse()?,
-        Err(_) => Profile::Medium,
-    };
-    let config = Config { seed: 9, devices: 1, profile, state_dir: dir.path().join("phones") };
-    let registry = Arc::new(Registry::new(config)?);
-    tokio::spawn(usbmuxd::serve(listener, registry.clone()));
-    let udid = registry.all()[0].udid.clone();
-    let phone = registry.state_by_udid(&udid).ok_or_else(|| anyhow::anyhow!("no phone"))?;
-    let size_mb =
-        phone.expect()?.iter().filter_map(|l| l.split('\t').nth(2)?.parse::<u64>().ok()).sum::<u64>() as f64 / 1e6;
-
-    let state = dir.path().join("agent");
-    let agent = |args: &[&str]| {
-        let mut c = Command::new(bin("lifeboat-agent"));
-        c.arg("--state-dir").arg(&state).args(args).env("USBMUXD_SOCKET_ADDRESS", &mux);
-        c
-    };
-    tokio::task::block_in_place(|| timed(agent(&["enroll", &token])))?;
+    let rig = Rig::start(dir.path(), 1).await?;
+    let (profile, mux) = (rig.profile, rig.mux.clone());
+    let (udid, phone) = rig.phone(0)?;
+    let size_mb = expect_mb(&phone.expect()?);
+    let agent = |args: &[&str]| rig.agent(args);
+    let server = &rig.server;
     let server_pid = server.child.id().to_string();
     println!("end to end: a `{profile}` virtual iPhone ({size_mb:.0} MB of files) on loopback");
 
@@ -195,6 +119,5 @@ async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
         ib_secs + r_secs,
         written / (ib_secs + r_secs)
     );
-    drop(server);
     Ok(())
 }

@@ -8,6 +8,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod bench;
+
 pub use lifeboat_test_support::{have_postgres, http_get, http_post_json, in_ci, skip_or_fail};
 
 /// Path of a workspace binary (`lifeboat-server`, `lifeboat-agent`), built next to this
@@ -218,6 +220,33 @@ pub fn read_tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// Every chunk of the regular files under `root` as the agent cuts and names them with
+/// `keys` (FastCDC with the id key's gear seed, keyed BLAKE3 ids), each with the length of
+/// its sealed blob (zstd when that pays, plus version, compression, nonce and tag: it
+/// depends on the plaintext alone, not the nonce) — what an upload of it sends and what
+/// the server indexes. Also the number of chunk references (a chunk in two files twice).
+pub fn sealed_chunks(
+    root: &Path,
+    keys: &lifeboat_agent::pipeline::transfer::Keys,
+) -> (std::collections::HashMap<lifeboat_shared::ids::ChunkId, u64>, u64) {
+    let seed = keys.id.chunker_seed();
+    let mut chunks = std::collections::HashMap::new();
+    let mut refs = 0u64;
+    for rel in lifeboat_agent::pipeline::transfer::list_files(root).expect("listing a tree") {
+        let data = std::fs::read(root.join(&rel)).expect("reading a file");
+        for range in lifeboat_shared::chunk::boundaries(&data, seed) {
+            let plain = &data[range];
+            let id = keys.id.chunk_id(plain);
+            refs += 1;
+            chunks.entry(id).or_insert_with(|| {
+                let nonce = [0; lifeboat_shared::format::NONCE_BYTES];
+                lifeboat_shared::chunk::seal_chunk(&keys.data, &id, plain, nonce).len() as u64
+            });
+        }
+    }
+    (chunks, refs)
+}
+
 /// A connection to the embedded PostgreSQL of a server process running on `data_dir`.
 pub async fn embedded_db(data_dir: &Path) -> tokio_postgres::Client {
     let mut config = tokio_postgres::Config::new();
@@ -407,7 +436,7 @@ pub async fn enrol(
     hostname: &str,
 ) -> anyhow::Result<(lifeboat_agent::net::Client, lifeboat_agent::pipeline::transfer::Keys)> {
     let addr = server.quic_addr.to_string();
-    let token = lifeboat_server::agents::auth::create_enroll_token(
+    let token = lifeboat_server::auth::create_enroll_token(
         db,
         tenant,
         Duration::from_secs(3600),

@@ -2,13 +2,18 @@
 //! enrol with a token, back the phone up, and find exactly the phone's content in the
 //! committed snapshot; a second backup after a little use sends only what changed.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use lifeboat_agent::net::Client;
 use lifeboat_agent::pipeline::transfer;
 use lifeboat_agent::state::AgentState;
-use lifeboat_e2e::{ServerProcess, bin, have_postgres, iphone_backup_content, server_cli, tempdir, tenant_with_token};
+use lifeboat_e2e::{
+    ServerProcess, bin, embedded_db, have_postgres, iphone_backup_content, sealed_chunks, server_cli, tempdir,
+    tenant_with_token,
+};
+use lifeboat_shared::ids::ChunkId;
 use virtual_iphone::content::Profile;
 use virtual_iphone::{Config, Registry, usbmuxd};
 
@@ -25,6 +30,17 @@ fn agent(state: &Path, usbmuxd: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The server's chunk index: each chunk's blob length and plaintext length, by id.
+async fn chunk_index(db: &tokio_postgres::Client) -> HashMap<ChunkId, (u64, u64)> {
+    let rows = db.query("SELECT id, length_bytes, plain_bytes FROM chunks", &[]).await.unwrap();
+    rows.iter()
+        .map(|r| {
+            let id: Vec<u8> = r.get(0);
+            (ChunkId(id.try_into().unwrap()), (r.get::<_, i32>(1) as u64, r.get::<_, i32>(2) as u64))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +121,9 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     assert_eq!(info["Target Identifier"].as_string(), Some(udid.as_str()));
 
     // A little use, then an incremental backup: the phone sends only the changes, and the
-    // agent sends only their chunks plus the rewritten metadata.
+    // agent sends exactly the chunks of the backup directory the server lacks, sealed.
+    let db = embedded_db(&data).await;
+    let indexed_before = chunk_index(&db).await;
     let used = phone.simulate_use(0.01, 5).unwrap();
     let (ok, out, err) = run(vec!["backup".into(), "--device".into(), udid.clone(), "--json".into()]).await.unwrap();
     assert!(ok, "{err}");
@@ -114,10 +132,30 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     // Into directories that hold the last backup: one rename per file.
     assert_eq!(second["files_moved"].as_u64(), Some(used.added + used.changed + 2), "{second}");
     assert_eq!(second["files_moved_by_swap"].as_u64(), Some(0), "{second}");
-    let sent = second["blob_bytes_sent"].as_u64().unwrap();
-    let total = second["logical_bytes"].as_u64().unwrap();
-    assert!(sent < total / 4, "sent {sent} of {total} bytes after {used:?}");
-    assert!(sent >= used.added_bytes / 2, "sent {sent} bytes, though {} bytes were added", used.added_bytes);
+    let new: HashMap<ChunkId, (u64, u64)> =
+        chunk_index(&db).await.into_iter().filter(|(id, _)| !indexed_before.contains_key(id)).collect();
+    let mirror = state.join("mirror").join(&udid);
+    let (chunks, _) = sealed_chunks(&mirror, &agent_state.keys().unwrap());
+    // Every chunk of the backup directory the server did not hold is indexed now, with the
+    // length its sealed blob has.
+    let fresh: Vec<&ChunkId> = chunks.keys().filter(|id| !indexed_before.contains_key(*id)).collect();
+    assert!(!fresh.is_empty(), "the changed files brought no new chunk after {used:?}");
+    for id in fresh {
+        assert_eq!(new.get(id).map(|(length, _)| *length), Some(chunks[id]), "chunk {id} of the backup directory");
+    }
+    // The only others are Status.plists the phone wrote over during the backup (it writes
+    // one at each stage, then the final one): no more than three, each of about its size.
+    let status_bytes = std::fs::metadata(mirror.join("Status.plist")).unwrap().len();
+    let others: Vec<u64> =
+        new.iter().filter(|(id, _)| !chunks.contains_key(*id)).map(|(_, (_, plain))| *plain).collect();
+    assert!(
+        others.len() <= 3 && others.iter().all(|plain| plain.abs_diff(status_bytes) <= 2),
+        "new chunks not in the backup directory, by plaintext bytes: {others:?} (Status.plist: {status_bytes})"
+    );
+    // What the agent says it sent is exactly those chunks.
+    assert_eq!(second["chunks_sent"].as_u64(), Some(new.len() as u64), "{second}");
+    let new_bytes: u64 = new.values().map(|(length, _)| length).sum();
+    assert_eq!(second["blob_bytes_sent"].as_u64(), Some(new_bytes), "{second}");
 
     // The help desk restores that snapshot onto a replacement phone of another model; the
     // phone restarts, and then holds exactly the old phone's data.

@@ -262,12 +262,19 @@ async fn run_backs_up_on_attach_asks_for_trust_survives_an_unplug_and_takes_rest
     phone_a.set_faults(Faults { throttle_mb_per_s: Some(1.0), ..Faults::default() });
     phone_a.simulate_use(0.05, 7).unwrap();
     step("A quiet, used");
+    // The phone stages what it sends in the mirror's Snapshot directory: once another MB
+    // is there (at 1 MB/s, of the use's ~10 MB), the backup is under way and far from done.
+    let staging = w.state.join("mirror").join(&a).join("Snapshot");
+    let staged = transfer::dir_bytes(&staging);
     w.registry.set_plugged(&a, true);
     let slow_run = until(Duration::from_secs(60), "the slow backup of A", || async {
         runs(&w, &a).await.into_iter().find(|r| r["status"] == "running").map(|r| r["id"].clone())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    until(Duration::from_secs(60), "1 MB more staged for A's backup", || async {
+        (transfer::dir_bytes(&staging) >= staged + 1_000_000).then_some(())
+    })
+    .await;
     w.registry.set_plugged(&a, false);
     let failed = until(Duration::from_secs(60), "the unplugged run to fail", || async {
         runs(&w, &a).await.into_iter().find(|r| r["id"] == slow_run && r["status"] != "running")
@@ -391,17 +398,19 @@ async fn incremental_backups_send_only_changes_and_a_killed_agent_resumes() {
     .await;
     killed.signal(nix::sys::signal::Signal::SIGKILL);
     drop(killed);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before_resume = metric(&w, RECEIVED).await;
-    let first_part = before_resume - start;
     phone_b.set_faults(Faults::default());
     let (ok, out, err) = agent(&w.state, &w.mux, &["backup", "--device", &b, "--json"]).await;
     assert!(ok, "{err}");
     assert!(err.contains("resuming the interrupted run"), "{err}");
     let resumed: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let second_part = metric(&w, RECEIVED).await - before_resume;
+    // The resumed run's part is what it says it sent (the agent's and the server's counts
+    // agree, as above); the killed agent's is the rest of what the server received since
+    // it started, however late its last packets arrived.
+    let second_part = resumed["blob_bytes_sent"].as_u64().unwrap() as f64;
+    let first_part = metric(&w, RECEIVED).await - start - second_part;
     let logical = resumed["logical_bytes"].as_u64().unwrap() as f64;
     eprintln!("before the kill {first_part} bytes, after {second_part}, snapshot {logical} bytes");
+    assert!(first_part >= 60e6, "{first_part} bytes from the killed agent; the server had 60 MB before the kill");
     // Nothing the server held was sent again: both parts together are the snapshot once.
     assert!(first_part + second_part <= logical * 1.02, "{first_part} + {second_part} for {logical} bytes");
     assert!(second_part <= logical - first_part * 0.9, "resent what the server held");

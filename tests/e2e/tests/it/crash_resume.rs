@@ -1,15 +1,25 @@
 //! A server killed with SIGKILL in the middle of an upload shows no snapshot, and after a
 //! restart the same run resumes without re-sending chunks that reached a durable pack.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use lifeboat_agent::net::Client;
 use lifeboat_agent::pipeline::transfer::{self, Keys};
-use lifeboat_e2e::{ServerProcess, embedded_db, eventually, have_postgres, make_tree, read_tree, server_cli, tempdir};
-use lifeboat_server::agents::auth::EnrollToken;
+use lifeboat_e2e::{
+    ServerProcess, embedded_db, eventually, have_postgres, make_tree, read_tree, sealed_chunks, server_cli, tempdir,
+};
+use lifeboat_server::auth::EnrollToken;
+use lifeboat_server::objects;
+use lifeboat_shared::ids::{ChunkId, PackId, SnapshotId, TenantId};
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
 use nix::sys::signal::Signal;
+
+/// A chunk or pack id as the database keeps it.
+fn bytes32(raw: Vec<u8>) -> [u8; 32] {
+    raw.try_into().unwrap()
+}
 
 #[tokio::test]
 async fn sigkill_mid_upload_leaves_no_snapshot_and_the_run_resumes() {
@@ -69,9 +79,10 @@ async fn sigkill_mid_upload_leaves_no_snapshot_and_the_run_resumes() {
     server.signal(Signal::SIGKILL);
     server.wait_exit(Duration::from_secs(10)).unwrap();
     drop(db);
-    // The agent would notice at its idle timeout; the test need not wait for that.
+    // The agent would notice at its idle timeout; the test need not wait for that. What the
+    // kill left behind is checked on the server.
     upload.abort();
-    assert!(!matches!(upload.await, Ok(Ok(()))), "the upload completed although the server was killed");
+    let _ = upload.await;
     let keys = Keys::from_bytes(enrolled.id_key, enrolled.data_key);
     assert!(eventually(Duration::from_secs(15), || lifeboat_e2e::postgres_processes_under(&data).is_empty()));
 
@@ -79,8 +90,44 @@ async fn sigkill_mid_upload_leaves_no_snapshot_and_the_run_resumes() {
     let db = embedded_db(&data).await;
     let snapshots: i64 = db.query_one("SELECT count(*) FROM snapshots", &[]).await.unwrap().get(0);
     assert_eq!(snapshots, 0, "a partial snapshot is visible");
-    let indexed: i64 = db.query_one("SELECT count(*) FROM chunks", &[]).await.unwrap().get(0);
-    assert!(indexed > 0);
+    // The killed run is still open, with the snapshot id it was given.
+    let row = db
+        .query_one("SELECT status, snapshot_id, finished_at IS NULL FROM backup_runs WHERE id = $1", &[&run.0])
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), SnapshotId(row.get(1)), row.get::<_, bool>(2)),
+        ("running".to_string(), snapshot, true)
+    );
+    // The server holds some of the tree's chunks and not all, each at the length of its
+    // sealed blob, in a pack that has its row and whose object is in storage.
+    let (tree_chunks, refs) = sealed_chunks(tree.path(), &keys);
+    let rows = db
+        .query(
+            "SELECT c.tenant_id, c.id, c.pack_id, c.length_bytes, p.id IS NOT NULL \
+             FROM chunks c LEFT JOIN packs p ON p.tenant_id = c.tenant_id AND p.id = c.pack_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut held = HashSet::new();
+    for r in &rows {
+        let (tenant, id, pack) = (TenantId(r.get(0)), ChunkId(bytes32(r.get(1))), PackId(bytes32(r.get(2))));
+        let length = r.get::<_, i32>(3) as u64;
+        assert_eq!(tree_chunks.get(&id), Some(&length), "chunk {id}: not the tree's, or not at its sealed length");
+        assert!(r.get::<_, bool>(4), "chunk {id} is indexed in pack {pack}, which has no row");
+        let object = data.join("storage").join(objects::pack_path(&tenant, &pack));
+        assert!(object.is_file(), "pack {pack} of chunk {id} is not in storage at {}", object.display());
+        held.insert(id);
+    }
+    assert!(
+        !held.is_empty() && held.len() < tree_chunks.len(),
+        "the server holds {} of the tree's {} chunks",
+        held.len(),
+        tree_chunks.len()
+    );
+    let lacked: Vec<u64> =
+        tree_chunks.iter().filter(|(id, _)| !held.contains(*id)).map(|(_, sealed)| *sealed).collect();
 
     let client = Client::connect(
         &server.quic_addr.to_string(),
@@ -99,11 +146,27 @@ async fn sigkill_mid_upload_leaves_no_snapshot_and_the_run_resumes() {
 
     let (report, committed) = transfer::upload_dir(&client, &keys, run, snapshot, dev, tree.path(), 0).await.unwrap();
     assert!(matches!(committed, Response::Committed { .. }), "{committed:?}");
+    // Exactly the chunks the server lacked were sent, none it held.
+    assert_eq!(report.chunks, refs, "{report:?}");
     assert_eq!(
-        report.chunks_sent,
-        report.chunks - indexed as u64,
-        "re-sent chunks the server already held: {report:?}, {indexed} indexed before the restart"
+        (report.chunks_sent, report.blob_bytes_sent),
+        (lacked.len() as u64, lacked.iter().sum::<u64>()),
+        "{report:?}: the server held {} of the tree's {} chunks before the restart",
+        held.len(),
+        tree_chunks.len()
     );
+    // Now the server holds every chunk of the tree once: indexed at its sealed length, and
+    // in one pack only.
+    let index: HashMap<ChunkId, u64> = db
+        .query("SELECT id, length_bytes FROM chunks", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (ChunkId(bytes32(r.get(0))), r.get::<_, i32>(1) as u64))
+        .collect();
+    assert!(index == tree_chunks, "the index holds {} chunks, the tree {}", index.len(), tree_chunks.len());
+    let packed: i64 = db.query_one("SELECT coalesce(sum(blob_count), 0)::bigint FROM packs", &[]).await.unwrap().get(0);
+    assert_eq!(packed, tree_chunks.len() as i64, "blobs in packs");
     let out = tempfile::tempdir().unwrap();
     transfer::download_snapshot(&client, &keys, snapshot, out.path()).await.unwrap();
     assert!(read_tree(tree.path()) == read_tree(out.path()), "restored tree differs");

@@ -1,15 +1,16 @@
 //! The server's ingest and restore paths through a real QUIC connection on loopback,
 //! a real PostgreSQL and real local-disk storage, driven by the agent's client library.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use lifeboat_agent::net::{Client, ClientError};
 use lifeboat_agent::pipeline::transfer::{self, Keys, now_unix_ms};
-use lifeboat_server::agents::auth;
+use lifeboat_server::auth;
 use lifeboat_server::config::StorageConfig;
 use lifeboat_server::serve::{self, Running};
 use lifeboat_server::store::tenants;
-use lifeboat_shared::chunk::seal_chunk;
+use lifeboat_shared::chunk::{open_and_verify, seal_chunk};
 use lifeboat_shared::ids::{RunId, SnapshotId, TenantId};
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{Auth, ErrorCode, Request, Response};
@@ -232,6 +233,12 @@ async fn a_commit_that_references_missing_chunks_is_refused_and_shows_no_snapsho
     fx.server.stop().await.unwrap();
 }
 
+/// The distinct chunk ids of a snapshot's files, in the order its manifest lists them.
+fn chunk_ids(manifest: &lifeboat_shared::manifest::Manifest) -> Vec<lifeboat_shared::ids::ChunkId> {
+    let mut seen = HashSet::new();
+    manifest.files.iter().flat_map(|f| &f.chunks).map(|c| c.id).filter(|id| seen.insert(*id)).collect()
+}
+
 #[tokio::test]
 async fn tenants_see_nothing_of_each_other_and_do_not_share_chunks() {
     let Some(fx) = start_server().await else { return };
@@ -244,27 +251,64 @@ async fn tenants_see_nothing_of_each_other_and_do_not_share_chunks() {
 
     let (run_a, snap_a) = open_run(&ca, &dev).await;
     transfer::upload_dir(&ca, &ka, run_a, snap_a, dev.clone(), tree.path(), 0).await.unwrap();
+    // A's chunk ids, from its manifest. A reads its snapshot and every chunk back, and each
+    // chunk verifies.
+    let sealed_a = ca.get_manifest(snap_a).await.unwrap();
+    let a_ids = chunk_ids(&lifeboat_shared::manifest::Manifest::open(&ka.data, &snap_a, &sealed_a).unwrap());
+    assert!(a_ids.len() > 1, "{a_ids:?}");
+    let latest = ca.request(&Request::LatestSnapshot { udid: dev.udid.clone() }).await.unwrap();
+    assert!(matches!(latest, Response::Snapshot { snapshot, .. } if snapshot == snap_a), "{latest:?}");
+    let blobs = ca.get_chunks(&a_ids).await.unwrap();
+    let mut got: Vec<_> = blobs.iter().map(|(id, _)| *id).collect();
+    let mut want = a_ids.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "A's chunks read back");
+    for (id, blob) in &blobs {
+        open_and_verify(&ka.data, &ka.id, id, blob).unwrap_or_else(|e| panic!("chunk {id} of A: {e}"));
+    }
 
-    // B cannot see A's snapshot, its manifest, its chunks, or reuse A's run.
+    // B sees none of it: not the snapshot, not its manifest, not its chunks, all together
+    // or one at a time.
     let latest = cb.request(&Request::LatestSnapshot { udid: dev.udid.clone() }).await.unwrap_err();
-    assert_eq!(latest.code(), Some(ErrorCode::NotFound));
-    assert_eq!(cb.get_manifest(snap_a).await.unwrap_err().code(), Some(ErrorCode::NotFound));
-    let a_ids: Vec<_> = transfer::list_files(tree.path())
-        .unwrap()
-        .iter()
-        .map(|p| ka.id.chunk_id(&std::fs::read(tree.path().join(p)).unwrap()))
-        .take(3)
-        .collect();
-    assert_eq!(cb.get_chunks(&a_ids).await.unwrap_err().code(), Some(ErrorCode::NotFound));
+    assert_eq!(latest.code(), Some(ErrorCode::NotFound), "{latest}");
+    let manifest = cb.get_manifest(snap_a).await.unwrap_err();
+    assert_eq!(manifest.code(), Some(ErrorCode::NotFound), "{manifest}");
+    let all = cb.get_chunks(&a_ids).await.unwrap_err();
+    assert_eq!(all.code(), Some(ErrorCode::NotFound), "{all}");
+    for id in &a_ids {
+        let one = cb.get_chunks(&[*id]).await.unwrap_err();
+        assert_eq!(one.code(), Some(ErrorCode::NotFound), "chunk {id}: {one}");
+    }
+    // A's finished run is over for A, and is none of B's.
+    let over = ca.request(&Request::OpenRun { udid: dev.udid.clone(), resume: Some(run_a) }).await.unwrap_err();
+    assert_eq!(over.code(), Some(ErrorCode::LeaseLost), "{over}");
     let resume = cb.request(&Request::OpenRun { udid: dev.udid.clone(), resume: Some(run_a) }).await.unwrap_err();
-    assert_eq!(resume.code(), Some(ErrorCode::NotFound));
+    assert_eq!(resume.code(), Some(ErrorCode::NotFound), "{resume}");
 
-    // The same UDID in B is B's own device; the same bytes are stored again for B.
+    // The same UDID in B is B's own device. In a run of B's, every one of A's chunks is
+    // missing; in a new run of A's, none is.
     let (run_b, snap_b) = open_run(&cb, &dev).await;
+    let missing = cb.request(&Request::MissingChunks { run: run_b, ids: a_ids.clone() }).await.unwrap();
+    assert_eq!(missing, Response::Missing { ids: a_ids.clone() });
+    let (run_a2, _) = open_run(&ca, &dev).await;
+    let missing = ca.request(&Request::MissingChunks { run: run_a2, ids: a_ids.clone() }).await.unwrap();
+    assert_eq!(missing, Response::Missing { ids: Vec::new() });
+
+    // B's upload of the same tree stores chunks of B's own, which A cannot read.
     let (report_b, _) = transfer::upload_dir(&cb, &kb, run_b, snap_b, dev.clone(), tree.path(), 0).await.unwrap();
-    assert_eq!(report_b.chunks_sent, report_b.chunks, "no cross-tenant dedup");
-    let per_tenant = fx.count("SELECT count(DISTINCT tenant_id) FROM chunks").await;
-    assert_eq!(per_tenant, 2);
+    let sealed_b = cb.get_manifest(snap_b).await.unwrap();
+    let b_ids = chunk_ids(&lifeboat_shared::manifest::Manifest::open(&kb.data, &snap_b, &sealed_b).unwrap());
+    assert_eq!(report_b.chunks_sent, b_ids.len() as u64, "no cross-tenant dedup: {report_b:?}");
+    assert!(b_ids.iter().all(|id| !a_ids.contains(id)), "the tenants' chunk ids overlap");
+    let stored = |t: TenantId| format!("SELECT count(*) FROM chunks WHERE tenant_id = '{t}'");
+    assert_eq!(fx.count(&stored(a)).await, a_ids.len() as i64);
+    assert_eq!(fx.count(&stored(b)).await, b_ids.len() as i64);
+    assert_eq!(fx.count("SELECT count(*) FROM chunks").await, (a_ids.len() + b_ids.len()) as i64);
+    let err = ca.get_chunks(&b_ids).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
+    let err = ca.get_manifest(snap_b).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
     assert_eq!(fx.count("SELECT count(*) FROM devices").await, 2);
     fx.server.stop().await.unwrap();
 }
@@ -279,8 +323,17 @@ async fn bad_credentials_are_refused_with_a_reason() {
     let forged = fx.connect(enroll(vec![7; 32])).await.unwrap_err();
     assert_eq!(forged.code(), Some(ErrorCode::BadCredential), "{forged}");
 
-    let expired = fx.token(a, Duration::from_millis(1)).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let expired = fx.token(a, Duration::from_secs(60)).await;
+    let db = fx.db.client().await;
+    let hash = auth::secret_hash(&expired);
+    let n = db
+        .execute(
+            "UPDATE enrollment_tokens SET expires_at = now() - interval '1 second' WHERE secret_hash = $1",
+            &[&hash],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the token's row");
     let err = fx.connect(enroll(expired)).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Expired), "{err}");
 
@@ -306,7 +359,6 @@ async fn bad_credentials_are_refused_with_a_reason() {
     assert_eq!(err.code(), Some(ErrorCode::BadCredential), "{err}");
 
     // Revoked: access and refresh both refused.
-    let db = fx.db.client().await;
     assert!(auth::revoke(&db, agent).await.unwrap());
     let err = fx.connect(Auth::Access { token: good }).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Revoked), "{err}");

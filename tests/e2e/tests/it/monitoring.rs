@@ -157,7 +157,7 @@ async fn prometheus_scrapes_the_server_and_every_panel_and_alert_works() {
 
     // Every panel's query gets data (rates need scrapes after the counters moved): waited
     // for, panel by panel, rather than for a guessed few seconds.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     for (panel, expr) in dashboard_queries(ok_dev.udid.as_str()) {
         loop {
             let v = query(prom, &expr).await;
@@ -166,7 +166,7 @@ async fn prometheus_scrapes_the_server_and_every_panel_and_alert_works() {
             if !result.is_empty() {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "{panel}: {expr} returned no data");
+            assert!(Instant::now() < deadline, "{panel}: {expr} returned no data");
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }

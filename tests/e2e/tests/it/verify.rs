@@ -4,8 +4,9 @@
 use lifeboat_agent::pipeline::transfer;
 use lifeboat_e2e::{BackupContent, file_id, make_iphone_backup};
 use lifeboat_server::restore::verify;
+use lifeboat_shared::ids::SnapshotId;
 
-use crate::ingest::{device, open_run, start_server};
+use crate::ingest::{Fixture, device, open_run, start_server};
 
 const UDID: &str = "00008110-000C1D2E3F405162";
 
@@ -182,6 +183,27 @@ async fn restore_test_results_show_what_the_backup_holds_beside_the_previous_sna
     fx.server.stop().await.unwrap();
 }
 
+/// How many restore tests `snapshot` has had (`passed` ones only, if asked).
+async fn tests_of(fx: &Fixture, snapshot: SnapshotId, passed_only: bool) -> i64 {
+    let passed = if passed_only { " AND passed" } else { "" };
+    fx.count(&format!("SELECT count(*) FROM restore_tests WHERE snapshot_id = '{snapshot}'{passed}")).await
+}
+
+/// Waits (30 s at most) until the background runner has tested `snapshot`.
+async fn until_tested(fx: &Fixture, snapshot: SnapshotId, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tests_of(fx, snapshot, false).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "the runner did not test {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Makes `snapshot` look committed `days` ago.
+async fn age(db: &tokio_postgres::Client, snapshot: SnapshotId, days: i32) {
+    let sql = "UPDATE snapshots SET committed_at = now() - make_interval(days => $2) WHERE id = $1";
+    assert_eq!(db.execute(sql, &[&snapshot.0, &days]).await.unwrap(), 1, "snapshot {snapshot}");
+}
+
 #[tokio::test]
 async fn the_background_runner_tests_sampled_snapshots_at_once_and_the_others_on_schedule() {
     let Some(db) = lifeboat_test_support::test_db().await else { return };
@@ -190,30 +212,40 @@ async fn the_background_runner_tests_sampled_snapshots_at_once_and_the_others_on
     config.fleet.restore_tests = true;
     config.fleet.restore_test_interval = std::time::Duration::from_millis(200);
     config.fleet.restore_test_sample_percent = 0;
-    let fx = crate::ingest::Fixture { server: lifeboat_server::serve::start(config).await.unwrap(), db, _dir: dir };
+    let fx = Fixture { server: lifeboat_server::serve::start(config).await.unwrap(), db, _dir: dir };
     let tenant = fx.tenant("acme").await;
     let (client, keys) = fx.enrolled_agent(tenant).await;
     let backup = tempfile::tempdir().unwrap();
     make_iphone_backup(backup.path(), 6, BackupContent { messages: 1, contacts: 1, photos: 1 }, 10_000).unwrap();
     let dev = device(UDID);
-    let (run, snapshot) = open_run(&client, &dev).await;
-    transfer::upload_dir(&client, &keys, run, snapshot, dev, backup.path(), 0).await.unwrap();
-
-    // Not sampled: not tested while it is new.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    assert_eq!(fx.count("SELECT count(*) FROM restore_tests").await, 0);
-    // Once older than the window, it is tested, and it passes.
-    let pg = fx.db.client().await;
-    pg.execute("UPDATE snapshots SET committed_at = now() - interval '8 days'", &[]).await.unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while fx.count("SELECT count(*) FROM restore_tests WHERE passed").await == 0 {
-        assert!(std::time::Instant::now() < deadline, "the runner did not test the old snapshot");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The snapshot under test, then two witnesses. The runner takes snapshots newest
+    // first, so a pass that tests a witness older than the snapshot has looked at the
+    // snapshot before, and tested it then if it was due.
+    let mut snapshots = Vec::new();
+    for _ in 0..3 {
+        let (run, snapshot) = open_run(&client, &dev).await;
+        transfer::upload_dir(&client, &keys, run, snapshot, dev.clone(), backup.path(), 0).await.unwrap();
+        snapshots.push(snapshot);
     }
-    // Tested within the window: not tested again on the next passes.
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    assert_eq!(fx.count("SELECT count(*) FROM restore_tests").await, 1);
+    let (snapshot, first_witness, second_witness) = (snapshots[0], snapshots[1], snapshots[2]);
+    let pg = fx.db.client().await;
+
+    // Not sampled: not tested while it is new, though a pass went past it to an old witness.
+    age(&pg, first_witness, 9).await;
+    until_tested(&fx, first_witness, "the first witness, 9 days old").await;
+    assert_eq!(tests_of(&fx, snapshot, false).await, 0, "a new snapshot outside the sample was tested");
+    // Once older than the window, it is tested, and it passes.
+    age(&pg, snapshot, 8).await;
+    until_tested(&fx, snapshot, "the snapshot once 8 days old").await;
+    assert_eq!(tests_of(&fx, snapshot, true).await, 1, "the snapshot's test passed");
+    // Tested within the window: not tested again. The second witness, aged only now, is
+    // tested by a pass that began after the snapshot's test, and that pass would have
+    // come to the (newer) snapshot first.
+    age(&pg, second_witness, 10).await;
+    until_tested(&fx, second_witness, "the second witness, 10 days old").await;
+    assert_eq!(tests_of(&fx, snapshot, false).await, 1, "the snapshot was tested again within the window");
+    assert_eq!(fx.count("SELECT count(*) FROM restore_tests").await, 3);
     let (_, metrics) = lifeboat_e2e::http_get(fx.server.http_addr, "/metrics", None).await.unwrap();
-    assert!(metrics.contains("lifeboat_restore_tests_total{result=\"passed\"} 1"), "{metrics}");
+    assert!(metrics.contains("lifeboat_restore_tests_total{result=\"passed\"} 3"), "{metrics}");
     fx.server.stop().await.unwrap();
 }

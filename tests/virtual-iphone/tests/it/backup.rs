@@ -119,6 +119,19 @@ pub fn backup_content(dir: &Path) -> Vec<String> {
     lines
 }
 
+/// Bytes of the regular files under `dir` (0 while it does not exist).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
@@ -250,7 +263,9 @@ async fn passcode_prompt_waits_then_fails_with_208_or_goes_on_when_entered() {
         async move { rig.backup(&udid, &root, true).await }
     };
     let enter = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !state.waiting_for_passcode() {
+            assert!(std::time::Instant::now() < deadline, "the device did not ask for its passcode within 30 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         state.enter_passcode();
@@ -266,13 +281,18 @@ async fn unplugging_mid_backup_is_a_clean_error_and_the_next_backup_succeeds() {
     let udid = rig.udid(0);
     let state = rig.registry.state_by_udid(&udid).unwrap();
     let root = tempfile::tempdir().unwrap();
-    // Slow the device down so the unplug lands mid-transfer.
+    // Slow the device down (its few MB take seconds) and unplug it once the host has
+    // staged 200,000 bytes of them: mid-transfer.
     state.set_faults(Faults { throttle_mb_per_s: Some(2.0), ..Faults::default() });
     let registry = rig.registry.clone();
     let unplug = {
-        let udid = udid.clone();
+        let (udid, staging) = (udid.clone(), root.path().join(&udid).join("Snapshot"));
         async move {
-            tokio::time::sleep(Duration::from_millis(700)).await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while dir_bytes(&staging) < 200_000 {
+                assert!(std::time::Instant::now() < deadline, "the host did not stage 200,000 bytes within 30 s");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             assert!(registry.set_plugged(&udid, false));
         }
     };
