@@ -1,6 +1,7 @@
 //! The protocol's state machines, without I/O (`docs/protocol.md`): the hello/welcome
-//! handshake on both sides, and for each request the answer its sender must get, frame
-//! by frame. The agent and the server only move frames between a QUIC stream and these
+//! handshake on both sides, for each request the answer its sender must get, frame by
+//! frame, and what the server reads after an upload request (`BytesUpload`,
+//! `put_chunks_frame`). The agent and the server only move frames between a QUIC stream and these
 //! machines, so a protocol bug reproduces here, in a unit test, without sockets.
 
 use crate::ids::{AgentId, ChunkId, TenantId};
@@ -219,6 +220,54 @@ impl Answer {
     }
 }
 
+// ---- what follows a request ----
+
+/// A refusal the receiving side answers with: a code and a message for people.
+pub type Refusal = (ErrorCode, String);
+
+/// What the server reads after `Commit`: `Bytes` parts of at most `max` bytes in all,
+/// then `End`.
+#[derive(Debug)]
+pub struct BytesUpload {
+    max: usize,
+    bytes: Vec<u8>,
+}
+
+impl BytesUpload {
+    pub fn new(max: usize) -> Self {
+        Self { max, bytes: Vec::new() }
+    }
+
+    /// Takes the next data frame: `Ok(true)` once `End` came.
+    pub fn on_data(&mut self, d: Data) -> Result<bool, Refusal> {
+        match d {
+            Data::End => Ok(true),
+            Data::Bytes(part) => {
+                if self.bytes.len() + part.len() > self.max {
+                    return Err((ErrorCode::TooLarge, format!("more than {} bytes", self.max)));
+                }
+                self.bytes.extend_from_slice(&part);
+                Ok(false)
+            }
+            Data::Blob { .. } => Err((ErrorCode::Malformed, "expected bytes, got a chunk".into())),
+        }
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// What the server reads after `PutChunks`: a chunk blob per frame, then `End` — borrowed
+/// from the frame buffer, so a blob is never copied out of it.
+pub fn put_chunks_frame(d: wire::DataRef<'_>) -> Result<Option<(ChunkId, &[u8])>, Refusal> {
+    match d {
+        wire::DataRef::End => Ok(None),
+        wire::DataRef::Blob { id, blob } => Ok(Some((id, blob))),
+        wire::DataRef::Bytes(_) => Err((ErrorCode::Malformed, "expected chunk blobs".into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +364,28 @@ mod tests {
         assert_eq!(
             mixed.on_data(Data::Blob { id: ChunkId([0; 32]), blob: vec![] }),
             Err(violation("a chunk inside a manifest"))
+        );
+    }
+
+    #[test]
+    fn uploads_after_a_request_end_in_end_within_their_limits() {
+        let mut up = BytesUpload::new(5);
+        assert_eq!(up.on_data(Data::Bytes(b"abc".to_vec())), Ok(false));
+        assert_eq!(up.on_data(Data::Bytes(b"de".to_vec())), Ok(false));
+        assert_eq!(up.on_data(Data::End), Ok(true));
+        assert_eq!(up.into_bytes(), b"abcde");
+        let mut over = BytesUpload::new(2);
+        assert_eq!(over.on_data(Data::Bytes(b"abc".to_vec())), Err((ErrorCode::TooLarge, "more than 2 bytes".into())));
+        let mut blob = BytesUpload::new(2);
+        let chunk = Data::Blob { id: ChunkId([0; 32]), blob: vec![] };
+        assert_eq!(blob.on_data(chunk), Err((ErrorCode::Malformed, "expected bytes, got a chunk".into())));
+
+        let id = ChunkId([4; 32]);
+        assert_eq!(put_chunks_frame(wire::DataRef::Blob { id, blob: b"x" }), Ok(Some((id, &b"x"[..]))));
+        assert_eq!(put_chunks_frame(wire::DataRef::End), Ok(None));
+        assert_eq!(
+            put_chunks_frame(wire::DataRef::Bytes(b"x")),
+            Err((ErrorCode::Malformed, "expected chunk blobs".into()))
         );
     }
 

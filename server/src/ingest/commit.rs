@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures_io::AsyncRead;
 use lifeboat_shared::ids::{ChunkId, RunId, SnapshotId, TenantId};
 use lifeboat_shared::manifest::Manifest;
+use lifeboat_shared::protocol;
 use lifeboat_shared::wire::{self, Data, ErrorCode, MAX_DATA_FRAME_BYTES, MAX_IDS_PER_REQUEST, Response};
 
 use super::Ingest;
@@ -21,19 +22,13 @@ pub const MAX_SEALED_MANIFEST_BYTES: usize = 256 * 1024 * 1024;
 
 /// Reads [`Data::Bytes`] parts until [`Data::End`], at most `max` bytes in all.
 pub async fn read_bytes<R: AsyncRead + Unpin>(recv: &mut R, max: usize) -> Result<Vec<u8>, Rejection> {
-    let mut out = Vec::new();
-    loop {
-        match wire::expect_frame::<Data, _>(recv, MAX_DATA_FRAME_BYTES).await? {
-            Data::End => return Ok(out),
-            Data::Bytes(part) => {
-                if out.len() + part.len() > max {
-                    return Err(Rejection::new(ErrorCode::TooLarge, format!("more than {max} bytes")));
-                }
-                out.extend_from_slice(&part);
-            }
-            Data::Blob { .. } => return Err(Rejection::new(ErrorCode::Malformed, "expected bytes, got a chunk")),
-        }
-    }
+    let mut upload = protocol::BytesUpload::new(max);
+    while !upload.on_data(wire::expect_frame::<Data, _>(recv, MAX_DATA_FRAME_BYTES).await?).map_err(refused)? {}
+    Ok(upload.into_bytes())
+}
+
+fn refused((code, message): protocol::Refusal) -> Rejection {
+    Rejection::new(code, message)
 }
 
 impl Ingest {

@@ -4,6 +4,7 @@
 use futures_io::AsyncRead;
 use lifeboat_shared::chunk::open_and_verify_into;
 use lifeboat_shared::ids::{ChunkId, RunId};
+use lifeboat_shared::protocol;
 use lifeboat_shared::wire::{
     self, DataRef, ErrorCode, FrameError, MAX_DATA_FRAME_BYTES, MAX_IDS_PER_REQUEST, Response,
 };
@@ -51,9 +52,10 @@ impl Ingest {
         loop {
             let len =
                 wire::read_frame_into(recv, MAX_DATA_FRAME_BYTES, &mut frame).await?.ok_or(FrameError::Truncated)?;
-            match wire::decode_borrowed::<DataRef<'_>>(&frame[..len])? {
-                DataRef::End => break,
-                DataRef::Blob { id, blob } => {
+            let frame_ref = wire::decode_borrowed::<DataRef<'_>>(&frame[..len])?;
+            match protocol::put_chunks_frame(frame_ref).map_err(|(code, m)| Rejection::new(code, m))? {
+                None => break,
+                Some((id, blob)) => {
                     chunks += 1;
                     metrics.ingest_received_bytes.inc_by(blob.len() as u64);
                     // Where the blob lies in `frame`: the frame moves to the blocking pool
@@ -105,7 +107,6 @@ impl Ingest {
                         self.start_flush(&buf, false).await?;
                     }
                 }
-                DataRef::Bytes(_) => return Err(Rejection::new(ErrorCode::Malformed, "expected chunk blobs")),
             }
         }
         Ok(Response::Stored { chunks, new_chunks, new_bytes })
