@@ -4,6 +4,6 @@
 -- new restore queued for the iPhone ends it (failed, lease-expired) instead of being
 -- refused for ever by restore_jobs_one_open_per_target.
 ALTER TABLE restore_jobs ADD COLUMN lease_expires_at timestamptz;
-UPDATE restore_jobs SET lease_expires_at = started_at + interval '1 hour' WHERE status = 'running';
+UPDATE restore_jobs SET lease_expires_at = coalesce(started_at, now()) + interval '1 hour' WHERE status = 'running';
 ALTER TABLE restore_jobs ADD CONSTRAINT restore_jobs_running_has_lease
     CHECK (status <> 'running' OR lease_expires_at IS NOT NULL);

@@ -365,6 +365,5 @@ async fn verify(
     }
     .await;
     db.close().await;
-    let _ = std::fs::remove_dir_all(scratch.path());
     result
 }

@@ -114,8 +114,9 @@ enum State {
 pub struct Answer {
     shape: Shape,
     state: State,
-    /// For `GetChunks`: the ids asked for, sorted.
+    /// For `GetChunks`: the ids asked for, sorted and distinct, and which came.
     asked: Vec<ChunkId>,
+    received: Vec<bool>,
 }
 
 impl Answer {
@@ -145,7 +146,8 @@ impl Answer {
         };
         asked.sort_unstable();
         asked.dedup();
-        Self { shape, state: State::Head, asked }
+        let received = vec![false; asked.len()];
+        Self { shape, state: State::Head, asked, received }
     }
 
     /// The kind of frame to read next; `None` once the exchange is over.
@@ -200,14 +202,20 @@ impl Answer {
                 Ok(Step::Bytes(part))
             }
             (Shape::Chunks, Data::Blob { id, blob }) => {
-                *got += 1;
-                if *got > *expected || self.asked.binary_search(&id).is_err() {
+                let Ok(at) = self.asked.binary_search(&id) else {
                     return Err(violation(format!("the server sent chunk {id}, which was not asked for")));
+                };
+                if std::mem::replace(&mut self.received[at], true) {
+                    return Err(violation(format!("the server sent chunk {id} twice")));
                 }
+                *got += 1;
                 Ok(Step::Blob(id, blob))
             }
             (Shape::Manifest, Data::End) if *got != *expected => {
                 Err(violation(format!("manifest of {got} bytes announced as {expected}")))
+            }
+            (Shape::Chunks, Data::End) if *got != *expected => {
+                Err(violation(format!("the server sent {got} of the {expected} chunks asked for")))
             }
             (_, Data::End) => {
                 let opened = opened.clone();
@@ -409,6 +417,17 @@ mod tests {
         let mut bytes = Answer::to(&req);
         bytes.on_response(Response::Ok).unwrap();
         assert_eq!(bytes.on_data(Data::Bytes(vec![1])), Err(violation("bytes inside a chunk download")));
+        let mut twice = Answer::to(&req);
+        twice.on_response(Response::Ok).unwrap();
+        twice.on_data(Data::Blob { id: a_id, blob: vec![1] }).unwrap();
+        assert_eq!(
+            twice.on_data(Data::Blob { id: a_id, blob: vec![1] }),
+            Err(violation(format!("the server sent chunk {a_id} twice")))
+        );
+        let mut short = Answer::to(&req);
+        short.on_response(Response::Ok).unwrap();
+        short.on_data(Data::Blob { id: b_id, blob: vec![2] }).unwrap();
+        assert_eq!(short.on_data(Data::End), Err(violation("the server sent 1 of the 2 chunks asked for")));
         let mut refused = Answer::to(&req);
         assert_eq!(
             refused.on_response(Response::Error { code: ErrorCode::NotFound, message: "1 of 2 chunks".into() }),

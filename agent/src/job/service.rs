@@ -204,6 +204,18 @@ async fn worker(
                 continue;
             }
         }
+        // A restore that ended but whose end the server never heard of is reported first:
+        // asked again, the server would hand this agent the same job back.
+        if let Some(pending) = RestoreOutcome::load(&agent.state_dir, &udid) {
+            if let Err(e) = pending.deliver(&agent).await {
+                failures += 1;
+                let delay = config.backoff(failures);
+                tracing::warn!(device.udid = %udid, restore.id = %pending.job, error = %e, retry_in_s = delay.as_secs(), "cannot report how a restore ended");
+                sleep_unless_changed(delay, &mut rx).await;
+                continue;
+            }
+            RestoreOutcome::remove(&agent.state_dir, &udid);
+        }
         let check = match check(&agent, &udid).await {
             Ok(c) => c,
             Err(e) => {
@@ -222,7 +234,11 @@ async fn worker(
                 Err(_) => return,
             };
             let say = |line: &str| tracing::info!(device.udid = %udid, restore.id = %job, "{line}");
-            let result = job::restore(&agent, &provider, snapshot, true, &say).await;
+            // The job's lease (an hour) is renewed while the restore runs, however long.
+            let result = tokio::select! {
+                r = job::restore(&agent, &provider, snapshot, true, &say) => r,
+                never = renew_restore_lease(&agent, &udid, job) => match never {},
+            };
             drop(permit);
             let end = match &result {
                 Ok(_) => RestoreEnd::Succeeded,
@@ -231,7 +247,13 @@ async fn worker(
             if let Err(e) = &result {
                 tracing::warn!(device.udid = %udid, restore.id = %job, error = %e, "restore failed");
             }
-            end_restore(&agent, job, end).await;
+            // Kept until the server has it (a killed agent or a lost report included): the
+            // loop's next turn reports it before asking for work again.
+            let outcome = RestoreOutcome { job, end };
+            outcome.save(&agent.state_dir, &udid);
+            if outcome.deliver(&agent).await.is_ok() {
+                RestoreOutcome::remove(&agent.state_dir, &udid);
+            }
             continue;
         }
         let due_in = check.due_in;
@@ -279,24 +301,101 @@ async fn wait_if_gone(rx: &mut watch::Receiver<Option<Provider>>, provider: &Pro
     matches!(tokio::time::timeout(GONE_WITHIN, changed).await, Ok(Ok(_)))
 }
 
-/// Tells the server how a restore job ended, a few times if need be (a job left
-/// running is taken up again by this agent, or by another after an hour).
-async fn end_restore(agent: &Agent, job: RestoreJobId, end: RestoreEnd) {
-    for attempt in 1..=3 {
-        let result = async {
+/// How often a running restore renews its job's lease (one hour on the server).
+const RESTORE_RENEW: Duration = Duration::from_secs(10 * 60);
+
+/// Renews the lease of restore job `job` every [`RESTORE_RENEW`] — asking `NextRestore`
+/// again answers the same job and extends it — until dropped.
+async fn renew_restore_lease(agent: &Agent, udid: &str, job: RestoreJobId) -> std::convert::Infallible {
+    let Ok(parsed) = udid.parse::<Udid>() else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(RESTORE_RENEW).await;
+        let renewed = async {
             let client = agent.connect().await?;
-            let r = client.request(&Request::EndRestore { job, end: end.clone() }).await;
+            let r = client.request(&Request::NextRestore { udid: parsed.clone() }).await;
             client.close().await;
-            r.map(|_| ()).map_err(JobError::from)
+            r.map_err(JobError::from)
         }
         .await;
-        match result {
-            Ok(()) => return,
-            Err(e) if attempt == 3 => {
-                tracing::warn!(restore.id = %job, error = %e, "could not report how the restore ended");
-            }
-            Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        match renewed {
+            Ok(Response::RestoreJob { job: j, .. }) if j == job => {}
+            Ok(other) => tracing::warn!(restore.id = %job, answer = ?other, "the restore job's lease was not renewed"),
+            Err(e) => tracing::warn!(restore.id = %job, error = %e, "renewing the restore job's lease"),
         }
+    }
+}
+
+/// How a restore job ended, until the server has heard it:
+/// `<state>/devices/<udid>.restore`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct RestoreOutcome {
+    job: RestoreJobId,
+    end: RestoreEnd,
+}
+
+impl RestoreOutcome {
+    fn path(state_dir: &std::path::Path, udid: &str) -> std::path::PathBuf {
+        state_dir.join("devices").join(format!("{udid}.restore"))
+    }
+
+    fn load(state_dir: &std::path::Path, udid: &str) -> Option<Self> {
+        let path = Self::path(state_dir, udid);
+        let text = std::fs::read_to_string(&path).ok()?;
+        match serde_json::from_str(&text) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "an unreadable restore outcome is dropped");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    fn save(&self, state_dir: &std::path::Path, udid: &str) {
+        let path = Self::path(state_dir, udid);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension("restore-tmp");
+        let written = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "could not record how the restore ended");
+        }
+    }
+
+    fn remove(state_dir: &std::path::Path, udid: &str) {
+        let _ = std::fs::remove_file(Self::path(state_dir, udid));
+    }
+
+    /// Tells the server, a few times if need be. A job the server no longer counts as this
+    /// agent's (`NotFound`: another agent took it over, or the help desk replaced it) is
+    /// reported as far as it can be.
+    async fn deliver(&self, agent: &Agent) -> Result<(), JobError> {
+        let mut last = None;
+        for attempt in 1..=3 {
+            let result = async {
+                let client = agent.connect().await?;
+                let r = client.request(&Request::EndRestore { job: self.job, end: self.end.clone() }).await;
+                client.close().await;
+                r.map(|_| ())
+            }
+            .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                    tracing::warn!(restore.id = %self.job, error = %e, "the server no longer holds this restore job for this agent");
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            if attempt < 3 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+        Err(last.map_or_else(|| JobError::Other("reporting the restore's end".into()), JobError::from))
     }
 }
 
@@ -316,8 +415,6 @@ async fn check(agent: &Agent, udid: &str) -> Result<Check, JobError> {
             Ok(Response::RestoreJob { job, snapshot }) => Some((job, snapshot)),
             Ok(Response::Ok) => None,
             Ok(other) => return Err(JobError::Other(format!("unexpected answer {other:?}"))),
-            // A server without restore jobs.
-            Err(e) if e.code() == Some(ErrorCode::Malformed) => None,
             Err(e) => return Err(e.into()),
         };
         if restore.is_some() {
@@ -345,12 +442,11 @@ async fn check(agent: &Agent, udid: &str) -> Result<Check, JobError> {
     result
 }
 
-/// The server's backup interval ([`DEFAULT_INTERVAL`] from a server that does not say).
+/// The server's backup interval.
 pub async fn policy_interval(client: &crate::net::Client) -> Result<Duration, JobError> {
     match client.request(&Request::GetPolicy).await {
         Ok(Response::Policy { backup_interval_seconds }) => Ok(Duration::from_secs(backup_interval_seconds.max(1))),
         Ok(other) => Err(JobError::Other(format!("unexpected answer {other:?}"))),
-        Err(e) if e.code() == Some(ErrorCode::Malformed) => Ok(DEFAULT_INTERVAL),
         Err(e) => Err(e.into()),
     }
 }
@@ -358,6 +454,24 @@ pub async fn policy_interval(client: &crate::net::Client) -> Result<Duration, Jo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_outcome_is_kept_until_removed_and_damage_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let udid = "00008030-001A2B3C4D5E6F70";
+        assert_eq!(RestoreOutcome::load(dir.path(), udid), None);
+        let o = RestoreOutcome {
+            job: RestoreJobId(uuid::Uuid::from_u128(7)),
+            end: RestoreEnd::Failed { reason: "device-disconnected".into(), message: "unplugged".into() },
+        };
+        o.save(dir.path(), udid);
+        assert_eq!(RestoreOutcome::load(dir.path(), udid), Some(o.clone()));
+        RestoreOutcome::remove(dir.path(), udid);
+        assert_eq!(RestoreOutcome::load(dir.path(), udid), None);
+        std::fs::write(RestoreOutcome::path(dir.path(), udid), b"{not json").unwrap();
+        assert_eq!(RestoreOutcome::load(dir.path(), udid), None);
+        assert!(!RestoreOutcome::path(dir.path(), udid).exists(), "a damaged outcome is removed");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -73,7 +73,7 @@ impl Ingest {
         s: Session,
         run: RunId,
     ) -> Result<RunRow, Rejection> {
-        let lease = store::runs::renew(client, s.tenant, run, self.lease)
+        let lease = store::runs::renew(client, s.tenant, s.agent, run, self.lease)
             .await?
             .ok_or_else(|| Rejection::new(ErrorCode::NotFound, format!("no run {run}")))?;
         if lease.agent != s.agent {

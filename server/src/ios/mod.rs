@@ -28,13 +28,27 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    /// Opens (creating) the directory, makes it private and empties it.
+    /// Opens (creating) the directory and makes it private. What a crashed server or
+    /// operator command left there is removed: `sqlite-*` copies, and the directories of
+    /// commands whose process is gone; what cannot be removed is logged, not fatal.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.is_dir() { std::fs::remove_dir_all(&path)? } else { std::fs::remove_file(&path)? }
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
+            let removed = if name.starts_with("sqlite-") {
+                std::fs::remove_file(&path)
+            } else if let Some(pid) = name.rsplit_once('-').and_then(|(_, pid)| pid.parse::<u32>().ok())
+                && path.is_dir()
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                std::fs::remove_dir_all(&path)
+            } else {
+                continue;
+            };
+            if let Err(e) = removed {
+                tracing::warn!(path = %path.display(), error = %e, "a scratch file left by a crash stays");
+            }
         }
         Ok(Self { dir: dir.to_path_buf() })
     }
@@ -44,13 +58,14 @@ impl Scratch {
         Self::open(&data_dir.join("scratch"))
     }
 
-    /// A scratch directory of its own for one operator command (`<data-dir>/scratch/<name>-<pid>`),
-    /// beside a running server's; the server's next start removes it if the command does not.
-    pub fn for_command(data_dir: &Path, name: &str) -> std::io::Result<Self> {
+    /// A scratch directory of its own for one operator command
+    /// (`<data-dir>/scratch/<name>-<pid>`), beside a running server's, removed when the
+    /// guard drops (or, after a crash, by the next start once the process is gone).
+    pub fn for_command(data_dir: &Path, name: &str) -> std::io::Result<CommandScratch> {
         let root = data_dir.join("scratch");
         std::fs::create_dir_all(&root)?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
-        Self::open(&root.join(format!("{name}-{}", std::process::id())))
+        Ok(CommandScratch(Self::open(&root.join(format!("{name}-{}", std::process::id())))?))
     }
 
     pub fn path(&self) -> &Path {
@@ -75,6 +90,23 @@ impl Scratch {
         let out = f(&db).map_err(|e| e.to_string());
         drop(db);
         out
+    }
+}
+
+/// A command's own [`Scratch`], removed with it.
+#[derive(Debug)]
+pub struct CommandScratch(Scratch);
+
+impl std::ops::Deref for CommandScratch {
+    type Target = Scratch;
+    fn deref(&self) -> &Scratch {
+        &self.0
+    }
+}
+
+impl Drop for CommandScratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0.dir);
     }
 }
 
@@ -139,11 +171,16 @@ mod tests {
     fn sqlite_copies_are_private_files_in_the_data_dir_removed_however_reading_ends() {
         let data = tempfile::tempdir().unwrap();
         std::fs::create_dir(data.path().join("scratch")).unwrap();
-        std::fs::write(data.path().join("scratch/left-by-a-crash"), b"old").unwrap();
+        std::fs::write(data.path().join("scratch/sqlite-left-by-a-crash"), b"old").unwrap();
+        // A command whose process is gone, and one still running (this one).
+        std::fs::create_dir(data.path().join("scratch/verify-4294967295")).unwrap();
+        let live = data.path().join(format!("scratch/verify-{}", std::process::id()));
+        std::fs::create_dir(&live).unwrap();
         let s = Scratch::in_data_dir(data.path()).unwrap();
         assert!(s.path().starts_with(data.path()));
         assert_eq!(std::fs::metadata(s.path()).unwrap().permissions().mode() & 0o777, 0o700);
-        assert!(entries(&s).is_empty(), "a crash's leftovers are removed at open");
+        assert_eq!(entries(&s), vec![live.clone()], "a crash's leftovers are removed at open, a live command's kept");
+        std::fs::remove_dir(&live).unwrap();
         let bytes = sqlite_bytes();
 
         let v = s

@@ -16,10 +16,10 @@ mod embedded {
     refinery::embed_migrations!("../migrations");
 }
 
-/// Table where refinery records applied migrations.
 /// Name of the database the server uses inside the embedded cluster.
 pub const EMBEDDED_DB: &str = "lifeboat";
 
+/// Table where refinery records applied migrations.
 pub const MIGRATION_TABLE: &str = "lifeboat_schema_history";
 /// Advisory lock key held while migrating (ASCII "lifeboat" as a big-endian i64).
 pub const MIGRATION_LOCK_KEY: i64 = 0x6c69_6665_626f_6174;

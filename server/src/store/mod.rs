@@ -5,8 +5,11 @@
 //! may read) lives in one place and is tested there.
 //!
 //! Invariants:
-//! - Every query that reads or writes a tenant's rows names the tenant; only the fleet
-//!   gauges and the job runner read across tenants, and they say so.
+//! - Every query that reads or writes a tenant's rows names the tenant. The exceptions
+//!   are keyed by what is unique across tenants or serve the operator, and say so: the
+//!   fleet gauges and restore-test candidates (every tenant, for the jobs), run ids in
+//!   the sweep, enrolment-token and refresh-secret hashes, API credential hashes, agent
+//!   revocation and `verify` across tenants (operator commands).
 //! - A transaction never waits on storage or on another service: callers write objects
 //!   before or after, never inside.
 //! - Functions return plain data or `tokio_postgres::Error`; refusals an agent or a user
@@ -35,4 +38,9 @@ pub(crate) use ts;
 /// Whether a query failed on this SQLSTATE (a constraint the caller turns into a refusal).
 pub fn is(e: &tokio_postgres::Error, state: &tokio_postgres::error::SqlState) -> bool {
     e.code() == Some(state)
+}
+
+/// The constraint (or unique index) a refused statement broke.
+pub fn constraint(e: &tokio_postgres::Error) -> Option<&str> {
+    e.as_db_error().and_then(|d| d.constraint())
 }

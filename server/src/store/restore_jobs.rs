@@ -12,7 +12,7 @@ use lifeboat_shared::ids::{AgentId, RestoreJobId, SnapshotId, TenantId};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Error};
 
-use super::{is, ts};
+use super::{constraint, is, ts};
 
 /// How long a claimed restore job is the claiming agent's.
 pub const RESTORE_LEASE: Duration = Duration::from_secs(3600);
@@ -150,9 +150,6 @@ pub async fn create(
             &[&tenant.0, &target],
         )
         .await?;
-    if ended > 0 {
-        tracing::info!(tenant.id = %tenant, device.udid = target, "ended a stuck restore job");
-    }
     let inserted = tx
         .query_one(
             "INSERT INTO restore_jobs (tenant_id, snapshot_id, target_udid, requested_by) VALUES ($1, $2, $3, $4) RETURNING id",
@@ -162,9 +159,14 @@ pub async fn create(
     match inserted {
         Ok(r) => {
             tx.commit().await?;
+            if ended > 0 {
+                tracing::info!(tenant.id = %tenant, device.udid = target, "ended a stuck restore job");
+            }
             Ok(Queued::Job(r.get(0)))
         }
-        Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) => Ok(Queued::Busy),
+        Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) && constraint(&e) == Some("restore_jobs_one_open_per_target") => {
+            Ok(Queued::Busy)
+        }
         Err(e) => Err(e),
     }
 }

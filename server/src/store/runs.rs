@@ -7,7 +7,7 @@ use lifeboat_shared::ids::{AgentId, RunId, SnapshotId, TenantId, Udid};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Error};
 
-use super::{is, ts};
+use super::{constraint, is, ts};
 
 /// What opening a run found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +69,9 @@ pub async fn open(
         Ok(row) => row,
         Err(e) if is(&e, &SqlState::FOREIGN_KEY_VIOLATION) => return Ok(Opened::NoDevice),
         // Another OpenRun for the device committed its row between our look and our insert.
-        Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) => return Ok(Opened::Held(None)),
+        Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) && constraint(&e) == Some("backup_runs_one_running") => {
+            return Ok(Opened::Held(None));
+        }
         Err(e) => return Err(e),
     };
     tx.commit().await?;
@@ -85,14 +87,22 @@ pub struct Lease {
     pub snapshot: SnapshotId,
 }
 
-/// Renews the run's lease (never shortening it) and returns it; `None` if the tenant has
-/// no such run.
-pub async fn renew(client: &Client, tenant: TenantId, run: RunId, lease: Duration) -> Result<Option<Lease>, Error> {
+/// Renews the run's lease (never shortening it) if `agent` holds it, and returns the run;
+/// `None` if the tenant has no such run. Another agent naming the run learns whose it is
+/// but does not keep it alive.
+pub async fn renew(
+    client: &Client,
+    tenant: TenantId,
+    agent: AgentId,
+    run: RunId,
+    lease: Duration,
+) -> Result<Option<Lease>, Error> {
     let row = client
         .query_opt(
-            "UPDATE backup_runs SET lease_expires_at = greatest(lease_expires_at, now() + make_interval(secs => $3)) \
+            "UPDATE backup_runs SET lease_expires_at = CASE WHEN agent_id = $4 \
+               THEN greatest(lease_expires_at, now() + make_interval(secs => $3)) ELSE lease_expires_at END \
              WHERE tenant_id = $1 AND id = $2 RETURNING agent_id, status, udid, snapshot_id",
-            &[&tenant.0, &run.0, &lease.as_secs_f64()],
+            &[&tenant.0, &run.0, &lease.as_secs_f64(), &agent.0],
         )
         .await?;
     Ok(row.map(|r| Lease {

@@ -48,23 +48,46 @@ fn subsystem(rel: &str) -> &str {
     rel.split('/').next().unwrap().trim_end_matches(".rs")
 }
 
-/// The subsystems a file names through `crate::…`, braces included.
+fn name(s: &str) -> String {
+    s.trim_start().chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect()
+}
+
+/// The subsystems a file names through `crate::…`, nested braces included
+/// (`crate::{store::{self, x}, restore}` names `store` and `restore`).
 fn imports(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     for (i, _) in text.match_indices("crate::") {
         let rest = &text[i + "crate::".len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            for item in group[..end].split(',') {
-                let name: String = item.trim().chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
-                out.push(name);
+        let Some(group) = rest.strip_prefix('{') else {
+            out.push(name(rest));
+            continue;
+        };
+        // The first name of each top-level item of the group.
+        let (mut depth, mut start) = (0usize, 0usize);
+        for (j, c) in group.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => {
+                    out.push(name(&group[start..j]));
+                    break;
+                }
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    out.push(name(&group[start..j]));
+                    start = j + 1;
+                }
+                _ => {}
             }
-        } else {
-            out.push(rest.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect());
         }
     }
     out.retain(|n| !n.is_empty());
     out
+}
+
+#[test]
+fn the_import_scanner_sees_nested_groups() {
+    let text = "use crate::{store::{self, x}, restore};\nuse crate::app::App;\nlet y = crate::jobs::run;";
+    assert_eq!(imports(text), ["store", "restore", "app", "jobs"]);
 }
 
 #[test]
@@ -93,8 +116,22 @@ fn subsystems_import_only_downwards() {
 
 #[test]
 fn sql_lives_in_the_store() {
-    let calls =
-        [".query(", ".query_one(", ".query_opt(", ".execute(", ".batch_execute(", ".transaction()", ".prepare("];
+    let calls = [
+        ".query(",
+        ".query_one(",
+        ".query_opt(",
+        ".query_raw(",
+        ".query_typed(",
+        ".simple_query(",
+        ".execute(",
+        ".execute_raw(",
+        ".batch_execute(",
+        ".transaction()",
+        ".build_transaction()",
+        ".prepare(",
+        ".copy_in(",
+        ".copy_out(",
+    ];
     let mut outside = Vec::new();
     for (rel, path) in sources() {
         if rel.starts_with("store/") || rel == "platform/db.rs" || rel.starts_with("ios/") {

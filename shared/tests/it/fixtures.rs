@@ -12,6 +12,7 @@ use lifeboat_shared::chunk::{DataKey, IdKey, open_and_verify, seal_chunk};
 use lifeboat_shared::ids::{ChunkId, SnapshotId};
 use lifeboat_shared::manifest::{ChunkRef, DeviceInfo, FileEntry, Manifest};
 use lifeboat_shared::pack::{self, PackBuilder};
+use lifeboat_shared::restore;
 
 const ID_KEY: [u8; 32] = [0x11; 32];
 const DATA_KEY: [u8; 32] = [0x22; 32];
@@ -89,29 +90,28 @@ fn format_v1_fixtures_still_restore_byte_for_byte() {
     let plain = chunks();
     let ids: Vec<ChunkId> = plain.iter().map(|p| id_key.chunk_id(p)).collect();
 
-    // The pack: its self-describing index names the three chunks, in order, and each
-    // blob opens and re-hashes to its id.
+    // The pack: its self-describing index names the three chunks, in order.
     let pack_bytes = read("pack");
     let entries = pack::read_index(&pack_bytes).unwrap();
     assert_eq!(entries.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
-    let mut opened = std::collections::HashMap::new();
-    for e in &entries {
-        let blob = pack::blob(&pack_bytes, e).unwrap();
-        opened.insert(e.id, open_and_verify(&data_key, &id_key, &e.id, blob).unwrap());
-    }
     assert!(entries[0].length < plain[0].len() as u32, "the text chunk was stored compressed");
+    let blobs: Vec<(ChunkId, Vec<u8>)> =
+        entries.iter().map(|e| (e.id, pack::blob(&pack_bytes, e).unwrap().to_vec())).collect();
 
     // The lone blob.
     assert_eq!(open_and_verify(&data_key, &id_key, &ids[0], &read("blob")).unwrap(), plain[0]);
 
-    // The manifest, and every file restored from the pack's chunks.
+    // The manifest, and every file restored from the pack's chunks through the read path
+    // a restore runs (plan, open and verify, reassemble).
     let snapshot = SnapshotId(uuid::Uuid::from_u128(SNAPSHOT));
     let m = Manifest::open(&data_key, &snapshot, &read("manifest")).unwrap();
     assert_eq!(m, manifest(&ids, &plain));
+    let batches = restore::plan(&m.files, restore::BATCH_BYTES, 1000);
+    assert_eq!(batches.len(), 1);
+    let opened = restore::open(&data_key, &id_key, &batches[0], blobs);
+    assert!(opened.failed.is_empty() && opened.unasked.is_empty(), "{:?} {:?}", opened.failed, opened.unasked);
     for (f, (_, parts)) in m.files.iter().zip(FILES) {
-        let rebuilt: Vec<u8> = f.chunks.iter().flat_map(|c| opened[&c.id].iter().copied()).collect();
         let expected: Vec<u8> = parts.iter().flat_map(|&i| plain[i].iter().copied()).collect();
-        assert_eq!(rebuilt, expected, "{}", f.path);
-        assert_eq!(rebuilt.len() as u64, f.size);
+        assert_eq!(restore::rebuild(f, &opened.plain).unwrap(), expected, "{}", f.path);
     }
 }
