@@ -21,7 +21,7 @@
 
 use std::process::Command;
 
-use lifeboat_e2e::bench::{Rig, cpu_seconds, expect_mb, have, timed};
+use lifeboat_e2e::bench::{Rig, cpu_seconds, expect_mb, have, restic, timed};
 
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir_in(std::env::var_os("LIFEBOAT_BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
@@ -96,16 +96,7 @@ async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
         println!("restic: not installed, skipped");
         return Ok(());
     }
-    let repo = dir.path().join("restic-repo");
-    let restic = |args: &[&str]| {
-        let mut c = Command::new("restic");
-        c.arg("--repo")
-            .arg(&repo)
-            .args(args)
-            .env("RESTIC_PASSWORD", "bench")
-            .env("RESTIC_CACHE_DIR", dir.path().join("restic-cache"));
-        c
-    };
+    let restic = |args: &[&str]| restic(dir.path(), args);
     tokio::task::block_in_place(|| timed(restic(&["init"])))?;
     let mut cmd = restic(&["backup", "--quiet"]);
     cmd.arg(&target);

@@ -106,6 +106,18 @@ impl Rig {
     }
 }
 
+/// A `restic` command on the bench's local repository `<dir>/restic-repo` (password
+/// `bench`, cache in `<dir>/restic-cache`).
+pub fn restic(dir: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new("restic");
+    c.arg("--repo")
+        .arg(dir.join("restic-repo"))
+        .args(args)
+        .env("RESTIC_PASSWORD", "bench")
+        .env("RESTIC_CACHE_DIR", dir.join("restic-cache"));
+    c
+}
+
 /// Megabytes of files a phone's `expect` lists.
 pub fn expect_mb(lines: &[String]) -> f64 {
     lines.iter().filter_map(|l| l.split('\t').nth(2)?.parse::<u64>().ok()).sum::<u64>() as f64 / 1e6
