@@ -55,7 +55,9 @@ ensure_prometheus() {
 }
 
 # pymobiledevice3 (PyPI) in its own virtualenv: the third host the virtual iPhone must
-# satisfy. Tests find it through PYMOBILEDEVICE3 (exported here) or on PATH.
+# satisfy; iphone_backup_decrypt (PyPI) beside it, the reader that proves an encrypted
+# backup opens as a phone's does. Tests find them through PYMOBILEDEVICE3 and
+# BACKUP_DECRYPT_PYTHON (exported here) or on PATH.
 ensure_pymobiledevice3() {
   local venv="${LIFEBOAT_TOOLS_VENV:-$HOME/.cache/lifeboat/pymobiledevice3-venv}"
   if [ ! -x "$venv/bin/pymobiledevice3" ]; then
@@ -63,7 +65,12 @@ ensure_pymobiledevice3() {
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'pymobiledevice3>=11,<12'
   fi
+  if ! "$venv/bin/python" -c 'import iphone_backup_decrypt' 2>/dev/null; then
+    echo "==> installing iphone_backup_decrypt (PyPI) into $venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'iphone_backup_decrypt>=0.9,<1'
+  fi
   export PYMOBILEDEVICE3="$venv/bin/pymobiledevice3"
+  export BACKUP_DECRYPT_PYTHON="$venv/bin/python"
 }
 
 # libimobiledevice's host tools (idevice_id, idevicebackup2): real peers for the virtual iPhone.

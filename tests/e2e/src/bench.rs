@@ -83,7 +83,8 @@ impl Rig {
             Ok(p) => p.parse()?,
             Err(_) => virtual_iphone::content::Profile::Medium,
         };
-        let config = virtual_iphone::Config { seed: 9, devices, profile, state_dir: dir.join("phones") };
+        let config =
+            virtual_iphone::Config { seed: 9, devices, profile, state_dir: dir.join("phones"), kdf_rounds: 1000 };
         let registry = std::sync::Arc::new(virtual_iphone::Registry::new(config)?);
         tokio::spawn(virtual_iphone::usbmuxd::serve(listener, registry.clone()));
         let rig = Self { server, registry, profile, mux, state: dir.join("agent") };

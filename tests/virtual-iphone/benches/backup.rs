@@ -35,7 +35,7 @@ fn main() {
                 .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = Config { seed: 11, devices: 1, profile, state_dir: state.path().to_path_buf() };
+        let config = Config { seed: 11, devices: 1, profile, state_dir: state.path().to_path_buf(), kdf_rounds: 1000 };
         let registry = Arc::new(Registry::new(config).unwrap());
         tokio::spawn(usbmuxd::serve(listener, registry.clone()));
         let device = registry.all()[0].clone();

@@ -384,6 +384,17 @@ pub enum PlistKind {
     Keychain,
 }
 
+/// Where Health keeps its samples (only encrypted backups carry it).
+pub const HEALTH_DB: (&str, &str) = ("HealthDomain", "Health/healthdb_secure.sqlite");
+
+/// What only an encrypted backup carries (Apple: saved passwords, Health, call history):
+/// the keychain, the Health store and the call history.
+pub fn only_in_encrypted_backups(key: &FileKey) -> bool {
+    key.domain == "KeychainDomain"
+        || key.domain == HEALTH_DB.0
+        || (key.domain == HOME && key.path.starts_with("Library/CallHistoryDB/"))
+}
+
 /// The schema of a [`Body::Sqlite`] file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DbKind {
@@ -591,6 +602,13 @@ impl Content {
             let mtime = YEAR_START + rng.below((YEAR_END - YEAR_START) as u64) as i64;
             c.add_small_file(&mut t, &mut rng, &apps, mean, n, mtime, 0)?;
         }
+
+        // Health, last and from its own stream, so the content an unencrypted backup
+        // carries is what it was before Health existed here.
+        let mut health = Rng::new(mix(seed, tag::GENERATE ^ 0x4ea1_7400));
+        let rows = scale.count(20, 30, 20_000);
+        let mtime = YEAR_END - health.range(60, 7_200) as i64;
+        c.put_db(&mut t, FileKey::new(HEALTH_DB.0, HEALTH_DB.1), DbKind::App, health.next(), rows, mtime)?;
         Ok(c)
     }
 
@@ -599,7 +617,19 @@ impl Content {
     /// attachments), contacts, calls and Safari visits; adds photos (and sometimes a video);
     /// rewrites some app files and app databases; adds a few app files. Deterministic from
     /// the current content and `use_seed`. Changed files get a strictly later mtime and new bytes.
+    /// The summary counts every file touched.
     pub fn simulate_use(&mut self, fraction: f64, use_seed: u64) -> Result<UseSummary, ContentError> {
+        self.simulate_use_seen(fraction, use_seed, true)
+    }
+
+    /// [`Self::simulate_use`], its summary counting only the files a backup carries (those
+    /// only encrypted backups carry when `encrypted`).
+    pub fn simulate_use_seen(
+        &mut self,
+        fraction: f64,
+        use_seed: u64,
+        encrypted: bool,
+    ) -> Result<UseSummary, ContentError> {
         let fraction = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { 0.0 };
         if fraction == 0.0 {
             return Ok(UseSummary::default());
@@ -708,7 +738,7 @@ impl Content {
         }
 
         let mut summary = UseSummary::default();
-        for (key, before) in &t {
+        for (key, before) in t.iter().filter(|(k, _)| encrypted || !only_in_encrypted_backups(k)) {
             match (before, self.files.get(key)) {
                 (Some(_), Some(e)) => {
                     summary.changed += 1;
@@ -791,8 +821,9 @@ impl Content {
     /// Ground truth: one line per file, `"domain\trelativePath\tsize\tsha256hex"`, sorted
     /// by (domain, path). Hashes files on all cores; a file whose bytes do not have the
     /// catalog's size is an error.
-    pub fn expect(&self, blobs: &Path) -> io::Result<Vec<String>> {
-        let entries: Vec<(&FileKey, &FileEntry)> = self.files.iter().collect();
+    pub fn expect(&self, blobs: &Path, encrypted: bool) -> io::Result<Vec<String>> {
+        let entries: Vec<(&FileKey, &FileEntry)> =
+            self.files.iter().filter(|(k, _)| encrypted || !only_in_encrypted_backups(k)).collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(entries.len().max(1));
         let next = AtomicUsize::new(0);
         let work = || -> io::Result<Vec<(usize, String)>> {
@@ -879,10 +910,15 @@ impl Content {
         Ok(())
     }
 
-    /// Manifest.db rows of the files (regular files only; [`crate::manifest::build_manifest_db`]
-    /// adds the directories).
-    pub fn manifest_files(&self) -> Vec<ManifestFile> {
-        self.files.iter().map(|(k, e)| ManifestFile::file(&k.domain, &k.path, e.size, e.mtime, e.mode)).collect()
+    /// Manifest.db rows of the files a backup carries (regular files only;
+    /// [`crate::manifest::build_manifest_db`] adds the directories): an unencrypted one
+    /// leaves out the keychain, Health and the call history.
+    pub fn manifest_files(&self, encrypted: bool) -> Vec<ManifestFile> {
+        self.files
+            .iter()
+            .filter(|(k, _)| encrypted || !only_in_encrypted_backups(k))
+            .map(|(k, e)| ManifestFile::file(&k.domain, &k.path, e.size, e.mtime, e.mode))
+            .collect()
     }
 
     /// Bundle ids of the apps with a container (`AppDomain-<bundle>`), sorted.
@@ -3120,10 +3156,10 @@ mod tests {
         let a = Content::generate(1, Profile::Tiny).unwrap();
         let b = Content::generate(1, Profile::Tiny).unwrap();
         assert_eq!(a, b);
-        let ea = a.expect(blobs()).unwrap();
-        assert_eq!(ea, b.expect(blobs()).unwrap());
+        let ea = a.expect(blobs(), true).unwrap();
+        assert_eq!(ea, b.expect(blobs(), true).unwrap());
         let c = Content::generate(2, Profile::Tiny).unwrap();
-        let ec = c.expect(blobs()).unwrap();
+        let ec = c.expect(blobs(), true).unwrap();
         assert_ne!(ea, ec);
         // Same well-known paths, different bytes.
         let sms = "HomeDomain\tLibrary/SMS/sms.db\t";
@@ -3136,7 +3172,7 @@ mod tests {
     #[test]
     fn expect_lines_are_sorted_well_formed_and_match_the_bytes() {
         let c = Content::generate(3, Profile::Tiny).unwrap();
-        let lines = c.expect(blobs()).unwrap();
+        let lines = c.expect(blobs(), true).unwrap();
         assert_eq!(lines.len(), c.files.len());
         let mut previous: Option<(String, String)> = None;
         for (line, (key, entry)) in lines.iter().zip(&c.files) {
@@ -3207,7 +3243,7 @@ mod tests {
         sorted.sort_by_key(|p| p.rsplit('/').next().map(|n| n[4..8].to_owned()));
         assert_eq!(names, sorted);
         // Manifest rows: one per file, with the well-known fileIDs.
-        let rows = c.manifest_files();
+        let rows = c.manifest_files(true);
         assert_eq!(rows.len(), c.files.len());
         assert!(rows.iter().any(|r| r.file_id == "3d0d7e5fb2ce288813306e4d4636395e047a3d28"));
         let db = crate::manifest::build_manifest_db(&rows).unwrap();
@@ -3435,7 +3471,7 @@ mod tests {
         assert!(summary.added > 0 && summary.changed > 0, "{summary:?}");
         assert!(c.state.messages.len() > before.state.messages.len());
         // Every size is still exact and the databases agree with the catalog.
-        c.expect(blobs()).unwrap();
+        c.expect(blobs(), true).unwrap();
         let (_d, db, rows) = system_db(&c, DbKind::Photos);
         assert_eq!(count(&db, "SELECT count(*) FROM ZASSET") as usize, c.camera_keys().len());
         assert_eq!(rows as usize, c.camera_keys().len());
@@ -3513,18 +3549,18 @@ mod tests {
         }
         let mut d = Content::generate(11, Profile::Tiny).unwrap();
         d.replace_with_stored(restored);
-        assert_eq!(d.expect(&blob_dir).unwrap(), c.expect(blobs()).unwrap());
-        assert_eq!(d.manifest_files(), c.manifest_files());
+        assert_eq!(d.expect(&blob_dir, true).unwrap(), c.expect(blobs(), true).unwrap());
+        assert_eq!(d.manifest_files(true), c.manifest_files(true));
         // Use continues on restored content.
         d.simulate_use(0.05, 3).unwrap();
-        d.expect(&blob_dir).unwrap();
+        d.expect(&blob_dir, true).unwrap();
 
         // A missing or tampered blob is an error, not wrong bytes.
         let (key, entry) = d.files.iter().find(|(_, e)| matches!(e.body, Body::Stored { .. }) && e.size > 0).unwrap();
         let Body::Stored { sha256 } = &entry.body else { unreachable!() };
         std::fs::write(blob_dir.join(sha256), b"x").unwrap();
         assert!(d.open(&blob_dir, key).is_err());
-        assert!(d.expect(&blob_dir).is_err());
+        assert!(d.expect(&blob_dir, true).is_err());
 
         // A content file with a stored body that is not a hash does not load.
         let mut bad = c.clone();

@@ -52,6 +52,17 @@ pub enum Request {
         udid: String,
         faults: Faults,
     },
+    /// Sets the backup password behind the host's back (`password`), forces encryption
+    /// as an MDM profile does (`mdm_forced`), or turns both off (`off`).
+    Encryption {
+        udid: String,
+        #[serde(default)]
+        password: Option<String>,
+        #[serde(default)]
+        mdm_forced: bool,
+        #[serde(default)]
+        off: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +73,9 @@ pub struct DeviceStatus {
     pub name: String,
     pub plugged: bool,
     pub waiting_for_passcode: bool,
+    /// A backup password is set (`WillEncrypt`).
+    pub encrypted: bool,
+    pub mdm_forced: bool,
     pub faults: Faults,
     pub stats: Stats,
 }
@@ -91,6 +105,8 @@ pub fn execute(registry: &Registry, request: Request) -> Response {
                     name: s.device.name.clone(),
                     plugged: s.is_plugged(),
                     waiting_for_passcode: s.waiting_for_passcode(),
+                    encrypted: s.encryption().will_encrypt(),
+                    mdm_forced: s.encryption().mdm_forced(),
                     faults: s.faults(),
                     stats: s.stats(),
                 })
@@ -139,6 +155,19 @@ pub fn execute(registry: &Registry, request: Request) -> Response {
             }
             s.set_faults(faults);
             Ok(Response::Ok)
+        }),
+        Request::Encryption { udid, password, mdm_forced, off } => device(&udid).and_then(|s| {
+            let e = s.encryption();
+            let done = match (password, mdm_forced, off) {
+                (_, _, true) => e.set_mdm_forced(false).and_then(|()| e.set(None)),
+                (Some(p), forced, false) if !p.is_empty() => {
+                    e.set(Some(p)).and_then(|()| if forced { e.set_mdm_forced(true) } else { Ok(()) })
+                }
+                (Some(_), _, false) => return Err("the password must not be empty".to_string()),
+                (None, true, false) => e.set_mdm_forced(true),
+                (None, false, false) => return Err("say --password P, --mdm-forced or --off".to_string()),
+            };
+            done.map(|()| Response::Ok).map_err(|e| format!("keeping the device's encryption state: {e}"))
         }),
     };
     result.unwrap_or_else(|message| Response::Error { message })

@@ -10,6 +10,7 @@ use tokio::sync::{Notify, broadcast, watch};
 
 use crate::afc;
 use crate::content::{Content, ContentError, FileEntry, FileKey, Profile, UseSummary};
+use crate::encryption::Encryption;
 use crate::manifest::DeviceFacts;
 use crate::pairing::{Identity, PairingError};
 
@@ -114,6 +115,7 @@ pub struct DeviceState {
     content: Mutex<Option<Arc<Content>>>,
     afc: afc::Fs,
     stats: Mutex<Stats>,
+    encryption: Encryption,
 }
 
 /// What the device has done, for tests and `ctl status`.
@@ -144,6 +146,8 @@ pub struct Config {
     pub profile: Profile,
     /// Where each device keeps its content catalog and restored files.
     pub state_dir: PathBuf,
+    /// PBKDF2 count of the keybags a backup password makes (DPIC; ITER is at most 10,000).
+    pub kdf_rounds: u32,
 }
 
 impl DeviceState {
@@ -280,15 +284,22 @@ impl DeviceState {
         self.dir.join("blobs")
     }
 
-    /// Ground truth: `domain<TAB>relativePath<TAB>size<TAB>sha256` per file, sorted.
+    /// Ground truth: `domain<TAB>relativePath<TAB>size<TAB>sha256` per file a backup
+    /// carries now, sorted: with a backup password, also what only encrypted backups carry.
     pub fn expect(&self) -> Result<Vec<String>, ContentError> {
-        Ok(self.content()?.expect(&self.blobs_dir())?)
+        Ok(self.content()?.expect(&self.blobs_dir(), self.encryption.will_encrypt())?)
     }
 
-    /// Simulated use: photos, messages and contacts added, app data changed, files deleted.
+    /// The backup password and the keys it makes.
+    pub fn encryption(&self) -> &Encryption {
+        &self.encryption
+    }
+
+    /// Simulated use: photos, messages and contacts added, app data changed, files deleted;
+    /// the summary counts what the next backup carries.
     pub fn simulate_use(&self, fraction: f64, use_seed: u64) -> Result<UseSummary, ContentError> {
         let mut content = (*self.content()?).clone();
-        let summary = content.simulate_use(fraction, use_seed)?;
+        let summary = content.simulate_use_seen(fraction, use_seed, self.encryption.will_encrypt())?;
         self.set_content(content)?;
         Ok(summary)
     }
@@ -374,7 +385,7 @@ impl Registry {
     /// `config.devices` devices from the seed, all plugged in, each with a pre-made pair
     /// record; content is generated on first use and kept in the state directory.
     pub fn new(config: Config) -> Result<Self, RegistryError> {
-        let Config { seed, devices: count, profile, state_dir } = config;
+        let Config { seed, devices: count, profile, state_dir, kdf_rounds } = config;
         let identity = Arc::new(Identity::from_seed(seed)?);
         let mut devices = BTreeMap::new();
         for n in 0..count {
@@ -382,7 +393,10 @@ impl Registry {
             let dir = state_dir.join(&device.udid);
             std::fs::create_dir_all(dir.join("blobs"))
                 .map_err(|source| RegistryError::State { path: dir.clone(), source })?;
+            let encryption = Encryption::load(&dir, kdf_rounds)
+                .map_err(|source| RegistryError::State { path: dir.join("encryption.json"), source })?;
             let state = DeviceState {
+                encryption,
                 plugged: watch::Sender::new(true),
                 faults: Mutex::new(Faults::default()),
                 passcode: Mutex::new(Passcode {

@@ -9,6 +9,8 @@
 //!   springboardservices; `afc` and `mobilebackup2` (backup, incremental backup, restore).
 //! - `content` and `manifest`: each device's deterministic synthetic content, and the
 //!   backup metadata (Manifest.db, Manifest.plist, Status.plist) it writes.
+//! - `encryption`: the device's backup password, MDM-forced encryption and the keys of
+//!   encrypted backups.
 //! - `devices`: the registry of devices and their live state (plugged, passcode, faults);
 //!   `control`: the same operations over a socket for `virtual-iphone ctl`.
 
@@ -16,6 +18,7 @@ pub mod afc;
 pub mod content;
 pub mod control;
 pub mod devices;
+pub mod encryption;
 pub mod framing;
 pub mod lockdownd;
 pub mod manifest;

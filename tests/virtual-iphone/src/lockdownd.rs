@@ -66,11 +66,15 @@ pub fn device_values(d: &Device, device_public_key_pem: &str) -> Dictionary {
 }
 
 /// Values of the other domains hosts read.
-fn domain_values(domain: &str) -> Option<Dictionary> {
+fn domain_values(domain: &str, state: &DeviceState) -> Option<Dictionary> {
     let mut v = Dictionary::new();
     match domain {
         "com.apple.mobile.backup" => {
-            v.insert("WillEncrypt".into(), Value::Boolean(false));
+            v.insert("WillEncrypt".into(), Value::Boolean(state.encryption().will_encrypt()));
+            // Only a phone with a profile that forces encryption says so.
+            if state.encryption().mdm_forced() {
+                v.insert("RequiresEncrypt".into(), Value::Boolean(true));
+            }
         }
         "com.apple.mobile.iTunes" => {
             v.insert("MinITunesVersion".into(), "10.0.1".into());
@@ -149,7 +153,7 @@ async fn requests<S: AsyncRead + AsyncWrite + Unpin>(
                 r.insert("Type".into(), "com.apple.mobile.lockdown".into());
                 r
             }
-            "GetValue" => get_value(&verb, &req, device, &registry.identity.device_public_key_pem),
+            "GetValue" => get_value(&verb, &req, state, &registry.identity.device_public_key_pem),
             "SetValue" | "RemoveValue" => reply(&verb),
             "Goodbye" => {
                 let mut r = reply(&verb);
@@ -200,12 +204,13 @@ fn host_id(req: &Dictionary) -> Option<&str> {
     req.get("PairRecord").and_then(Value::as_dictionary).and_then(|r| r.get("HostID")).and_then(Value::as_string)
 }
 
-fn get_value(verb: &str, req: &Dictionary, device: &Device, public_key_pem: &str) -> Dictionary {
+fn get_value(verb: &str, req: &Dictionary, state: &DeviceState, public_key_pem: &str) -> Dictionary {
+    let device = &state.device;
     let key = req.get("Key").and_then(Value::as_string);
     let domain = req.get("Domain").and_then(Value::as_string);
     let values = match domain {
         None => Some(device_values(device, public_key_pem)),
-        Some(d) => domain_values(d),
+        Some(d) => domain_values(d, state),
     };
     let value = match (values, key) {
         (Some(all), None) => Some(Value::Dictionary(all)),

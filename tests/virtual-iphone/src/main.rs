@@ -42,6 +42,11 @@ enum Command {
         /// Seed of the devices' identities and content.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// PBKDF2 rounds of the keybags a backup password makes (DPIC; ITER is at most
+        /// 10,000). iOS uses 10,000,000 (seconds of CPU); tests may use far fewer.
+        #[arg(long, default_value_t = virtual_iphone::encryption::DEFAULT_KDF_ROUNDS,
+              value_parser = clap::value_parser!(u32).range(1..=20_000_000))]
+        kdf_rounds: u32,
     },
     /// Drive a running `serve` through its control socket.
     Ctl {
@@ -92,6 +97,20 @@ enum CtlOp {
     Untrust { udid: String },
     /// "Tap Trust" on the device: usbmuxd has its pair record again.
     Trust { udid: String },
+    /// The device's backup password, as its user or another computer set it: the host
+    /// does not know it. `--mdm-forced`: a profile forces encrypted backups (the phone
+    /// refuses to back up without a password or to turn encryption off). `--off`: no
+    /// password, not forced.
+    #[command(group(clap::ArgGroup::new("how").required(true).args(["password", "mdm_forced", "off"])))]
+    Encryption {
+        udid: String,
+        #[arg(long)]
+        password: Option<String>,
+        #[arg(long)]
+        mdm_forced: bool,
+        #[arg(long)]
+        off: bool,
+    },
     /// Inject faults into the device's backups and restores (no flag clears them).
     Fault {
         udid: String,
@@ -128,15 +147,16 @@ fn main() -> anyhow::Result<()> {
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match Cli::parse().command {
-        Command::Serve { listen, state, devices, profile, seed } => {
-            rt.block_on(serve(listen, state, devices, profile, seed))
+        Command::Serve { listen, state, devices, profile, seed, kdf_rounds } => {
+            rt.block_on(serve(listen, state, Config { seed, devices, profile, state_dir: PathBuf::new(), kdf_rounds }))
         }
         Command::Ctl { state, json, op } => rt.block_on(ctl(&state, json, op)),
         Command::Expect { state, udid } => expect(&state, &udid),
     }
 }
 
-async fn serve(listen: SocketAddr, state: PathBuf, devices: u32, profile: Profile, seed: u64) -> anyhow::Result<()> {
+async fn serve(listen: SocketAddr, state: PathBuf, config: Config) -> anyhow::Result<()> {
+    let Config { seed, devices, profile, kdf_rounds, .. } = config;
     std::fs::create_dir_all(&state).with_context(|| format!("creating the state directory {}", state.display()))?;
     let recorded = Recorded { seed, devices, profile: profile.to_string() };
     std::fs::write(registry_file(&state), serde_json::to_vec_pretty(&recorded)?)?;
@@ -147,7 +167,7 @@ async fn serve(listen: SocketAddr, state: PathBuf, devices: u32, profile: Profil
     let _ = std::fs::remove_file(&socket);
     let ctl =
         tokio::net::UnixListener::bind(&socket).with_context(|| format!("control socket {}", socket.display()))?;
-    let registry = Arc::new(Registry::new(Config { seed, devices, profile, state_dir: state.clone() })?);
+    let registry = Arc::new(Registry::new(Config { seed, devices, profile, state_dir: state.clone(), kdf_rounds })?);
     let mut out = std::io::stdout().lock();
     for d in registry.all() {
         writeln!(out, "{}\t{}\t{}", d.udid, d.product_type, d.ios_version)?;
@@ -178,6 +198,9 @@ async fn ctl(state: &Path, json: bool, op: CtlOp) -> anyhow::Result<()> {
         CtlOp::EnterPasscode { udid } => Request::EnterPasscode { udid },
         CtlOp::Untrust { udid } => Request::Untrust { udid },
         CtlOp::Trust { udid } => Request::Trust { udid },
+        CtlOp::Encryption { udid, password, mdm_forced, off } => {
+            Request::Encryption { udid, password, mdm_forced, off }
+        }
         CtlOp::Fault { udid, drop_after, throttle, restore_space } => Request::SetFaults {
             udid,
             faults: Faults {
@@ -196,8 +219,14 @@ async fn ctl(state: &Path, json: bool, op: CtlOp) -> anyhow::Result<()> {
                 for d in devices {
                     let plugged = if d.plugged { "plugged" } else { "unplugged" };
                     let passcode = if d.waiting_for_passcode { "\twaiting-for-passcode" } else { "" };
+                    let encryption = match (d.encrypted, d.mdm_forced) {
+                        (true, true) => "encrypted,mdm-forced",
+                        (true, false) => "encrypted",
+                        (false, true) => "mdm-forced",
+                        (false, false) => "unencrypted",
+                    };
                     println!(
-                        "{}\t{}\t{}\t{plugged}\tbackups={}{passcode}",
+                        "{}\t{}\t{}\t{plugged}\t{encryption}\tbackups={}{passcode}",
                         d.udid, d.product_type, d.ios_version, d.stats.backups
                     );
                 }
@@ -228,6 +257,7 @@ fn expect(state: &Path, udid: &str) -> anyhow::Result<()> {
         devices: recorded.devices,
         profile,
         state_dir: state.to_path_buf(),
+        kdf_rounds: virtual_iphone::encryption::DEFAULT_KDF_ROUNDS,
     })?;
     let device =
         registry.state_by_udid(udid).with_context(|| format!("no virtual device {udid} in {}", state.display()))?;

@@ -113,6 +113,16 @@ pub struct ManifestFile {
     pub mtime: i64,
     /// MBFile `Mode`, e.g. `0o100644` or `0o40755`.
     pub mode: u32,
+    /// In an encrypted backup: the file's `ProtectionClass` and `EncryptionKey` (the key
+    /// record: u32 LE class, then the file key wrapped with that class's key).
+    pub encryption: Option<Encrypted>,
+}
+
+/// The key of one file of an encrypted backup, as its MBFile record holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encrypted {
+    pub class: u32,
+    pub record: [u8; lifeboat_shared::ios_crypto::KEY_RECORD_BYTES],
 }
 
 impl ManifestFile {
@@ -126,6 +136,7 @@ impl ManifestFile {
             size,
             mtime,
             mode,
+            encryption: None,
         }
     }
 
@@ -139,6 +150,7 @@ impl ManifestFile {
             size: 0,
             mtime,
             mode: DIR_MODE,
+            encryption: None,
         }
     }
 }
@@ -188,7 +200,9 @@ pub fn build_manifest_db(files: &[ManifestFile]) -> Result<Vec<u8>, ManifestErro
 }
 
 /// The MBFile record of a row: a binary NSKeyedArchiver plist with the MBFile dictionary at
-/// `$objects[1]` (`$top.root`), its RelativePath at `$objects[2]` and its class at `$objects[3]`.
+/// `$objects[1]` (`$top.root`), its RelativePath at `$objects[2]` and its class at
+/// `$objects[3]`; in an encrypted backup the `EncryptionKey` data at `$objects[3]`, its
+/// class (`NSMutableData`) at 4 and MBFile's at 5, as a phone writes them.
 fn mbfile_blob(f: &ManifestFile) -> Vec<u8> {
     let is_dir = f.flags == FLAG_DIR;
     // A stable inode number per path: the first 32 bits of the fileID (SHA-1).
@@ -204,10 +218,18 @@ fn mbfile_blob(f: &ManifestFile) -> Vec<u8> {
     mb.insert("GroupID".into(), Value::Integer(MOBILE_UID.into()));
     mb.insert("LastStatusChange".into(), Value::Integer(f.mtime.into()));
     mb.insert("Birth".into(), Value::Integer(f.mtime.into()));
-    mb.insert("$class".into(), Value::Uid(Uid::new(3)));
+    mb.insert("$class".into(), Value::Uid(Uid::new(if f.encryption.is_some() { 5 } else { 3 })));
     mb.insert("InodeNumber".into(), Value::Integer(inode.into()));
     mb.insert("Mode".into(), Value::Integer(f.mode.into()));
-    mb.insert("ProtectionClass".into(), Value::Integer((if is_dir { 0 } else { FILE_PROTECTION_CLASS }).into()));
+    let protection = match &f.encryption {
+        Some(e) => u64::from(e.class),
+        None if is_dir => 0,
+        None => FILE_PROTECTION_CLASS,
+    };
+    mb.insert("ProtectionClass".into(), Value::Integer(protection.into()));
+    if f.encryption.is_some() {
+        mb.insert("EncryptionKey".into(), Value::Uid(Uid::new(3)));
+    }
     mb.insert("RelativePath".into(), Value::Uid(Uid::new(2)));
     mb.insert("Size".into(), Value::Integer(f.size.into()));
     mb.insert("UserID".into(), Value::Integer(MOBILE_UID.into()));
@@ -221,15 +243,22 @@ fn mbfile_blob(f: &ManifestFile) -> Vec<u8> {
     top.insert("root".into(), Value::Uid(Uid::new(1)));
     let mut root = Dictionary::new();
     root.insert("$version".into(), Value::Integer(100_000u64.into()));
-    root.insert(
-        "$objects".into(),
-        Value::Array(vec![
-            Value::String("$null".into()),
-            Value::Dictionary(mb),
-            Value::String(f.path.clone()),
-            Value::Dictionary(class),
-        ]),
-    );
+    let mut objects = vec![Value::String("$null".into()), Value::Dictionary(mb), Value::String(f.path.clone())];
+    if let Some(e) = &f.encryption {
+        let mut data = Dictionary::new();
+        data.insert("NS.data".into(), Value::Data(e.record.to_vec()));
+        data.insert("$class".into(), Value::Uid(Uid::new(4)));
+        let mut data_class = Dictionary::new();
+        data_class.insert("$classname".into(), Value::String("NSMutableData".into()));
+        data_class.insert(
+            "$classes".into(),
+            Value::Array(["NSMutableData", "NSData", "NSObject"].map(|c| Value::String(c.into())).to_vec()),
+        );
+        objects.push(Value::Dictionary(data));
+        objects.push(Value::Dictionary(data_class));
+    }
+    objects.push(Value::Dictionary(class));
+    root.insert("$objects".into(), Value::Array(objects));
     root.insert("$archiver".into(), Value::String("NSKeyedArchiver".into()));
     root.insert("$top".into(), Value::Dictionary(top));
     binary_plist(&Value::Dictionary(root))
@@ -280,6 +309,7 @@ pub fn read_manifest_db(bytes: &[u8]) -> Result<Vec<ManifestFile>, ManifestError
             size: record.size,
             mtime: record.mtime,
             mode: record.mode,
+            encryption: record.encryption,
         });
     }
     Ok(out)
@@ -291,6 +321,7 @@ struct MbFile {
     size: u64,
     mtime: i64,
     mode: u32,
+    encryption: Option<Encrypted>,
 }
 
 /// Decodes an NSKeyedArchiver MBFile record, following `$top.root` (normally `$objects[1]`).
@@ -315,7 +346,28 @@ fn decode_mbfile(blob: &[u8]) -> Result<MbFile, String> {
         .as_unsigned_integer()
         .and_then(|m| u32::try_from(m).ok())
         .ok_or("MBFile Mode is not a 32-bit unsigned integer")?;
-    Ok(MbFile { size, mtime, mode })
+    let encryption = match mb.get("EncryptionKey") {
+        None => None,
+        Some(Value::Uid(uid)) => {
+            let data = usize::try_from(uid.get())
+                .ok()
+                .and_then(|i| objects.get(i))
+                .and_then(Value::as_dictionary)
+                .and_then(|d| d.get("NS.data"))
+                .and_then(Value::as_data)
+                .ok_or("MBFile EncryptionKey does not point at an NS.data object")?;
+            let record =
+                data.try_into().map_err(|_| format!("MBFile EncryptionKey is {} bytes, not 44", data.len()))?;
+            let class = mb
+                .get("ProtectionClass")
+                .and_then(Value::as_unsigned_integer)
+                .and_then(|c| u32::try_from(c).ok())
+                .ok_or("MBFile has an EncryptionKey but no ProtectionClass")?;
+            Some(Encrypted { class, record })
+        }
+        Some(_) => return Err("MBFile EncryptionKey is not a UID".into()),
+    };
+    Ok(MbFile { size, mtime, mode, encryption })
 }
 
 /// Seconds since the Unix epoch (negative before it).
@@ -343,9 +395,23 @@ pub struct DeviceFacts {
     pub device_name: String,
 }
 
-/// Manifest.plist (binary plist) for an unencrypted backup: IsEncrypted false, Version, Date,
-/// SystemDomainsVersion, WasPasscodeSet, BackupKeyBag, Lockdown and Applications.
-pub fn manifest_plist(facts: &DeviceFacts, app_bundles: &[String], date: SystemTime) -> Vec<u8> {
+/// What Manifest.plist of an encrypted backup carries: the keybag of the password and
+/// `ManifestKey` (Manifest.db's key record).
+#[derive(Clone, Copy, Debug)]
+pub struct PlistEncryption<'a> {
+    pub keybag: &'a [u8],
+    pub manifest_key: &'a [u8],
+}
+
+/// Manifest.plist (binary plist): IsEncrypted, Version, Date, SystemDomainsVersion,
+/// WasPasscodeSet, BackupKeyBag, Lockdown and Applications, and for an encrypted backup
+/// its keybag and `ManifestKey`.
+pub fn manifest_plist(
+    facts: &DeviceFacts,
+    app_bundles: &[String],
+    date: SystemTime,
+    encryption: Option<PlistEncryption<'_>>,
+) -> Vec<u8> {
     let s = |v: &str| Value::String(v.to_owned());
     let mut lockdown = Dictionary::new();
     lockdown.insert("ProductVersion".into(), s(&facts.product_version));
@@ -373,12 +439,20 @@ pub fn manifest_plist(facts: &DeviceFacts, app_bundles: &[String], date: SystemT
         apps.insert(bundle.clone(), Value::Dictionary(app));
     }
     let mut root = Dictionary::new();
-    root.insert("BackupKeyBag".into(), Value::Data(backup_keybag(&facts.udid)));
+    match encryption {
+        Some(e) => {
+            root.insert("BackupKeyBag".into(), Value::Data(e.keybag.to_vec()));
+            root.insert("ManifestKey".into(), Value::Data(e.manifest_key.to_vec()));
+        }
+        None => {
+            root.insert("BackupKeyBag".into(), Value::Data(backup_keybag(&facts.udid)));
+        }
+    }
     root.insert("Lockdown".into(), Value::Dictionary(lockdown));
     root.insert("SystemDomainsVersion".into(), s(SYSTEM_DOMAINS_VERSION));
     root.insert("Version".into(), s(MANIFEST_VERSION));
     root.insert("Date".into(), Value::Date(date.into()));
-    root.insert("IsEncrypted".into(), Value::Boolean(false));
+    root.insert("IsEncrypted".into(), Value::Boolean(encryption.is_some()));
     root.insert("WasPasscodeSet".into(), Value::Boolean(true));
     root.insert("Applications".into(), Value::Dictionary(apps));
     binary_plist(&Value::Dictionary(root))
@@ -696,7 +770,7 @@ mod tests {
         };
         let apps = vec!["net.whatsapp.WhatsApp".to_string(), "com.spotify.client".to_string()];
         let date = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_760_000_000);
-        let bytes = manifest_plist(&facts, &apps, date);
+        let bytes = manifest_plist(&facts, &apps, date, None);
         assert!(bytes.starts_with(b"bplist00"));
         let d = read_manifest_plist(&bytes).unwrap();
         assert_eq!(product_version(&d), Some("17.5"));
@@ -714,7 +788,7 @@ mod tests {
         assert_eq!(w.get("ContainerContentClass").and_then(Value::as_string), Some("Data/Application"));
         assert_eq!(w.get("CFBundleIdentifier").and_then(Value::as_string), Some("net.whatsapp.WhatsApp"));
         assert!(w.get("Path").and_then(Value::as_string).is_some_and(|p| p.ends_with("/WhatsApp.app")));
-        assert_eq!(manifest_plist(&facts, &apps, date), bytes);
+        assert_eq!(manifest_plist(&facts, &apps, date, None), bytes);
         assert!(read_manifest_plist(b"\x00\x01").is_err());
     }
 }

@@ -17,10 +17,12 @@ use std::time::{Duration, SystemTime};
 use plist::{Dictionary, Value};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::content::FileKey;
+use crate::content::FileKey as ContentKey;
 use crate::devices::{DeviceState, Registry};
+use crate::encryption::{self, EncryptingReader, Keys};
 use crate::framing::{self, FrameError};
 use crate::manifest::{self, ManifestFile};
+use lifeboat_shared::ios_crypto::{self, ClassKeys, FileKey, Keybag};
 
 /// `___EmptyParameterString___`, DeviceLink's "no value".
 pub const EMPTY: &str = "___EmptyParameterString___";
@@ -84,7 +86,8 @@ impl Failure {
 /// What the device does with a file the host sends.
 enum Sink<'a> {
     Memory,
-    Blobs(&'a std::path::Path),
+    /// Into `<dir>/<sha256>`; with keys (one per path), each file decrypted first.
+    Blobs(&'a std::path::Path, Option<&'a [FileKey]>),
 }
 
 /// A file the host sent.
@@ -232,7 +235,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Link<'_, S> {
             }
             let mut name = vec![0u8; len];
             self.s.read_exact(&mut name).await?;
-            out.push(self.receive_file(&sink).await?);
+            let key = match &sink {
+                Sink::Blobs(_, Some(keys)) => keys.get(out.len()),
+                _ => None,
+            };
+            out.push(self.receive_file(&sink, key).await?);
         }
         if out.len() != paths.len() {
             return Err(protocol("one file per requested path", format!("{} of {}", out.len(), paths.len())));
@@ -244,14 +251,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Link<'_, S> {
         }
     }
 
-    async fn receive_file(&mut self, sink: &Sink<'_>) -> Result<Result<Received, String>, BackupError> {
+    async fn receive_file(
+        &mut self,
+        sink: &Sink<'_>,
+        key: Option<&FileKey>,
+    ) -> Result<Result<Received, String>, BackupError> {
         let mut bytes = Vec::new();
         let mut file: Option<(tempfile::NamedTempFile, ring::digest::Context)> = match sink {
             Sink::Memory => None,
-            Sink::Blobs(dir) => {
+            Sink::Blobs(dir, _) => {
                 Some((tempfile::NamedTempFile::new_in(dir)?, ring::digest::Context::new(&ring::digest::SHA256)))
             }
         };
+        let mut decrypt = key.map(FileKey::decryptor);
+        let mut plain = Vec::new();
+        // Bytes kept (the plaintext, when decrypting).
+        let mut written = 0u64;
         let mut size = 0u64;
         let mut error = None;
         loop {
@@ -273,8 +288,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Link<'_, S> {
                         None if size > MAX_METADATA_BYTES => return Err(protocol("a smaller metadata file", size)),
                         None => bytes.extend_from_slice(&data),
                         Some((f, hash)) => {
-                            std::io::Write::write_all(f, &data)?;
-                            hash.update(&data);
+                            let data = match &mut decrypt {
+                                Some(d) => {
+                                    plain.clear();
+                                    d.update(&data, &mut plain);
+                                    &plain
+                                }
+                                None => &data,
+                            };
+                            std::io::Write::write_all(f, data)?;
+                            hash.update(data);
+                            written += data.len() as u64;
                         }
                     }
                 }
@@ -289,13 +313,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Link<'_, S> {
         if let Some(e) = error {
             return Ok(Err(e));
         }
+        if let (Some(d), Some((f, hash))) = (decrypt, file.as_mut()) {
+            plain.clear();
+            if let Err(e) = d.finish(&mut plain) {
+                return Ok(Err(format!("the file does not decrypt with its key: {e}")));
+            }
+            std::io::Write::write_all(f, &plain)?;
+            hash.update(&plain);
+            written += plain.len() as u64;
+        }
         Ok(Ok(match file {
             None => Received::Bytes(bytes),
             Some((f, hash)) => {
                 let sha256 = hex(hash.finish().as_ref());
-                let Sink::Blobs(dir) = sink else { unreachable!("a file is only opened for a blob sink") };
+                let Sink::Blobs(dir, _) = sink else { unreachable!("a file is only opened for a blob sink") };
                 f.persist(dir.join(&sha256)).map_err(|e| e.error)?;
-                Received::Blob { sha256, size }
+                Received::Blob { sha256, size: written }
             }
         }))
     }
@@ -325,12 +358,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn response(code: u64, description: Option<&str>) -> Vec<Value> {
+/// The final `Response` to a request; `Content` carries the text `Info` and `List` return.
+fn response(code: u64, description: Option<&str>, content: Option<String>) -> Vec<Value> {
     let mut d = Dictionary::new();
     d.insert("MessageName".into(), "Response".into());
     d.insert("ErrorCode".into(), Value::Integer(code.into()));
     if let Some(text) = description {
         d.insert("ErrorDescription".into(), text.into());
+    }
+    if let Some(content) = content {
+        d.insert("Content".into(), content.into());
     }
     vec!["DLMessageProcessMessage".into(), Value::Dictionary(d)]
 }
@@ -363,25 +400,37 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         };
         let name = body.get("MessageName").and_then(Value::as_string).unwrap_or_default().to_string();
         tracing::info!(device.udid = %state.device.udid, mobilebackup2.request = %name, "MobileBackup2 request");
+        let none = |r: Result<(), Failure>| r.map(|()| None);
         let result = match name.as_str() {
             "Hello" => {
                 link.send(hello(body)).await?;
                 continue;
             }
-            "Backup" => backup(&mut link, body).await?,
+            "Backup" => none(backup(&mut link, body).await?),
+            "ChangePassword" => none(change_password(state, body).await),
             "Restore" => {
                 let r = restore(&mut link, body).await?;
                 reboot =
                     r.is_ok() && options(body).get("RestoreShouldReboot").and_then(Value::as_boolean) != Some(false);
-                r
+                none(r)
+            }
+            "Info" => info(&mut link, body).await?.map(Some),
+            "List" => list(&mut link, body).await?.map(Some),
+            "Unback" => none(unback(&mut link, body, None).await?),
+            "Extract" => {
+                let text = |k: &str| body.get(k).and_then(Value::as_string).map(str::to_string);
+                match (text("DomainName"), text("RelativePath")) {
+                    (Some(d), Some(p)) => none(unback(&mut link, body, Some((d, p))).await?),
+                    _ => Err(Failure::new(code::UNSUPPORTED, "Extract needs DomainName and RelativePath")),
+                }
             }
             other => Err(Failure::new(code::UNSUPPORTED, format!("{other} is not supported by the virtual iPhone"))),
         };
         match result {
-            Ok(()) => link.send(response(code::OK, None)).await?,
+            Ok(content) => link.send(response(code::OK, None, content)).await?,
             Err(f) => {
                 tracing::info!(device.udid = %state.device.udid, error.code = f.code, error = %f.description, "MobileBackup2 request failed");
-                link.send(response(f.code, Some(&f.description))).await?;
+                link.send(response(f.code, Some(&f.description), None)).await?;
             }
         }
     }
@@ -389,6 +438,22 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         registry.reboot(&state.device.udid);
     }
     Ok(())
+}
+
+/// `ChangePassword`: `OldPassword` and `NewPassword` at the top level of the message.
+/// After iOS 13 a phone with a passcode asks for it first.
+async fn change_password(state: &DeviceState, body: &Dictionary) -> Result<(), Failure> {
+    if !state.wait_for_passcode().await {
+        return Err(Failure::new(code::DEVICE_LOCKED, "the passcode was not entered on the device"));
+    }
+    let text = |k: &str| body.get(k).and_then(Value::as_string);
+    let (old, new) = (text("OldPassword"), text("NewPassword"));
+    let result = state.encryption().change(old, new).map_err(|(code, text)| Failure::new(code, text));
+    tracing::info!(
+        device.udid = %state.device.udid, change.old = old.is_some(), change.new = new.is_some(),
+        change.ok = result.is_ok(), "ChangePassword"
+    );
+    result
 }
 
 fn hello(body: &Dictionary) -> Vec<Value> {
@@ -434,6 +499,19 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
     }
     let force_full = options(body).get("ForceFullBackup").and_then(Value::as_boolean) == Some(true);
 
+    // 0. With a backup password every backup is encrypted; a profile that forces
+    // encryption refuses to back up without one.
+    let keys = if state.encryption().will_encrypt() {
+        match state.encryption().keys() {
+            Some(k) => Some(k),
+            None => return Ok(Err(Failure::new(code::UNSUPPORTED, "the backup keybag of this device is damaged"))),
+        }
+    } else if state.encryption().mdm_forced() {
+        return Ok(Err(Failure::new(encryption::FORCED, encryption::FORCED_BACKUP_TEXT)));
+    } else {
+        None
+    };
+
     // 1. The previous backup decides between full and incremental.
     let mut previous: HashMap<String, ManifestFile> = HashMap::new();
     let status = link.download_one(format!("{target}/Status.plist")).await?;
@@ -444,7 +522,14 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
     if finished && !force_full {
         let plist = link.download_one(format!("{target}/Manifest.plist")).await?;
         let db = link.download_one(format!("{target}/Manifest.db")).await?;
-        if let (Some(_), Some(db)) = (plist, db)
+        // An encrypted one opens only with this password's keys (after a change, or from
+        // an unencrypted time, the backup is full).
+        let db = match (&keys, plist, db) {
+            (Some(k), Some(plist), Some(db)) => previous_manifest_db(&k.class_keys, &plist, &db),
+            (None, Some(_), Some(db)) => Some(db),
+            _ => None,
+        };
+        if let Some(db) = db
             && let Ok(rows) = manifest::read_manifest_db(&db)
         {
             previous = rows.into_iter().filter(|r| r.flags == 1).map(|r| (r.file_id.clone(), r)).collect();
@@ -457,7 +542,14 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
         Ok(c) => c,
         Err(e) => return Ok(Err(Failure::new(code::UNSUPPORTED, format!("reading the device's content: {e}")))),
     };
-    let files = std::sync::Arc::new(content.manifest_files());
+    let mut files = content.manifest_files(keys.is_some());
+    if let Some(k) = &keys {
+        for f in &mut files {
+            let (class, record) = k.record(&f.file_id);
+            f.encryption = Some(manifest::Encrypted { class, record });
+        }
+    }
+    let files = std::sync::Arc::new(files);
     // The new Manifest.db describes every file, sent or not, so it is built on another
     // thread while the files go out: the host does not wait for this simulator's SQLite
     // after the last file (a phone does this work on its own CPU).
@@ -473,10 +565,12 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
         .collect();
     let current: std::collections::HashSet<&str> = files.iter().map(|f| f.file_id.as_str()).collect();
     let deleted: Vec<&str> = previous.keys().map(String::as_str).filter(|id| !current.contains(id)).collect();
-    let upload_bytes: u64 = changed.iter().map(|&i| files[i].size).sum();
+    // What goes over the wire: ciphertext is padded to whole blocks.
+    let wire_size = |size: u64| if keys.is_some() { ios_crypto::cipher_len(size) } else { size };
+    let upload_bytes: u64 = changed.iter().map(|&i| wire_size(files[i].size)).sum();
     tracing::info!(
         device.udid = %state.device.udid, backup.full = is_full, backup.files = files.len(), backup.changed = changed.len(),
-        backup.deleted = deleted.len(), backup.bytes = upload_bytes, "backup plan"
+        backup.deleted = deleted.len(), backup.bytes = upload_bytes, backup.encrypted = keys.is_some(), "backup plan"
     );
 
     // 3. Room on the host.
@@ -508,7 +602,8 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
     // the batch before goes out, as a phone reads ahead from its flash.
     let open_next = |batch: Vec<usize>| {
         let (content, files, blobs, target) = (content.clone(), files.clone(), state.blobs_dir(), target.clone());
-        tokio::task::spawn_blocking(move || open_batch(&content, &files, &batch, &blobs, &target))
+        let keys = keys.clone();
+        tokio::task::spawn_blocking(move || open_batch(&content, &files, &batch, &blobs, &target, keys.as_deref()))
     };
     let mut batches = changed.chunks(BATCH).map(<[usize]>::to_vec);
     let mut next = batches.next().map(&open_next);
@@ -523,11 +618,22 @@ async fn backup<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>
 
     // 6. The new manifest, then moves into place.
     let facts = state.facts();
-    let plist = manifest::manifest_plist(&facts, &content.app_bundles(), SystemTime::now());
     let db = match manifest_db.await {
         Ok(Ok(db)) => db,
         Ok(Err(e)) => return Ok(Err(Failure::new(code::UNSUPPORTED, format!("building Manifest.db: {e}")))),
         Err(e) => return Ok(Err(Failure::new(code::UNSUPPORTED, format!("building Manifest.db: {e}")))),
+    };
+    // Encrypted: the whole Manifest.db with a fresh key, wrapped with class 4 (ManifestKey).
+    let (plist, db) = match &keys {
+        Some(k) => {
+            let mkey = encryption::manifest_key();
+            let Ok(record) = k.class_keys.wrap(MANIFEST_KEY_CLASS, &mkey) else {
+                return Ok(Err(Failure::new(code::UNSUPPORTED, "the keybag has no class 4 key")));
+            };
+            let enc = manifest::PlistEncryption { keybag: &k.keybag_bytes, manifest_key: &record };
+            (manifest::manifest_plist(&facts, &content.app_bundles(), SystemTime::now(), Some(enc)), mkey.encrypt(&db))
+        }
+        None => (manifest::manifest_plist(&facts, &content.app_bundles(), SystemTime::now(), None), db),
     };
     link.upload_bytes(format!("{target}/Snapshot/Manifest.plist"), plist, 100.0).await?;
     link.upload_bytes(format!("{target}/Snapshot/Manifest.db"), db, 100.0).await?;
@@ -570,17 +676,43 @@ fn open_batch(
     batch: &[usize],
     blobs: &std::path::Path,
     target: &str,
+    keys: Option<&Keys>,
 ) -> std::io::Result<Opened> {
     let mut streams = Vec::with_capacity(batch.len());
     let mut bytes = 0;
     for f in batch.iter().map(|&i| &files[i]) {
-        let key = FileKey { domain: f.domain.clone(), path: f.path.clone() };
-        let reader = content.open(blobs, &key)?;
+        let key = ContentKey { domain: f.domain.clone(), path: f.path.clone() };
+        let mut reader = content.open(blobs, &key)?;
+        bytes += f.size;
+        if let Some(k) = keys {
+            reader = Box::new(EncryptingReader::new(reader, &k.file_key(&f.file_id)));
+            bytes += ios_crypto::cipher_len(f.size) - f.size;
+        }
         let device_path = format!("/var/mobile/{}/{}", f.domain, f.path);
         streams.push((format!("{target}/Snapshot/{}/{}", &f.file_id[..2], f.file_id), device_path, reader));
-        bytes += f.size;
     }
     Ok((streams, bytes))
+}
+
+/// The protection class Manifest.db's key is wrapped with.
+const MANIFEST_KEY_CLASS: u32 = 4;
+
+/// A previous encrypted backup's Manifest.db, decrypted with this password's keys; `None`
+/// when it does not open with them (another password, or an unencrypted backup).
+fn previous_manifest_db(keys: &ClassKeys, plist: &[u8], db: &[u8]) -> Option<Vec<u8>> {
+    let plist = manifest::read_manifest_plist(plist).ok()?;
+    if plist.get("IsEncrypted").and_then(Value::as_boolean) != Some(true) {
+        return None;
+    }
+    decrypt_manifest_db(keys, &plist, db).ok()
+}
+
+/// Decrypts Manifest.db with `ManifestKey` (its class is the record's prefix).
+fn decrypt_manifest_db(keys: &ClassKeys, plist: &Dictionary, db: &[u8]) -> Result<Vec<u8>, String> {
+    let record = plist.get("ManifestKey").and_then(Value::as_data).ok_or("Manifest.plist has no ManifestKey")?;
+    let (class, _) = ios_crypto::parse_record(record).map_err(|e| format!("ManifestKey: {e}"))?;
+    let key = keys.unwrap(class, record).map_err(|e| format!("ManifestKey: {e}"))?;
+    key.decrypt(db).map_err(|e| format!("Manifest.db: {e}"))
 }
 
 async fn move_items<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -616,18 +748,9 @@ async fn restore<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S
     }
 
     // 1. The backup's manifest, status and Info.plist.
-    let Some(_) = link.download_one(format!("{source}/Manifest.plist")).await? else {
-        return Ok(Err(Failure::new(
-            code::MISSING_BACKUP,
-            format!("no backup of {source}: Manifest.plist is missing"),
-        )));
-    };
-    let Some(db) = link.download_one(format!("{source}/Manifest.db")).await? else {
-        return Ok(Err(Failure::new(code::MISSING_BACKUP, format!("no backup of {source}: Manifest.db is missing"))));
-    };
-    let rows = match manifest::read_manifest_db(&db) {
-        Ok(rows) => rows,
-        Err(e) => return Ok(Err(Failure::new(code::INCOMPLETE_BACKUP, format!("unreadable Manifest.db: {e}")))),
+    let Source { unlocked, rows } = match open_source(link, &source, password(body)).await? {
+        Ok(s) => s,
+        Err(f) => return Ok(Err(f)),
     };
     let status = link.download_one(format!("{source}/Status.plist")).await?;
     match status.as_deref().map(manifest::read_status_plist) {
@@ -664,13 +787,20 @@ async fn restore<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S
     for batch in files.chunks(BATCH) {
         let paths: Vec<String> = batch.iter().map(|f| format!("{source}/{}/{}", &f.file_id[..2], f.file_id)).collect();
         let progress = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
-        let got = link.download(&paths, Sink::Blobs(&blobs), progress).await?;
+        let keys = match &unlocked {
+            Some((class_keys, _)) => match file_keys(class_keys, batch) {
+                Ok(k) => Some(k),
+                Err(f) => return Ok(Err(f)),
+            },
+            None => None,
+        };
+        let got = link.download(&paths, Sink::Blobs(&blobs, keys.as_deref()), progress).await?;
         for (f, r) in batch.iter().zip(got) {
             match r {
                 Ok(Received::Blob { sha256, size }) => {
                     done += size;
                     restored.insert(
-                        FileKey { domain: f.domain.clone(), path: f.path.clone() },
+                        ContentKey { domain: f.domain.clone(), path: f.path.clone() },
                         (sha256, size, f.mtime, f.mode),
                     );
                 }
@@ -691,6 +821,226 @@ async fn restore<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S
     }
     if let Err(e) = state.restore_content(restored) {
         return Ok(Err(Failure::new(code::OUT_OF_SPACE, format!("keeping the restored files: {e}"))));
+    }
+    // The keychain came back with the backup, and with it the backup password.
+    if let Some((_, password)) = unlocked
+        && let Err(e) = state.encryption().set(Some(password))
+    {
+        return Ok(Err(Failure::new(code::UNSUPPORTED, format!("keeping the backup password: {e}"))));
+    }
+    Ok(Ok(()))
+}
+
+/// A backup on the host, opened by the device: its files, and the keys of an encrypted one
+/// with the password that opened it.
+struct Source {
+    unlocked: Option<(ClassKeys, String)>,
+    rows: Vec<ManifestFile>,
+}
+
+/// `Password` from a request's options, or from the message itself (pymobiledevice3's
+/// `Unback` and `Extract` put it there).
+fn password(body: &Dictionary) -> Option<String> {
+    let opts = options(body);
+    opts.get("Password").or_else(|| body.get("Password")).and_then(Value::as_string).map(str::to_string)
+}
+
+/// Downloads and opens `<source>/Manifest.plist` and `Manifest.db`; an encrypted backup
+/// opens only with its password.
+async fn open_source<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    link: &mut Link<'_, S>,
+    source: &str,
+    password: Option<String>,
+) -> Step<Source> {
+    let Some(plist) = link.download_one(format!("{source}/Manifest.plist")).await? else {
+        return Ok(Err(Failure::new(
+            code::MISSING_BACKUP,
+            format!("no backup of {source}: Manifest.plist is missing"),
+        )));
+    };
+    let Ok(plist) = manifest::read_manifest_plist(&plist) else {
+        return Ok(Err(Failure::new(code::INCOMPLETE_BACKUP, "Manifest.plist is unreadable")));
+    };
+    let Some(db) = link.download_one(format!("{source}/Manifest.db")).await? else {
+        return Ok(Err(Failure::new(code::MISSING_BACKUP, format!("no backup of {source}: Manifest.db is missing"))));
+    };
+    let unlocked = if plist.get("IsEncrypted").and_then(Value::as_boolean) == Some(true) {
+        match unlock_backup(&plist, password.as_deref()) {
+            Ok(keys) => Some((keys, password.unwrap_or_default())),
+            Err(f) => return Ok(Err(f)),
+        }
+    } else {
+        None
+    };
+    let db = match &unlocked {
+        Some((keys, _)) => match decrypt_manifest_db(keys, &plist, &db) {
+            Ok(db) => db,
+            Err(e) => return Ok(Err(Failure::new(code::INCOMPLETE_BACKUP, e))),
+        },
+        None => db,
+    };
+    match manifest::read_manifest_db(&db) {
+        Ok(rows) => Ok(Ok(Source { unlocked, rows })),
+        Err(e) => Ok(Err(Failure::new(code::INCOMPLETE_BACKUP, format!("unreadable Manifest.db: {e}")))),
+    }
+}
+
+/// The class keys of an encrypted backup's keybag, opened with `password`.
+fn unlock_backup(plist: &Dictionary, password: Option<&str>) -> Result<ClassKeys, Failure> {
+    let invalid = || Failure::new(encryption::INVALID_PASSWORD, encryption::INVALID_RESTORE_PASSWORD_TEXT);
+    let Some(password) = password.filter(|p| !p.is_empty()) else { return Err(invalid()) };
+    let Some(bag) = plist.get("BackupKeyBag").and_then(Value::as_data) else {
+        return Err(Failure::new(code::INCOMPLETE_BACKUP, "Manifest.plist of an encrypted backup has no BackupKeyBag"));
+    };
+    let bag = Keybag::parse(bag).map_err(|e| Failure::new(code::INCOMPLETE_BACKUP, format!("BackupKeyBag: {e}")))?;
+    bag.open(password).map_err(|e| match e {
+        ios_crypto::KeybagError::WrongPassword => invalid(),
+        e => Failure::new(code::INCOMPLETE_BACKUP, format!("BackupKeyBag: {e}")),
+    })
+}
+
+/// Each file's key, unwrapped from its `EncryptionKey` record with its protection class.
+fn file_keys(keys: &ClassKeys, files: &[&ManifestFile]) -> Result<Vec<FileKey>, Failure> {
+    files
+        .iter()
+        .map(|f| {
+            let Some(e) = &f.encryption else {
+                return Err(Failure::new(
+                    code::INCOMPLETE_BACKUP,
+                    format!("{}/{}: no EncryptionKey", f.domain, f.path),
+                ));
+            };
+            keys.unwrap(e.class, &e.record)
+                .map_err(|err| Failure::new(code::INCOMPLETE_BACKUP, format!("{}/{}: {err}", f.domain, f.path)))
+        })
+        .collect()
+}
+
+fn source_of(state: &DeviceState, body: &Dictionary) -> String {
+    let text = |k: &str| body.get(k).and_then(Value::as_string);
+    text("SourceIdentifier").or_else(|| text("TargetIdentifier")).unwrap_or(&state.device.udid).to_string()
+}
+
+/// `Info`: the backup's `Info.plist` (and whether it is encrypted), as XML text in `Content`.
+async fn info<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>, body: &Dictionary) -> Step<String> {
+    let source = source_of(link.state, body);
+    let Some(info) = link.download_one(format!("{source}/Info.plist")).await? else {
+        return Ok(Err(Failure::new(code::MISSING_BACKUP, format!("no backup of {source}: Info.plist is missing"))));
+    };
+    let Ok(mut info) = plist::from_bytes::<Dictionary>(&info) else {
+        return Ok(Err(Failure::new(code::INCOMPLETE_BACKUP, "Info.plist is unreadable")));
+    };
+    let encrypted = link
+        .download_one(format!("{source}/Manifest.plist"))
+        .await?
+        .and_then(|b| manifest::read_manifest_plist(&b).ok())
+        .and_then(|d| d.get("IsEncrypted").and_then(Value::as_boolean))
+        .unwrap_or(false);
+    info.insert("IsEncrypted".into(), encrypted.into());
+    let mut xml = Vec::new();
+    if let Err(e) = plist::to_writer_xml(&mut xml, &Value::Dictionary(info)) {
+        return Ok(Err(Failure::new(code::UNSUPPORTED, format!("writing Info: {e}"))));
+    }
+    Ok(Ok(String::from_utf8_lossy(&xml).into_owned()))
+}
+
+/// `List`: every file of the backup as CSV in `Content` (an encrypted one needs `Password`).
+async fn list<S: AsyncRead + AsyncWrite + Unpin + Send>(link: &mut Link<'_, S>, body: &Dictionary) -> Step<String> {
+    let source = source_of(link.state, body);
+    let Source { rows, .. } = match open_source(link, &source, password(body)).await? {
+        Ok(s) => s,
+        Err(f) => return Ok(Err(f)),
+    };
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let mut csv = String::from("Domain,RelativePath,FileID,Kind,Size,Mode,LastModified\n");
+    for r in &rows {
+        let kind = match r.flags {
+            manifest::FLAG_FILE => "file",
+            manifest::FLAG_DIR => "directory",
+            _ => "symlink",
+        };
+        csv.push_str(&format!(
+            "{},{},{},{kind},{},{:o},{}\n",
+            quote(&r.domain),
+            quote(&r.path),
+            r.file_id,
+            r.size,
+            r.mode,
+            r.mtime
+        ));
+    }
+    Ok(Ok(csv))
+}
+
+/// `Unback` (every regular file) and `Extract` (one): the files of a backup, decrypted,
+/// uploaded to the host as `_unback_/<source>/<domain>/<relativePath>`.
+async fn unback<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    link: &mut Link<'_, S>,
+    body: &Dictionary,
+    only: Option<(String, String)>,
+) -> Step<()> {
+    let state = link.state;
+    let source = source_of(state, body);
+    let Source { unlocked, rows } = match open_source(link, &source, password(body)).await? {
+        Ok(s) => s,
+        Err(f) => return Ok(Err(f)),
+    };
+    // A path that climbs out of its domain is never written on the host.
+    let safe = |p: &str| !p.starts_with('/') && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    let files: Vec<&ManifestFile> = rows
+        .iter()
+        .filter(|r| r.flags == manifest::FLAG_FILE && safe(&r.domain) && safe(&r.path))
+        .filter(|r| only.as_ref().is_none_or(|(d, p)| &r.domain == d && &r.path == p))
+        .collect();
+    if let Some((d, p)) = &only
+        && files.is_empty()
+    {
+        return Ok(Err(Failure::new(code::UNSUPPORTED, format!("{d}/{p} is not a file in the backup of {source}"))));
+    }
+    // Hosts write an uploaded file only into an existing directory.
+    let dirs: std::collections::BTreeSet<String> = files
+        .iter()
+        .map(|f| {
+            let host = format!("_unback_/{source}/{}/{}", f.domain, f.path);
+            host.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default()
+        })
+        .collect();
+    for dir in dirs {
+        link.request("DLMessageCreateDirectory", vec![dir.into()]).await?;
+    }
+    let tmp = tempfile::tempdir_in(state.blobs_dir())?;
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let mut done = 0u64;
+    for batch in files.chunks(BATCH) {
+        let paths: Vec<String> = batch.iter().map(|f| format!("{source}/{}/{}", &f.file_id[..2], f.file_id)).collect();
+        let keys = match &unlocked {
+            Some((class_keys, _)) => match file_keys(class_keys, batch) {
+                Ok(k) => Some(k),
+                Err(f) => return Ok(Err(f)),
+            },
+            None => None,
+        };
+        let progress = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+        let got = link.download(&paths, Sink::Blobs(tmp.path(), keys.as_deref()), progress).await?;
+        let mut streams: Vec<(String, String, Box<dyn std::io::Read + Send>)> = Vec::with_capacity(batch.len());
+        let mut bytes = 0;
+        for (f, r) in batch.iter().zip(got) {
+            let Ok(Received::Blob { sha256, size }) = r else {
+                return Ok(Err(Failure::new(
+                    code::INCOMPLETE_BACKUP,
+                    format!("{}/{}: not in the backup", f.domain, f.path),
+                )));
+            };
+            bytes += size;
+            let host = format!("_unback_/{source}/{}/{}", f.domain, f.path);
+            streams.push((
+                host,
+                format!("/var/mobile/{}/{}", f.domain, f.path),
+                Box::new(std::fs::File::open(tmp.path().join(sha256))?),
+            ));
+        }
+        link.upload(streams, bytes, progress).await?;
+        done += bytes;
     }
     Ok(Ok(()))
 }

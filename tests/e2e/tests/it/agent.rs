@@ -57,7 +57,13 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     let phone_state = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mux = listener.local_addr().unwrap().to_string();
-    let config = Config { seed: 3, devices: 2, profile: Profile::Tiny, state_dir: phone_state.path().to_path_buf() };
+    let config = Config {
+        seed: 3,
+        devices: 2,
+        profile: Profile::Tiny,
+        state_dir: phone_state.path().to_path_buf(),
+        kdf_rounds: 1000,
+    };
     let registry = Arc::new(Registry::new(config).unwrap());
     tokio::spawn(usbmuxd::serve(listener, registry.clone()));
     let udid = registry.all()[0].udid.clone();

@@ -53,7 +53,8 @@ async fn world(server_args: &[&str], devices: u32, seed: u64) -> World {
     let phones = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mux = listener.local_addr().unwrap().to_string();
-    let config = Config { seed, devices, profile: Profile::Small, state_dir: phones.path().to_path_buf() };
+    let config =
+        Config { seed, devices, profile: Profile::Small, state_dir: phones.path().to_path_buf(), kdf_rounds: 1000 };
     let registry = Arc::new(Registry::new(config).unwrap());
     tokio::spawn(usbmuxd::serve(listener, registry.clone()));
 

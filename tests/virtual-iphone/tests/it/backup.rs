@@ -31,7 +31,7 @@ pub async fn rig(devices: u32, profile: Profile) -> Rig {
     let state = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = Config { seed: 5, devices, profile, state_dir: state.path().to_path_buf() };
+    let config = Config { seed: 5, devices, profile, state_dir: state.path().to_path_buf(), kdf_rounds: 1000 };
     let registry = Arc::new(Registry::new(config).unwrap());
     tokio::spawn(usbmuxd::serve(listener, registry.clone()));
     Rig { addr, registry, _state: state }
@@ -68,9 +68,13 @@ impl Rig {
         source: &str,
         root: &Path,
         reboot: bool,
+        password: Option<&str>,
     ) -> Result<Dictionary, idevice::IdeviceError> {
         let mut client = self.client(target).await?;
-        let options = RestoreOptions::new().with_reboot(reboot);
+        let mut options = RestoreOptions::new().with_reboot(reboot);
+        if let Some(p) = password {
+            options = options.with_password(p);
+        }
         let reply = client.restore_from_path(root, Some(source), Some(options), &FsBackupDelegate).await?;
         let _ = client.disconnect().await;
         Ok(reply.unwrap_or_default())
@@ -85,7 +89,7 @@ pub fn error_code(reply: &Dictionary) -> u64 {
     reply.get("ErrorCode").and_then(Value::as_unsigned_integer).unwrap_or(u64::MAX)
 }
 
-fn sha256_file(path: &Path) -> (u64, String) {
+pub fn sha256_file(path: &Path) -> (u64, String) {
     let bytes = std::fs::read(path).unwrap();
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
     (bytes.len() as u64, digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
@@ -132,7 +136,7 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -188,7 +192,7 @@ async fn restore_onto_another_model_makes_it_hold_the_backup_and_reboots_it() {
     assert_ne!(rig.expect(&b), backed_up);
 
     let mut events = rig.registry.subscribe();
-    let reply = rig.restore(&b, &a, root.path(), true).await.unwrap();
+    let reply = rig.restore(&b, &a, root.path(), true, None).await.unwrap();
     assert_eq!(error_code(&reply), 0, "{reply:?}");
     assert_eq!(rig.expect(&b), backed_up, "B holds A's backup");
     // The reboot: Detached, then Attached.
@@ -225,21 +229,21 @@ async fn restore_errors_are_the_real_codes() {
     // Out of space during the restore: 105, and the device keeps its content.
     let state = rig.registry.state_by_udid(&b).unwrap();
     state.set_faults(Faults { restore_space_bytes: Some(100_000), ..Faults::default() });
-    let reply = rig.restore(&b, &a, root.path(), false).await.unwrap();
+    let reply = rig.restore(&b, &a, root.path(), false, None).await.unwrap();
     assert_eq!(error_code(&reply), 105, "{reply:?}");
     assert_eq!(rig.expect(&b), before);
     state.set_faults(Faults::default());
 
     // A backup from a newer iOS than the device runs.
     write_info_plist(&root.path().join(&a), &a, "99.0");
-    let reply = rig.restore(&b, &a, root.path(), false).await.unwrap();
+    let reply = rig.restore(&b, &a, root.path(), false, None).await.unwrap();
     assert_eq!(error_code(&reply), 209, "{reply:?}");
 
     // An unfinished backup.
     write_info_plist(&root.path().join(&a), &a, "17.5.1");
     let status = manifest::status_plist("uploading", true, "X", std::time::SystemTime::now());
     std::fs::write(root.path().join(&a).join("Status.plist"), status).unwrap();
-    let reply = rig.restore(&b, &a, root.path(), false).await.unwrap();
+    let reply = rig.restore(&b, &a, root.path(), false, None).await.unwrap();
     assert_eq!(error_code(&reply), 204, "{reply:?}");
     assert_eq!(rig.expect(&b), before);
 }

@@ -69,6 +69,30 @@ async fn serve_ctl_and_expect_work_together() {
         assert_eq!(got, after.lines().map(str::to_string).collect::<Vec<_>>());
     }
 
+    // Encryption through ctl: a password the host does not know, a forcing profile, off.
+    let enc = |args: &'static [&'static str]| {
+        let (dir, udid) = (dir.clone(), udid.clone());
+        async move {
+            let mut argv = vec!["ctl", "--state", &dir, "encryption", &udid];
+            argv.extend_from_slice(args);
+            cli(&argv).await
+        }
+    };
+    let status = || async {
+        let list: serde_json::Value =
+            serde_json::from_slice(&cli(&["ctl", "--state", &dir, "--json", "list"]).await.stdout).unwrap();
+        (list["devices"][0]["encrypted"].clone(), list["devices"][0]["mdm_forced"].clone())
+    };
+    assert!(enc(&["--password", "someone else's"]).await.status.success());
+    assert_eq!(status().await, (true.into(), false.into()));
+    assert!(text(&cli(&["expect", "--state", &dir, "--udid", &udid]).await).contains("KeychainDomain\t"));
+    assert!(enc(&["--mdm-forced"]).await.status.success());
+    assert_eq!(status().await, (true.into(), true.into()));
+    assert!(enc(&["--off"]).await.status.success());
+    assert_eq!(status().await, (false.into(), false.into()));
+    let bad = enc(&[]).await;
+    assert!(!bad.status.success(), "one of --password, --mdm-forced, --off is required");
+
     // Unplug and plug through ctl; bad requests get clear errors and a failing exit.
     assert!(cli(&["ctl", "--state", &dir, "unplug", &udid]).await.status.success());
     let list: serde_json::Value =

@@ -10,7 +10,14 @@ use crate::backup::{Rig, backup_content, rig};
 use crate::host_tool;
 
 /// Runs a host tool against the rig's usbmuxd; panics with its output if it fails or hangs.
-async fn run(rig: &Rig, program: &str, args: &[&str]) -> String {
+pub async fn run(rig: &Rig, program: &str, args: &[&str]) -> String {
+    let (ok, text) = run_status(rig, program, args).await;
+    assert!(ok, "{program} {args:?} failed:\n{text}");
+    text
+}
+
+/// Runs a host tool against the rig's usbmuxd: whether it succeeded, and its output.
+pub async fn run_status(rig: &Rig, program: &str, args: &[&str]) -> (bool, String) {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args).env("USBMUXD_SOCKET_ADDRESS", rig.addr.to_string()).kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
@@ -18,11 +25,10 @@ async fn run(rig: &Rig, program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|_| panic!("{program} {args:?} did not finish in 300 s"))
         .unwrap();
     let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{program} {args:?} failed ({}):\n{text}", out.status);
-    text
+    (out.status.success(), format!("({})\n{text}", out.status))
 }
 
-fn path(p: &Path) -> &str {
+pub fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
@@ -52,7 +58,7 @@ async fn idevicebackup2_backs_up_and_restores_onto_another_model() {
     assert!(written.is_some(), "idevicebackup2 hands the app list over AFC before a restore");
 }
 
-fn pymobiledevice3() -> String {
+pub fn pymobiledevice3() -> String {
     std::env::var("PYMOBILEDEVICE3").unwrap_or_else(|_| "pymobiledevice3".into())
 }
 

@@ -7,6 +7,7 @@
 
 mod backup;
 mod cli;
+mod encryption;
 mod host_tools;
 mod provider;
 mod usbmuxd;

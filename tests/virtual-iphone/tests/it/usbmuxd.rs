@@ -14,7 +14,8 @@ async fn start(devices: u32) -> (std::net::SocketAddr, Arc<Registry>, tempfile::
     let state = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = Config { seed: 42, devices, profile: Profile::Tiny, state_dir: state.path().to_path_buf() };
+    let config =
+        Config { seed: 42, devices, profile: Profile::Tiny, state_dir: state.path().to_path_buf(), kdf_rounds: 1000 };
     let registry = Arc::new(Registry::new(config).unwrap());
     tokio::spawn(usbmuxd::serve(listener, registry.clone()));
     (addr, registry, state)
