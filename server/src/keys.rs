@@ -217,6 +217,58 @@ impl TenantKeys {
     pub fn data_bytes(&self) -> [u8; 32] {
         self.data_bytes
     }
+
+    /// The tenant's key for secrets the server keeps for it (escrowed backup passwords):
+    /// HKDF-SHA256 of the data key, so it is neither the data key nor usable on blobs.
+    fn secret_key(&self) -> aead::LessSafeKey {
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"lifeboat").extract(&self.data_bytes);
+        let okm = prk
+            .expand(&[b"lifeboat tenant secret v1"], &aead::AES_256_GCM)
+            // Invariant: one AES-256 key is far below HKDF-SHA256's 255-block limit.
+            .expect("a 32-byte HKDF output");
+        aead::LessSafeKey::new(aead::UnboundKey::from(okm))
+    }
+
+    fn secret_aad(&self, purpose: &str, subject: &str) -> Vec<u8> {
+        format!("lifeboat tenant secret v1|{purpose}|{}|{subject}", self.tenant).into_bytes()
+    }
+
+    /// Seals `secret` for this tenant: `nonce [12] | AES-256-GCM(secret key, secret) | tag
+    /// [16]`, bound to the tenant, the purpose and the subject (a device's UDID).
+    pub fn seal_secret(&self, purpose: &str, subject: &str, secret: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let n = nonce()?;
+        let mut body = secret.to_vec();
+        self.secret_key()
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(n),
+                aead::Aad::from(self.secret_aad(purpose, subject)),
+                &mut body,
+            )
+            .map_err(|_| KeyError::Random)?;
+        let mut out = n.to_vec();
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Opens what [`Self::seal_secret`] sealed for the same purpose and subject.
+    pub fn open_secret(&self, purpose: &str, subject: &str, sealed: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let what = || format!("{purpose} of {subject}");
+        if sealed.len() < NONCE_BYTES {
+            return Err(KeyError::Unwrap(what()));
+        }
+        let mut n = [0u8; NONCE_BYTES];
+        n.copy_from_slice(&sealed[..NONCE_BYTES]);
+        let mut body = sealed[NONCE_BYTES..].to_vec();
+        let plain = self
+            .secret_key()
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(n),
+                aead::Aad::from(self.secret_aad(purpose, subject)),
+                &mut body,
+            )
+            .map_err(|_| KeyError::Unwrap(what()))?;
+        Ok(plain.to_vec())
+    }
 }
 
 /// Environment variable that may hold the master key itself (64 hex digits), for
@@ -282,5 +334,29 @@ mod tests {
             TenantKeys::unwrap(&master, t1, "0000000000000000", &id_w, &data_w),
             Err(KeyError::WrongMasterKey { .. })
         ));
+    }
+
+    #[test]
+    fn sealed_secrets_open_only_for_their_tenant_purpose_and_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let (master, _) = MasterKey::load_or_create(&dir.path().join("m")).unwrap();
+        let t1 = TenantId(uuid::Uuid::from_bytes([1; 16]));
+        let t2 = TenantId(uuid::Uuid::from_bytes([2; 16]));
+        let (k1, ..) = TenantKeys::generate(&master, t1).unwrap();
+        let (k2, ..) = TenantKeys::generate(&master, t2).unwrap();
+        let sealed = k1.seal_secret("backup password", "UDID-A", b"hunter2").unwrap();
+        assert_eq!(sealed.len(), NONCE_BYTES + 7 + 16);
+        assert!(!sealed.windows(7).any(|w| w == b"hunter2"));
+        assert_eq!(k1.open_secret("backup password", "UDID-A", &sealed).unwrap(), b"hunter2");
+        assert_ne!(k1.seal_secret("backup password", "UDID-A", b"hunter2").unwrap(), sealed, "fresh nonce");
+        for (keys, purpose, subject) in
+            [(&k2, "backup password", "UDID-A"), (&k1, "other", "UDID-A"), (&k1, "backup password", "UDID-B")]
+        {
+            assert!(matches!(keys.open_secret(purpose, subject, &sealed), Err(KeyError::Unwrap(_))));
+        }
+        let mut bad = sealed.clone();
+        bad[NONCE_BYTES] ^= 1;
+        assert!(k1.open_secret("backup password", "UDID-A", &bad).is_err());
+        assert!(k1.open_secret("backup password", "UDID-A", &sealed[..5]).is_err());
     }
 }

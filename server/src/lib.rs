@@ -14,6 +14,7 @@ pub mod agents;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod escrow;
 pub mod http;
 pub mod ingest;
 pub mod ios;

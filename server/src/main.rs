@@ -46,6 +46,9 @@ enum Command {
     /// Manage HTTP API users.
     #[command(subcommand)]
     User(UserCommand),
+    /// Per-device secrets: the escrowed iOS backup password.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Restore-test snapshots now: rebuild each from storage as a restore would and check
     /// the iPhone backup in it. Exits non-zero if any fails.
     Verify {
@@ -79,6 +82,25 @@ enum UserCommand {
         /// Who or what uses it, for the audit trail.
         #[arg(long, default_value = "api")]
         name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Print a device's escrowed iOS backup password on stdout's last line (audited as a
+    /// reveal by the operator); with --set, escrow the password read from stdin's first
+    /// line instead (a password the phone already has).
+    BackupPassword {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        udid: String,
+        /// Read a new password from stdin and escrow it.
+        #[arg(long)]
+        set: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -195,6 +217,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Device(DeviceCommand::BackupPassword { tenant, udid, set, json }) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(backup_password(&config, &tenant, &udid, set, json))
+        }
         Command::Verify { tenant, snapshot, device, all, json } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(verify(&config, tenant.as_deref(), snapshot, device, all, json))
@@ -247,6 +273,56 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
     };
     db.close().await;
     Ok(result?)
+}
+
+async fn backup_password(config: &Config, tenant: &str, udid: &str, set: bool, json: bool) -> anyhow::Result<()> {
+    use lifeboat_server::escrow::{self, Actor, Escrowed};
+    use lifeboat_shared::Secret;
+    enum Done {
+        Set(String),
+        Revealed(Escrowed),
+    }
+    let new = if set {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        let line = line.strip_suffix('\n').unwrap_or(&line);
+        Some(Secret::new(line.strip_suffix('\r').unwrap_or(line).to_string()))
+    } else {
+        None
+    };
+    if let Some(p) = &new {
+        escrow::validate(p.expose())?;
+    }
+    let master = keys::load_master(config)?;
+    let mut db = AdminDb::open(config).await?;
+    let result = async {
+        let t = tenants::by_name(&db.client, tenant).await?;
+        let keys = tenants::keys(&db.client, &master, t.id).await?;
+        anyhow::Ok(match &new {
+            Some(p) => Done::Set(escrow::set(&mut db.client, &keys, udid, p, Actor::Operator).await?),
+            None => Done::Revealed(escrow::reveal(&mut db.client, &keys, udid, Actor::Operator).await?),
+        })
+    }
+    .await;
+    db.close().await;
+    match result? {
+        Done::Set(set_at) if json => {
+            println!("{}", serde_json::json!({"udid": udid, "source": "admin", "set_at": set_at}))
+        }
+        Done::Set(set_at) => eprintln!("escrowed the backup password of {udid} (tenant {tenant}) at {set_at}"),
+        Done::Revealed(e) if json => println!(
+            "{}",
+            serde_json::json!({"udid": udid, "password": e.password.expose(), "source": e.source, "set_at": e.set_at})
+        ),
+        Done::Revealed(e) => {
+            eprintln!(
+                "backup password of {udid} (tenant {tenant}), escrowed by {} at {}; this reveal is audited",
+                e.source, e.set_at
+            );
+            println!("{}", e.password.expose());
+        }
+    }
+    Ok(())
 }
 
 async fn token_create(config: &Config, tenant: &str, expires: std::time::Duration, json: bool) -> anyhow::Result<()> {

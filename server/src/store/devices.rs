@@ -46,7 +46,7 @@ pub async fn set_state(
     Ok(n == 1)
 }
 
-pub async fn exists(client: &Client, tenant: TenantId, udid: &str) -> Result<bool, Error> {
+pub async fn exists(client: &impl tokio_postgres::GenericClient, tenant: TenantId, udid: &str) -> Result<bool, Error> {
     Ok(client
         .query_opt("SELECT 1 FROM devices WHERE tenant_id = $1 AND udid = $2", &[&tenant.0, &udid])
         .await?

@@ -16,8 +16,10 @@
 //!   sees are decided by the caller (a typed result where the caller must branch).
 
 pub mod agents;
+pub mod audit;
 pub mod chunks;
 pub mod devices;
+pub mod escrow;
 pub mod fleet;
 pub mod locks;
 pub mod restore_jobs;

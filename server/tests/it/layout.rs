@@ -14,6 +14,7 @@ const TIERS: &[(&str, u8)] = &[
     ("objects", 1),
     ("ios", 1),
     ("auth", 2),
+    ("escrow", 2),
     ("session", 2),
     ("app", 3),
     ("users", 3),

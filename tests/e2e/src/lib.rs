@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod bench;
 
-pub use lifeboat_test_support::{have_postgres, http_get, http_post_json, in_ci, skip_or_fail};
+pub use lifeboat_test_support::{have_postgres, http_get, http_json, http_post_json, in_ci, skip_or_fail};
 
 /// Path of a workspace binary (`lifeboat-server`, `lifeboat-agent`), built next to this
 /// test executable (`target/<profile>/deps/it-…` → `target/<profile>/<name>`).

@@ -187,6 +187,17 @@ pub async fn http_post_json(
     http_send(addr, "POST", path, bearer, Some(json)).await
 }
 
+/// Any method with a JSON body (`PUT`, `PATCH`…): returns status and body.
+pub async fn http_json(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    json: &str,
+) -> std::io::Result<(u16, String)> {
+    http_send(addr, method, path, bearer, Some(json)).await
+}
+
 async fn http_send(
     addr: std::net::SocketAddr,
     method: &str,

@@ -67,3 +67,21 @@ pub async fn restore_tests(
             .map_err(|e| internal("listing restore tests", e))?;
     Ok(Json(json!({ "restore_tests": list })))
 }
+
+#[derive(Debug, Deserialize)]
+pub struct AuditQuery {
+    limit: Option<i64>,
+    /// Events older than this event id (the last `id` of the previous page).
+    before: Option<i64>,
+}
+
+/// The audit log, newest first: who revealed a backup password, who looked at what.
+/// Admins only.
+pub async fn audit(State(app): State<Arc<App>>, caller: Caller, Query(q): Query<AuditQuery>) -> ApiResult {
+    require(&caller, Role::Admin)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let events = store::audit::list(&**db(&app).await?, caller.tenant, limit, q.before)
+        .await
+        .map_err(|e| internal("listing the audit log", e))?;
+    Ok(Json(json!({ "events": events })))
+}

@@ -22,6 +22,11 @@ pub fn router() -> Router<Arc<App>> {
     Router::new()
         .route("/api/v1/devices", get(devices::list))
         .route("/api/v1/devices/{udid}/snapshots", get(devices::snapshots))
+        .route(
+            "/api/v1/devices/{udid}/backup-password",
+            get(devices::reveal_backup_password).put(devices::set_backup_password),
+        )
+        .route("/api/v1/audit", get(fleet::audit))
         .route("/api/v1/snapshots/{id}", get(snapshots::get))
         .route("/api/v1/runs", get(fleet::runs))
         .route("/api/v1/agents", get(fleet::agents))

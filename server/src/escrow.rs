@@ -1,0 +1,159 @@
+//! Escrowed iOS backup passwords: the organisation, not a person, holds every phone's
+//! backup password, so a lost password never costs a backup.
+//!
+//! One password per device, sealed with the tenant's secret key (`keys::TenantKeys::
+//! seal_secret`, bound to the tenant and the UDID): storage and the database alone never
+//! read it; the server with the tenant's key does, and hands it only to the tenant's
+//! agents over the authenticated protocol and to admins through the audited reveal
+//! (`docs/format.md`, threat model). Every set and every reveal writes an audit event in
+//! the same transaction as the change or the read, so no reveal goes unrecorded. The
+//! password itself is a `Secret` everywhere and never logged.
+
+use lifeboat_shared::Secret;
+use lifeboat_shared::ids::TenantId;
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::keys::{KeyError, TenantKeys};
+use crate::store;
+
+/// What the sealed secret is, bound into its associated data.
+const PURPOSE: &str = "ios backup password";
+/// Longest password accepted (Finder accepts far shorter ones; any longer is a mistake).
+pub const MAX_PASSWORD_CHARS: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EscrowError {
+    #[error("backup password refused: {0}")]
+    BadPassword(&'static str),
+    #[error("no device {0}")]
+    NoDevice(String),
+    #[error("no backup password is escrowed for device {0}")]
+    NotEscrowed(String),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// Checks an entered password: non-empty, at most [`MAX_PASSWORD_CHARS`], no control
+/// characters (a pasted newline would make a password no phone has).
+pub fn validate(password: &str) -> Result<(), EscrowError> {
+    if password.is_empty() {
+        return Err(EscrowError::BadPassword("it is empty"));
+    }
+    if password.chars().count() > MAX_PASSWORD_CHARS {
+        return Err(EscrowError::BadPassword("it is longer than 256 characters"));
+    }
+    if password.chars().any(char::is_control) {
+        return Err(EscrowError::BadPassword("it contains a control character (a pasted newline?)"));
+    }
+    Ok(())
+}
+
+/// Who sets or reveals a password, for the audit log.
+#[derive(Debug, Clone, Copy)]
+pub enum Actor {
+    /// An API user (an admin).
+    User(uuid::Uuid),
+    /// An enrolled agent (it generated the password and set it on the phone).
+    Agent(uuid::Uuid),
+    /// The operator at the server's CLI.
+    Operator,
+}
+
+impl Actor {
+    fn describe(self) -> String {
+        match self {
+            Self::User(id) => format!("user {id}"),
+            Self::Agent(id) => format!("agent {id}"),
+            Self::Operator => "operator (CLI)".into(),
+        }
+    }
+
+    fn event<'a>(self, tenant: TenantId, actor: &'a str, action: &'a str, udid: &'a str) -> store::audit::Event<'a> {
+        let (actor_user, actor_agent) = match self {
+            Self::User(id) => (Some(id), None),
+            Self::Agent(id) => (None, Some(id)),
+            Self::Operator => (None, None),
+        };
+        store::audit::Event { tenant, actor_user, actor_agent, actor, action, udid: Some(udid), detail: json!({}) }
+    }
+}
+
+/// An escrowed password, opened.
+#[derive(Debug)]
+pub struct Escrowed {
+    pub password: Secret<String>,
+    /// `agent` or `admin`.
+    pub source: String,
+    pub set_at: String,
+}
+
+/// Escrows `password` for the device (replacing any), audited as `backup-password.set`.
+/// Returns when it was set.
+pub async fn set(
+    client: &mut Client,
+    keys: &TenantKeys,
+    udid: &str,
+    password: &Secret<String>,
+    actor: Actor,
+) -> Result<String, EscrowError> {
+    validate(password.expose())?;
+    let sealed = keys.seal_secret(PURPOSE, udid, password.expose().as_bytes())?;
+    let tx = client.transaction().await?;
+    if !store::devices::exists(&tx, keys.tenant, udid).await? {
+        return Err(EscrowError::NoDevice(udid.to_string()));
+    }
+    let (source, user, agent) = match actor {
+        Actor::User(id) => ("admin", Some(id), None),
+        Actor::Agent(id) => ("agent", None, Some(id)),
+        Actor::Operator => ("admin", None, None),
+    };
+    let set_at = store::escrow::put(&tx, keys.tenant, udid, &sealed, source, user, agent).await?;
+    let who = actor.describe();
+    let mut event = actor.event(keys.tenant, &who, "backup-password.set", udid);
+    event.detail = json!({ "source": source });
+    store::audit::record(&tx, &event).await?;
+    tx.commit().await?;
+    tracing::info!(tenant = %keys.tenant, device.udid = udid, actor = %who, "backup password escrowed");
+    Ok(set_at)
+}
+
+/// Opens the device's escrowed password for a person, audited as `backup-password.reveal`
+/// (the event is committed before the password is returned).
+pub async fn reveal(client: &mut Client, keys: &TenantKeys, udid: &str, actor: Actor) -> Result<Escrowed, EscrowError> {
+    let tx = client.transaction().await?;
+    if !store::devices::exists(&tx, keys.tenant, udid).await? {
+        return Err(EscrowError::NoDevice(udid.to_string()));
+    }
+    let Some(sealed) = store::escrow::get(&tx, keys.tenant, udid).await? else {
+        return Err(EscrowError::NotEscrowed(udid.to_string()));
+    };
+    let who = actor.describe();
+    store::audit::record(&tx, &actor.event(keys.tenant, &who, "backup-password.reveal", udid)).await?;
+    tx.commit().await?;
+    tracing::info!(tenant = %keys.tenant, device.udid = udid, actor = %who, "backup password revealed");
+    open(keys, udid, sealed)
+}
+
+fn open(keys: &TenantKeys, udid: &str, sealed: store::escrow::Sealed) -> Result<Escrowed, EscrowError> {
+    let plain = keys.open_secret(PURPOSE, udid, &sealed.sealed)?;
+    let password = String::from_utf8(plain).map_err(|_| KeyError::Unwrap(format!("{PURPOSE} of {udid}")))?;
+    Ok(Escrowed { password: Secret::new(password), source: sealed.source, set_at: sealed.set_at })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entered_passwords_are_checked() {
+        assert!(validate("correct horse").is_ok());
+        assert!(validate(&"é".repeat(256)).is_ok());
+        for bad in ["", "line\n", "tab\there"] {
+            assert!(matches!(validate(bad), Err(EscrowError::BadPassword(_))), "{bad:?}");
+        }
+        assert!(matches!(validate(&"x".repeat(257)), Err(EscrowError::BadPassword(_))));
+    }
+}
