@@ -137,6 +137,19 @@ pub async fn reveal(client: &mut Client, keys: &TenantKeys, udid: &str, actor: A
     open(keys, udid, sealed)
 }
 
+/// The device's escrowed password for one of the tenant's agents, which needs it for every
+/// backup and restore of an encrypted phone: not a person's view, so not audited (the
+/// set by an agent is). `None` when nothing is escrowed.
+pub async fn for_agent(client: &Client, keys: &TenantKeys, udid: &str) -> Result<Option<Escrowed>, EscrowError> {
+    if !store::devices::exists(client, keys.tenant, udid).await? {
+        return Err(EscrowError::NoDevice(udid.to_string()));
+    }
+    match store::escrow::get(client, keys.tenant, udid).await? {
+        Some(sealed) => open(keys, udid, sealed).map(Some),
+        None => Ok(None),
+    }
+}
+
 fn open(keys: &TenantKeys, udid: &str, sealed: store::escrow::Sealed) -> Result<Escrowed, EscrowError> {
     let plain = keys.open_secret(PURPOSE, udid, &sealed.sealed)?;
     let password = String::from_utf8(plain).map_err(|_| KeyError::Unwrap(format!("{PURPOSE} of {udid}")))?;

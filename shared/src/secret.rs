@@ -6,7 +6,10 @@
 use std::fmt;
 
 /// Wraps a secret (a password, a database URL with credentials, a token, a key).
-#[derive(Clone, PartialEq, Eq, Default, serde::Deserialize)]
+///
+/// It serialises as the bare value (transparent): only for the wire and the files where
+/// the secret must really go (the agent's state, the protocol), never into logs.
+#[derive(Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct Secret<T>(T);
 

@@ -21,11 +21,17 @@ use serde::{Deserialize, Serialize};
 use crate::format::MAX_BLOB_BYTES;
 use crate::ids::{AgentId, ChunkId, RestoreJobId, RunId, SnapshotId, TenantId, Udid};
 use crate::manifest::DeviceInfo;
+use crate::secret::Secret;
 
 /// QUIC/TLS application protocol name.
 pub const ALPN: &[u8] = b"lifeboat/1";
-/// Versions of this protocol that this build speaks, newest last.
-pub const VERSIONS: &[u16] = &[2];
+/// Versions of this protocol that this build speaks, newest last. Version 3 is version 2
+/// with the backup-password requests and the `NeedsBackupPassword` state appended; an
+/// agent uses those only in a session of version 3.
+pub const VERSIONS: &[u16] = &[2, 3];
+/// The first version with `GetBackupPassword`, `PutBackupPassword` and
+/// `DeviceState::NeedsBackupPassword`.
+pub const ESCROW_VERSION: u16 = 3;
 /// Largest control frame (hello, requests, responses).
 pub const MAX_CONTROL_FRAME_BYTES: usize = 1024 * 1024;
 /// Largest data frame: one blob, or one part of a byte stream, plus framing.
@@ -149,6 +155,8 @@ pub enum DeviceState {
     NeedsTrust,
     NeedsPasscode,
     Failing,
+    /// The phone encrypts its backups with a password the server does not know.
+    NeedsBackupPassword,
 }
 
 impl DeviceState {
@@ -160,6 +168,7 @@ impl DeviceState {
             Self::NeedsTrust => "needs-trust",
             Self::NeedsPasscode => "needs-passcode",
             Self::Failing => "failing",
+            Self::NeedsBackupPassword => "needs-backup-password",
         }
     }
 }
@@ -227,6 +236,15 @@ pub enum Request {
     EndRestore {
         job: RestoreJobId,
         end: RestoreEnd,
+    },
+    /// The device's escrowed iOS backup password: answered by [`Response::BackupPassword`].
+    GetBackupPassword {
+        udid: Udid,
+    },
+    /// Escrow a backup password the agent generated, before it sets it on the phone.
+    PutBackupPassword {
+        udid: Udid,
+        password: Secret<String>,
     },
 }
 
@@ -303,6 +321,10 @@ pub enum Response {
     RestoreJob {
         job: RestoreJobId,
         snapshot: SnapshotId,
+    },
+    /// The escrowed password, or `None` when the server knows none for the device.
+    BackupPassword {
+        password: Option<Secret<String>>,
     },
 }
 
@@ -561,9 +583,9 @@ mod tests {
     #[test]
     fn versions_are_negotiated_or_refused() {
         assert_eq!(negotiate(&[2]), Some(2));
-        assert_eq!(negotiate(&[1, 2, 3]), Some(2));
+        assert_eq!(negotiate(&[1, 2, 3, 4]), Some(3));
         assert_eq!(negotiate(&[1]), None, "v1 is no longer spoken");
-        assert_eq!(negotiate(&[3]), None);
+        assert_eq!(negotiate(&[4]), None);
         assert_eq!(negotiate(&[]), None);
     }
 

@@ -2,11 +2,14 @@
 //! the answer. Refusals become `Response::Error`; the stream is finished either way.
 
 use futures_io::{AsyncRead, AsyncWrite};
-use lifeboat_shared::wire::{self, MAX_CONTROL_FRAME_BYTES, Request, Response};
+use lifeboat_shared::wire::{self, ErrorCode, MAX_CONTROL_FRAME_BYTES, Request, Response};
 
 use super::Agents;
+use crate::app::App;
+use crate::escrow::{self, Actor, EscrowError};
+use crate::keys::TenantKeys;
 use crate::restore::agent as restore;
-use crate::session::{Reply, Session};
+use crate::session::{Rejection, Reply, Session};
 
 async fn respond<W: AsyncWrite + Unpin>(send: &mut W, r: &Response) -> Reply {
     wire::write_frame(send, r).await.map_err(Into::into)
@@ -70,6 +73,40 @@ impl Agents {
                 restore::end_restore(app, s, job, end).await?;
                 ok(send).await
             }
+            Request::GetBackupPassword { udid } => {
+                let password = backup_password(app, s, &udid).await?;
+                respond(send, &Response::BackupPassword { password }).await
+            }
+            Request::PutBackupPassword { udid, password } => {
+                let keys = tenant_keys(app, s).await?;
+                let mut client = app.db.get().await?;
+                escrow::set(&mut client, &keys, udid.as_str(), &password, Actor::Agent(s.agent.0))
+                    .await
+                    .map_err(rejection)?;
+                ok(send).await
+            }
         }
     }
+}
+
+async fn tenant_keys(app: &App, s: Session) -> Result<std::sync::Arc<TenantKeys>, Rejection> {
+    app.tenant_keys(s.tenant).await.map_err(|e| Rejection::internal("opening the tenant's keys", e))
+}
+
+fn rejection(e: EscrowError) -> Rejection {
+    match e {
+        EscrowError::BadPassword(_) => Rejection::new(ErrorCode::Malformed, e.to_string()),
+        EscrowError::NoDevice(_) | EscrowError::NotEscrowed(_) => Rejection::new(ErrorCode::NotFound, e.to_string()),
+        e => Rejection::internal("the backup password escrow", e),
+    }
+}
+
+async fn backup_password(
+    app: &App,
+    s: Session,
+    udid: &lifeboat_shared::ids::Udid,
+) -> Result<Option<lifeboat_shared::Secret<String>>, Rejection> {
+    let keys = tenant_keys(app, s).await?;
+    let client = app.db.get().await?;
+    Ok(escrow::for_agent(&client, &keys, udid.as_str()).await.map_err(rejection)?.map(|e| e.password))
 }

@@ -37,7 +37,7 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
             last_success_unix: last,
             failed_since_success: failed,
         } = r;
-        let waiting = matches!(state.as_str(), "needs-trust" | "needs-passcode");
+        let waiting = matches!(state.as_str(), "needs-trust" | "needs-passcode" | "needs-backup-password");
         let status = if waiting {
             "needs-action"
         } else if state == "failing" || failed > 0 {

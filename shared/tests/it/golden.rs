@@ -4,6 +4,7 @@
 //! (`LIFEBOAT_BLESS=1 cargo test -p lifeboat-shared --test it golden`) and the diff
 //! reviewed: an encoding change without a protocol version bump is a bug.
 
+use lifeboat_shared::Secret;
 use lifeboat_shared::ids::{AgentId, ChunkId, RestoreJobId, RunId, SnapshotId, TenantId, Udid};
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{
@@ -125,6 +126,7 @@ fn frames() -> Vec<(String, Vec<u8>)> {
         ("needs-trust", DeviceState::NeedsTrust),
         ("needs-passcode", DeviceState::NeedsPasscode),
         ("failing", DeviceState::Failing),
+        ("needs-backup-password", DeviceState::NeedsBackupPassword),
     ] {
         let message = (state == DeviceState::NeedsPasscode).then(|| "enter the passcode on the phone".to_string());
         frame!(format!("request-report-state-{name}"), Request, Request::ReportState { udid: udid(), state, message });
@@ -161,8 +163,20 @@ fn frames() -> Vec<(String, Vec<u8>)> {
             end: RestoreEnd::Failed { reason: "device-disconnected".into(), message: "unplugged".into() },
         }
     );
+    frame!("request-get-backup-password", Request, Request::GetBackupPassword { udid: udid() });
+    frame!(
+        "request-put-backup-password",
+        Request,
+        Request::PutBackupPassword { udid: udid(), password: Secret::new("8fK2-mQ9x-Lp4W-zR7c".into()) }
+    );
 
     frame!("response-ok", Response, Response::Ok);
+    frame!(
+        "response-backup-password",
+        Response,
+        Response::BackupPassword { password: Some(Secret::new("8fK2-mQ9x-Lp4W-zR7c".into())) }
+    );
+    frame!("response-backup-password-none", Response, Response::BackupPassword { password: None });
     frame!("response-run-opened", Response, Response::RunOpened { run, snapshot, lease_seconds: 600 });
     frame!("response-missing", Response, Response::Missing { ids: vec![chunk(0x80)] });
     frame!("response-stored", Response, Response::Stored { chunks: 300, new_chunks: 200, new_bytes: 1 << 33 });
@@ -248,6 +262,8 @@ fn variant_numbers_are_those_the_spec_gives() {
         "request-get-policy",
         "request-next-restore",
         "request-end-restore-succeeded",
+        "request-get-backup-password",
+        "request-put-backup-password",
     ];
     for (n, name) in requests.iter().enumerate() {
         assert_eq!(first_byte(name) as usize, n, "{name}");
@@ -263,6 +279,7 @@ fn variant_numbers_are_those_the_spec_gives() {
         "response-error-internal",
         "response-policy",
         "response-restore-job",
+        "response-backup-password",
     ];
     for (n, name) in responses.iter().enumerate() {
         assert_eq!(first_byte(name) as usize, n, "{name}");
@@ -282,10 +299,24 @@ fn the_specs_worked_examples_are_the_real_bytes() {
 }
 
 #[test]
-fn this_build_speaks_version_2_only() {
-    assert_eq!(VERSIONS, &[2]);
+fn this_build_speaks_versions_2_and_3() {
+    assert_eq!(VERSIONS, &[2, 3]);
+    assert_eq!(wire::ESCROW_VERSION, 3);
     assert_eq!(wire::negotiate(&[1]), None, "a v1 agent is refused");
-    assert_eq!(wire::negotiate(&[1, 2]), Some(2));
+    assert_eq!(wire::negotiate(&[1, 2]), Some(2), "a v2 agent is served");
+    assert_eq!(wire::negotiate(&[2, 3]), Some(3));
+}
+
+/// A password in a frame is only ever in the frame: its Debug, as a log line would show it,
+/// hides it.
+#[test]
+fn backup_passwords_do_not_reach_debug_output() {
+    let r = Request::PutBackupPassword { udid: udid(), password: Secret::new("8fK2-mQ9x".into()) };
+    assert!(!format!("{r:?}").contains("8fK2"), "{r:?}");
+    let r = Response::BackupPassword { password: Some(Secret::new("8fK2-mQ9x".into())) };
+    assert!(!format!("{r:?}").contains("8fK2"), "{r:?}");
+    let frame = wire::encode(&r);
+    assert!(frame.windows(9).any(|w| w == b"8fK2-mQ9x"));
 }
 
 fn hex(b: &[u8]) -> String {

@@ -5,8 +5,12 @@
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
+use lifeboat_agent::net::ClientError;
 use lifeboat_e2e::{ServerProcess, bin, embedded_db, have_postgres, http_get, http_json, server_cli, tempdir};
 use lifeboat_server::users::{self, Role};
+use lifeboat_shared::Secret;
+use lifeboat_shared::ids::Udid;
+use lifeboat_shared::wire::{ErrorCode, Request, Response};
 use serde_json::Value;
 
 use crate::ingest::{device, open_run, start_server};
@@ -104,6 +108,46 @@ async fn backup_passwords_are_escrowed_and_revealed_to_admins_only_and_audited()
     let before = events[0]["id"].as_i64().unwrap();
     let (_, text) = http_get(addr, &format!("/api/v1/audit?before={before}&limit=5"), Some(&admin)).await.unwrap();
     assert_eq!(json(&text)["events"].as_array().unwrap().len(), 1, "paged by id");
+
+    // The agent side (protocol version 3): an agent escrows what it generated and reads
+    // it back; another tenant's agent cannot, and a bad password is refused.
+    let code = |r: Result<Response, ClientError>| r.err().and_then(|e| e.code());
+    let udid: Udid = UDID.parse().unwrap();
+    let generated = Secret::new("8fK2-mQ9x-Lp4W-zR7c-agent".to_string());
+    let put = Request::PutBackupPassword { udid: udid.clone(), password: generated.clone() };
+    assert_eq!(client.request(&put).await.unwrap(), Response::Ok);
+    let get = Request::GetBackupPassword { udid: udid.clone() };
+    assert_eq!(client.request(&get).await.unwrap(), Response::BackupPassword { password: Some(generated.clone()) });
+    let bad = Request::PutBackupPassword { udid: udid.clone(), password: Secret::new(String::new()) };
+    assert_eq!(code(client.request(&bad).await), Some(ErrorCode::Malformed));
+    let unknown = Request::GetBackupPassword { udid: "00008101-FFFFFFFFFFFFFFFF".parse().unwrap() };
+    assert_eq!(code(client.request(&unknown).await), Some(ErrorCode::NotFound));
+    let (globex_agent, _) = fx.enrolled_agent(b).await;
+    assert_eq!(code(globex_agent.request(&get).await), Some(ErrorCode::NotFound), "another tenant's device");
+    assert_eq!(code(globex_agent.request(&put).await), Some(ErrorCode::NotFound));
+    let (_, text) = http_get(addr, &path, Some(&admin)).await.unwrap();
+    let revealed = json(&text);
+    assert_eq!(
+        (revealed["password"].as_str(), revealed["source"].as_str()),
+        (Some(generated.expose().as_str()), Some("agent"))
+    );
+    let (_, text) = http_get(addr, "/api/v1/audit?limit=1&before=1000000", Some(&admin)).await.unwrap();
+    let (_, all) = http_get(addr, "/api/v1/audit", Some(&admin)).await.unwrap();
+    assert_eq!(json(&text)["events"].as_array().unwrap().len(), 1);
+    let actions: Vec<(String, String)> = json(&all)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap().to_string(), e["actor"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(client.accepted.version, 3, "this build negotiates version 3");
+    let agent_actor = format!("agent {}", client.accepted.agent);
+    assert_eq!(
+        actions[..2],
+        [("backup-password.reveal".to_string(), actor.clone()), ("backup-password.set".to_string(), agent_actor)],
+        "the agent's read is not a reveal; its set is audited"
+    );
+    assert_eq!(actions.len(), 4);
     fx.server.stop().await.unwrap();
 }
 
