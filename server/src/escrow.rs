@@ -101,21 +101,18 @@ pub async fn set(
 ) -> Result<String, EscrowError> {
     validate(password.expose())?;
     let sealed = keys.seal_secret(PURPOSE, udid, password.expose().as_bytes())?;
-    let tx = client.transaction().await?;
-    if !store::devices::exists(&tx, keys.tenant, udid).await? {
-        return Err(EscrowError::NoDevice(udid.to_string()));
-    }
     let (source, user, agent) = match actor {
         Actor::User(id) => ("admin", Some(id), None),
         Actor::Agent(id) => ("agent", None, Some(id)),
         Actor::Operator => ("admin", None, None),
     };
-    let set_at = store::escrow::put(&tx, keys.tenant, udid, &sealed, source, user, agent).await?;
     let who = actor.describe();
     let mut event = actor.event(keys.tenant, &who, "backup-password.set", udid);
     event.detail = json!({ "source": source });
-    store::audit::record(&tx, &event).await?;
-    tx.commit().await?;
+    let row = store::escrow::NewSealed { udid, sealed: &sealed, source, user, agent };
+    let Some(set_at) = store::escrow::put_audited(client, keys.tenant, &row, &event).await? else {
+        return Err(EscrowError::NoDevice(udid.to_string()));
+    };
     tracing::info!(tenant = %keys.tenant, device.udid = udid, actor = %who, "backup password escrowed");
     Ok(set_at)
 }
@@ -123,16 +120,13 @@ pub async fn set(
 /// Opens the device's escrowed password for a person, audited as `backup-password.reveal`
 /// (the event is committed before the password is returned).
 pub async fn reveal(client: &mut Client, keys: &TenantKeys, udid: &str, actor: Actor) -> Result<Escrowed, EscrowError> {
-    let tx = client.transaction().await?;
-    if !store::devices::exists(&tx, keys.tenant, udid).await? {
-        return Err(EscrowError::NoDevice(udid.to_string()));
-    }
-    let Some(sealed) = store::escrow::get(&tx, keys.tenant, udid).await? else {
-        return Err(EscrowError::NotEscrowed(udid.to_string()));
-    };
     let who = actor.describe();
-    store::audit::record(&tx, &actor.event(keys.tenant, &who, "backup-password.reveal", udid)).await?;
-    tx.commit().await?;
+    let event = actor.event(keys.tenant, &who, "backup-password.reveal", udid);
+    let sealed = match store::escrow::get_audited(client, keys.tenant, udid, &event).await? {
+        store::escrow::Found::Sealed(sealed) => sealed,
+        store::escrow::Found::NoDevice => return Err(EscrowError::NoDevice(udid.to_string())),
+        store::escrow::Found::NotEscrowed => return Err(EscrowError::NotEscrowed(udid.to_string())),
+    };
     tracing::info!(tenant = %keys.tenant, device.udid = udid, actor = %who, "backup password revealed");
     open(keys, udid, sealed)
 }

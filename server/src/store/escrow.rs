@@ -2,9 +2,9 @@
 //! only sealed bytes; sealing and opening are `escrow`'s.
 
 use lifeboat_shared::ids::TenantId;
-use tokio_postgres::{Error, GenericClient};
+use tokio_postgres::{Client, Error, GenericClient};
 
-use super::ts;
+use super::{audit, devices, ts};
 
 /// An escrowed password, still sealed.
 #[derive(Debug, Clone)]
@@ -16,16 +16,19 @@ pub struct Sealed {
     pub set_by_agent: Option<uuid::Uuid>,
 }
 
+/// A sealed password to store, and who set it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewSealed<'a> {
+    pub udid: &'a str,
+    pub sealed: &'a [u8],
+    /// `agent` or `admin`.
+    pub source: &'a str,
+    pub user: Option<uuid::Uuid>,
+    pub agent: Option<uuid::Uuid>,
+}
+
 /// Stores (or replaces) the device's sealed password.
-pub async fn put(
-    client: &impl GenericClient,
-    tenant: TenantId,
-    udid: &str,
-    sealed: &[u8],
-    source: &str,
-    user: Option<uuid::Uuid>,
-    agent: Option<uuid::Uuid>,
-) -> Result<String, Error> {
+pub async fn put(client: &impl GenericClient, tenant: TenantId, n: &NewSealed<'_>) -> Result<String, Error> {
     let row = client
         .query_one(
             concat!(
@@ -35,7 +38,7 @@ pub async fn put(
                 "set_at = now() RETURNING ",
                 ts!("set_at")
             ),
-            &[&tenant.0, &udid, &sealed, &source, &user, &agent],
+            &[&tenant.0, &n.udid, &n.sealed, &n.source, &n.user, &n.agent],
         )
         .await?;
     Ok(row.get(0))
@@ -59,4 +62,48 @@ pub async fn get(client: &impl GenericClient, tenant: TenantId, udid: &str) -> R
         set_by_user: r.get(3),
         set_by_agent: r.get(4),
     }))
+}
+
+/// Stores the sealed password and its audit event in one transaction; `None` (and nothing
+/// written) when the tenant has no such device. Returns when it was set.
+pub async fn put_audited(
+    client: &mut Client,
+    tenant: TenantId,
+    n: &NewSealed<'_>,
+    event: &audit::Event<'_>,
+) -> Result<Option<String>, Error> {
+    let tx = client.transaction().await?;
+    if !devices::exists(&tx, tenant, n.udid).await? {
+        return Ok(None);
+    }
+    let set_at = put(&tx, tenant, n).await?;
+    audit::record(&tx, event).await?;
+    tx.commit().await?;
+    Ok(Some(set_at))
+}
+
+/// What a reveal found.
+#[derive(Debug)]
+pub enum Found {
+    NoDevice,
+    NotEscrowed,
+    /// The sealed password; its audit event is committed.
+    Sealed(Sealed),
+}
+
+/// Reads the sealed password and commits its audit event before returning it.
+pub async fn get_audited(
+    client: &mut Client,
+    tenant: TenantId,
+    udid: &str,
+    event: &audit::Event<'_>,
+) -> Result<Found, Error> {
+    let tx = client.transaction().await?;
+    if !devices::exists(&tx, tenant, udid).await? {
+        return Ok(Found::NoDevice);
+    }
+    let Some(sealed) = get(&tx, tenant, udid).await? else { return Ok(Found::NotEscrowed) };
+    audit::record(&tx, event).await?;
+    tx.commit().await?;
+    Ok(Found::Sealed(sealed))
 }

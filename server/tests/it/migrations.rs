@@ -21,6 +21,7 @@ async fn the_template_database_has_the_whole_schema() {
         tables,
         [
             "agents",
+            "audit_events",
             "backup_runs",
             "chunks",
             "chunks_p0",
@@ -31,6 +32,7 @@ async fn the_template_database_has_the_whole_schema() {
             "chunks_p5",
             "chunks_p6",
             "chunks_p7",
+            "device_backup_passwords",
             "devices",
             "enrollment_tokens",
             MIGRATION_TABLE,
