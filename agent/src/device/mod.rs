@@ -1,9 +1,11 @@
 //! The iPhone side of the agent, through idevice: finding a device on usbmuxd, reading
 //! its identity over lockdown, and a MobileBackup2 backup into the local mirror (so the
 //! phone can make its own incremental backups next time). `staging`: the phone's moves
-//! out of `Snapshot/`, a directory at a time where it can.
+//! out of `Snapshot/`, a directory at a time where it can. `encryption`: whether the phone
+//! encrypts its backups, and ChangePassword with the phone's answer checked.
 //! Never here: the server, chunks or keys — finished files go to the pipeline.
 
+pub mod encryption;
 pub(crate) mod staging;
 
 use std::collections::HashSet;
@@ -43,6 +45,8 @@ pub enum DeviceError {
     NotTrusted,
     #[error("the iPhone refused (error {code}): {description}")]
     Refused { code: u64, description: String },
+    #[error("the iPhone refused the backup password: {0}")]
+    WrongBackupPassword(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -54,6 +58,7 @@ impl DeviceError {
             Self::Disconnected(_) | Self::NotAttached(_) => "device-disconnected",
             Self::Locked => "needs-passcode",
             Self::NotTrusted => "needs-trust",
+            Self::WrongBackupPassword(_) => "needs-backup-password",
             Self::Refused { code: 105, .. } => "out-of-space",
             Self::Refused { .. } => "device-error",
             _ => "backup-failed",
@@ -151,14 +156,18 @@ impl Provider {
         attached(&addr).await?.into_iter().find(|p| p.udid == udid).ok_or_else(|| DeviceError::NotAttached(udid.into()))
     }
 
-    /// The device's lockdown values (inside a session, as hosts read them).
-    pub async fn values(&self) -> Result<Dictionary, DeviceError> {
-        // usbmuxd keeps a pair record once the user has tapped Trust (its preflight pairs
-        // a newly attached device and the iPhone asks); until then there is none.
-        let pairing = self.get_pairing_file().await.map_err(|e| match e {
+    /// The pair record usbmuxd keeps once the user has tapped Trust (its preflight pairs a
+    /// newly attached device and the iPhone asks); until then there is none: NotTrusted.
+    async fn get_pairing_file_checked(&self) -> Result<idevice::pairing_file::PairingFile, DeviceError> {
+        self.get_pairing_file().await.map_err(|e| match e {
             IdeviceError::UnexpectedResponse(_) | IdeviceError::NotFound => DeviceError::NotTrusted,
             other => classify(other),
-        })?;
+        })
+    }
+
+    /// The device's lockdown values (inside a session, as hosts read them).
+    pub async fn values(&self) -> Result<Dictionary, DeviceError> {
+        let pairing = self.get_pairing_file_checked().await?;
         let mut lockdown = LockdownClient::connect(self).await.map_err(classify)?;
         lockdown.start_session(&pairing).await.map_err(classify)?;
         match lockdown.get_value(None, None).await.map_err(classify)? {

@@ -254,3 +254,61 @@ fn bad_configuration_and_flags_are_named_before_anything_runs() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--device"), "{err}");
 }
+
+/// The agent's ChangePassword reads the phone's answer (idevice's own discards it): on,
+/// a wrong old password refused with the phone's 207, off, and a forced phone that may
+/// not turn encryption off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_changes_a_phones_backup_password_and_hears_a_refusal() {
+    use lifeboat_agent::device::{DeviceError, Provider, encryption};
+    use lifeboat_shared::Secret;
+
+    let phone_state = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Config {
+        seed: 4,
+        devices: 1,
+        profile: Profile::Tiny,
+        state_dir: phone_state.path().to_path_buf(),
+        kdf_rounds: 1000,
+    };
+    let registry = Arc::new(Registry::new(config).unwrap());
+    tokio::spawn(usbmuxd::serve(listener, registry.clone()));
+    let udid = registry.all()[0].udid.clone();
+    let phone = registry.state_by_udid(&udid).unwrap();
+    let device = Provider::find(idevice::usbmuxd::UsbmuxdAddr::TcpSocket(addr), &udid).await.unwrap();
+
+    let password = encryption::generate_password().unwrap();
+    assert!(!device.will_encrypt().await.unwrap());
+    device.change_password(None, Some(&password)).await.unwrap();
+    assert!(device.will_encrypt().await.unwrap());
+    assert!(phone.encryption().will_encrypt());
+
+    let wrong = Secret::new("not it".to_string());
+    match device.change_password(Some(&wrong), None).await {
+        Err(DeviceError::WrongBackupPassword(text)) => {
+            assert_eq!(text, virtual_iphone::encryption::INVALID_PASSWORD_TEXT);
+        }
+        other => panic!("a wrong old password must be refused: {other:?}"),
+    }
+    assert!(phone.encryption().will_encrypt(), "nothing changed");
+    assert_eq!(
+        DeviceError::WrongBackupPassword(String::new()).reason(),
+        "needs-backup-password",
+        "a run that fails on it says what it needs"
+    );
+    device.change_password(Some(&password), None).await.unwrap();
+    assert!(!device.will_encrypt().await.unwrap());
+
+    // A profile forces encryption: on works, off is refused with the phone's error 1.
+    phone.encryption().set_mdm_forced(true).unwrap();
+    device.change_password(None, Some(&password)).await.unwrap();
+    match device.change_password(Some(&password), None).await {
+        Err(DeviceError::Refused { code: 1, description }) => {
+            assert_eq!(description, virtual_iphone::encryption::FORCED_OFF_TEXT);
+        }
+        other => panic!("a forced phone keeps encryption on: {other:?}"),
+    }
+    assert!(phone.encryption().will_encrypt());
+}
