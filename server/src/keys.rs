@@ -130,37 +130,12 @@ impl MasterKey {
     }
 
     pub fn wrap(&self, purpose: &str, subject: &[u8], secret: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let n = nonce()?;
-        let mut body = secret.to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                aead::Nonce::assume_unique_for_key(n),
-                aead::Aad::from(Self::aad(purpose, subject)),
-                &mut body,
-            )
-            .map_err(|_| KeyError::Random)?;
-        let mut out = n.to_vec();
-        out.extend_from_slice(&body);
-        Ok(out)
+        seal(&self.key, Self::aad(purpose, subject), secret)
     }
 
     pub fn unwrap(&self, purpose: &str, subject: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let what = || format!("{purpose} of {}", String::from_utf8_lossy(subject));
-        if wrapped.len() < NONCE_BYTES {
-            return Err(KeyError::Unwrap(what()));
-        }
-        let mut n = [0u8; NONCE_BYTES];
-        n.copy_from_slice(&wrapped[..NONCE_BYTES]);
-        let mut body = wrapped[NONCE_BYTES..].to_vec();
-        let plain = self
-            .key
-            .open_in_place(
-                aead::Nonce::assume_unique_for_key(n),
-                aead::Aad::from(Self::aad(purpose, subject)),
-                &mut body,
-            )
-            .map_err(|_| KeyError::Unwrap(what()))?;
-        Ok(plain.to_vec())
+        open(&self.key, Self::aad(purpose, subject), wrapped)
+            .ok_or_else(|| KeyError::Unwrap(format!("{purpose} of {}", String::from_utf8_lossy(subject))))
     }
 
     fn unwrap_32(&self, purpose: &str, subject: &[u8], wrapped: &[u8]) -> Result<[u8; 32], KeyError> {
@@ -236,39 +211,33 @@ impl TenantKeys {
     /// Seals `secret` for this tenant: `nonce [12] | AES-256-GCM(secret key, secret) | tag
     /// [16]`, bound to the tenant, the purpose and the subject (a device's UDID).
     pub fn seal_secret(&self, purpose: &str, subject: &str, secret: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let n = nonce()?;
-        let mut body = secret.to_vec();
-        self.secret_key()
-            .seal_in_place_append_tag(
-                aead::Nonce::assume_unique_for_key(n),
-                aead::Aad::from(self.secret_aad(purpose, subject)),
-                &mut body,
-            )
-            .map_err(|_| KeyError::Random)?;
-        let mut out = n.to_vec();
-        out.extend_from_slice(&body);
-        Ok(out)
+        seal(&self.secret_key(), self.secret_aad(purpose, subject), secret)
     }
 
     /// Opens what [`Self::seal_secret`] sealed for the same purpose and subject.
     pub fn open_secret(&self, purpose: &str, subject: &str, sealed: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let what = || format!("{purpose} of {subject}");
-        if sealed.len() < NONCE_BYTES {
-            return Err(KeyError::Unwrap(what()));
-        }
-        let mut n = [0u8; NONCE_BYTES];
-        n.copy_from_slice(&sealed[..NONCE_BYTES]);
-        let mut body = sealed[NONCE_BYTES..].to_vec();
-        let plain = self
-            .secret_key()
-            .open_in_place(
-                aead::Nonce::assume_unique_for_key(n),
-                aead::Aad::from(self.secret_aad(purpose, subject)),
-                &mut body,
-            )
-            .map_err(|_| KeyError::Unwrap(what()))?;
-        Ok(plain.to_vec())
+        open(&self.secret_key(), self.secret_aad(purpose, subject), sealed)
+            .ok_or_else(|| KeyError::Unwrap(format!("{purpose} of {subject}")))
     }
+}
+
+/// `nonce [12] | AES-256-GCM(key, secret, aad) | tag [16]`, with a fresh random nonce.
+fn seal(key: &aead::LessSafeKey, aad: Vec<u8>, secret: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let n = nonce()?;
+    let mut body = secret.to_vec();
+    key.seal_in_place_append_tag(aead::Nonce::assume_unique_for_key(n), aead::Aad::from(aad), &mut body)
+        .map_err(|_| KeyError::Random)?;
+    let mut out = n.to_vec();
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Opens what [`seal`] made with the same key and associated data; `None` if it does not.
+fn open(key: &aead::LessSafeKey, aad: Vec<u8>, sealed: &[u8]) -> Option<Vec<u8>> {
+    let (n, body) = sealed.split_first_chunk::<NONCE_BYTES>()?;
+    let mut body = body.to_vec();
+    let plain = key.open_in_place(aead::Nonce::assume_unique_for_key(*n), aead::Aad::from(aad), &mut body).ok()?;
+    Some(plain.to_vec())
 }
 
 /// Environment variable that may hold the master key itself (64 hex digits), for
