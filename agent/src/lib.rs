@@ -3,6 +3,7 @@
 //! - `net`: the protocol client (QUIC, pinned certificate); nothing else talks to the server.
 //! - `device`: usbmuxd, lockdown and MobileBackup2 through idevice, into the local mirror;
 //!   `device::staging`, the phone's moves out of `Snapshot/`, a directory at a time.
+//! - `ios`: an encrypted backup's keys — the plaintext stored, the phone's bytes rebuilt.
 //! - `pipeline`: files the phone finished → chunks → missing-chunk queries → sealed
 //!   uploads, while the phone goes on; the local file cache; `pipeline::transfer`, a
 //!   whole directory up as a snapshot and a snapshot back into a directory.
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod device;
+pub mod ios;
 pub mod job;
 pub mod net;
 pub mod pipeline;

@@ -1,6 +1,6 @@
 //! The `lifeboat-agent` command: `enroll` a workstation with a one-time token, `run` the
 //! service that backs up every iPhone attached, `backup` one now, `status` of the
-//! attached iPhones, `restore` a snapshot onto one.
+//! attached iPhones, `restore` a snapshot onto one, `export` one as a backup folder.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +60,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a snapshot as a standard Finder/iTunes backup folder, DIR/<UDID>/: an
+    /// encrypted backup exactly as the phone encrypted it (it opens with the escrowed
+    /// password), or with --decrypted as plaintext.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["snapshot", "device"])))]
+    Export {
+        /// The snapshot to export.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Export the latest snapshot of this device (its UDID).
+        #[arg(long)]
+        device: Option<String>,
+        /// Write the files of an encrypted backup in the clear.
+        #[arg(long)]
+        decrypted: bool,
+        /// Print the result as JSON (and no progress bar).
+        #[arg(long)]
+        json: bool,
+        /// The directory to write DIR/<UDID>/ into.
+        dir: std::path::PathBuf,
+    },
     /// The attached iPhones, their state, last backup and when the next is due.
     Status {
         /// Print the result as JSON.
@@ -88,17 +108,30 @@ fn main() -> std::process::ExitCode {
     };
     // idevice warns about what is normal (no Status.plist before a first backup).
     let default_log = if matches!(cli.command, Command::Run) { "info,idevice=error" } else { "warn,idevice=error" };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            config
-                .log
-                .as_deref()
-                .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-                .unwrap_or_else(|| default_log.into()),
-        )
-        .init();
+    let filter = config
+        .log
+        .as_deref()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| default_log.into());
+    // idevice logs every plist it sends at debug level, a restore's Password included:
+    // whatever the filter asks, nothing of idevice's below info is ever written.
+    let secrets_out = tracing_subscriber::filter::filter_fn(|m| {
+        !(m.target().starts_with("idevice") && *m.level() > tracing::Level::INFO)
+    });
+    {
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_filter(filter)
+                    .with_filter(secrets_out),
+            )
+            .init();
+    }
     // quinn and idevice both use rustls: one process-wide provider, ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -117,6 +150,9 @@ fn main() -> std::process::ExitCode {
             Command::Status { json } => status(&config, json).await,
             Command::Restore { device, snapshot, from_device, no_reboot, json } => {
                 restore(&config, &device, snapshot, from_device, !no_reboot, json).await
+            }
+            Command::Export { snapshot, device, decrypted, json, dir } => {
+                export(&config, snapshot, device, decrypted, json, &dir).await
             }
         }
     });
@@ -370,7 +406,27 @@ async fn restore(
 ) -> anyhow::Result<()> {
     let agent = Agent::load(&config.state_dir, config.mirror_budget)?;
     let provider = Provider::find(config.usbmuxd_addr()?, target).await?;
-    let snapshot: lifeboat_shared::ids::SnapshotId = match (snapshot, from_device) {
+    let snapshot = which_snapshot(&agent, snapshot, from_device, "--from-device").await?;
+    let r = job::restore(&agent, &provider, snapshot, reboot, &|line| eprintln!("{line}")).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"snapshot": r.snapshot.to_string(), "source": r.source, "target": target, "files": r.files, "rebooted": r.rebooted})
+        );
+    } else {
+        println!("restored snapshot {} of {} onto {target}: {} files", r.snapshot, r.source, r.files);
+    }
+    Ok(())
+}
+
+/// The snapshot `--snapshot ID` names, or the latest of the device `device` names.
+async fn which_snapshot(
+    agent: &Agent,
+    snapshot: Option<String>,
+    device: Option<String>,
+    device_flag: &str,
+) -> anyhow::Result<lifeboat_shared::ids::SnapshotId> {
+    Ok(match (snapshot, device) {
         (Some(id), _) => id.parse().map_err(|e| anyhow::anyhow!("{id} is not a snapshot id: {e}"))?,
         (None, Some(udid)) => {
             let parsed = udid.parse().map_err(|e| anyhow::anyhow!("{udid} is not a UDID: {e}"))?;
@@ -383,16 +439,60 @@ async fn restore(
                 Err(e) => anyhow::bail!("no snapshot of {udid}: {e}"),
             }
         }
-        (None, None) => anyhow::bail!("say which snapshot: --snapshot ID or --from-device UDID"),
+        (None, None) => anyhow::bail!("say which snapshot: --snapshot ID or {device_flag} UDID"),
+    })
+}
+
+async fn export(
+    config: &Config,
+    snapshot: Option<String>,
+    device: Option<String>,
+    decrypted: bool,
+    json: bool,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let agent = Agent::load(&config.state_dir, config.mirror_budget)?;
+    let snapshot = which_snapshot(&agent, snapshot, device, "--device").await?;
+    let visible = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = if visible { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} exporting [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let progress = |total: u64, file: Option<&lifeboat_shared::manifest::FileEntry>| {
+        bar.set_length(total);
+        if let Some(f) = file {
+            bar.inc(f.size);
+        }
     };
-    let r = job::restore(&agent, &provider, snapshot, reboot, &|line| eprintln!("{line}")).await?;
+    let e = job::export::export(&agent, snapshot, dir, decrypted, &progress).await;
+    bar.finish_and_clear();
+    let e = e?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"snapshot": r.snapshot.to_string(), "source": r.source, "target": target, "files": r.files, "rebooted": r.rebooted})
+            serde_json::json!({
+                "snapshot": e.snapshot.to_string(), "udid": e.udid, "dir": e.dir, "files": e.files,
+                "bytes": e.bytes, "encrypted": e.encrypted, "plaintext": e.plaintext,
+            })
         );
     } else {
-        println!("restored snapshot {} of {} onto {target}: {} files", r.snapshot, r.source, r.files);
+        let how = match (e.encrypted, e.plaintext) {
+            (true, false) => "encrypted as the iPhone made it: it opens with the escrowed backup password",
+            (true, true) => "decrypted: the files are in the clear, keep the folder safe",
+            _ => "the iPhone did not encrypt this backup",
+        };
+        println!(
+            "exported snapshot {} of {} to {}: {} files, {} ({how})",
+            e.snapshot,
+            e.udid,
+            e.dir.display(),
+            e.files,
+            indicatif::HumanBytes(e.bytes)
+        );
     }
     Ok(())
 }

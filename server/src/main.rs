@@ -147,15 +147,27 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(secs))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Encryption {
+    Required,
+    Off,
+}
+
 #[derive(Debug, Subcommand)]
 enum TenantCommand {
     /// Create a tenant with fresh keys: lowercase letters, digits, '.', '_' or '-'.
     Create {
         name: String,
+        /// Backup encryption: `required` (agents turn it on, with an escrowed password,
+        /// before backing a phone up) or `off` (phones are backed up as they are).
+        #[arg(long, value_enum, default_value_t = Encryption::Required)]
+        encryption: Encryption,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Set a tenant's backup encryption policy.
+    Encryption { name: String, policy: Encryption },
     /// List tenants.
     List {
         /// Print the result as JSON.
@@ -253,13 +265,29 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
     let master = keys::load_master(config)?;
     let mut db = AdminDb::open(config).await?;
     let result = match cmd {
-        TenantCommand::Create { name, json } => tenants::create(&mut db.client, &master, &name).await.map(|t| {
-            if json {
-                println!("{}", serde_json::json!({"id": t.id, "name": t.name}));
-            } else {
-                println!("created tenant {} ({})", t.name, t.id);
+        TenantCommand::Create { name, encryption, json } => {
+            async {
+                let t = tenants::create(&mut db.client, &master, &name).await?;
+                let required = encryption == Encryption::Required;
+                tenants::set_encryption(&db.client, &name, required).await?;
+                let policy = if required { "required" } else { "off" };
+                if json {
+                    println!("{}", serde_json::json!({"id": t.id, "name": t.name, "backup_encryption": policy}));
+                } else {
+                    println!("created tenant {} ({}), backup encryption {policy}", t.name, t.id);
+                }
+                Ok(())
             }
-        }),
+            .await
+        }
+        TenantCommand::Encryption { name, policy } => {
+            tenants::set_encryption(&db.client, &name, policy == Encryption::Required).await.map(|()| {
+                println!(
+                    "tenant {name}: backup encryption {}",
+                    if policy == Encryption::Required { "required" } else { "off" }
+                );
+            })
+        }
         TenantCommand::List { json } => tenants::list(&db.client).await.map(|list| {
             if json {
                 println!("{}", serde_json::json!(list));

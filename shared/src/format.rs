@@ -12,7 +12,8 @@ pub const PACK_VERSION: u8 = 1;
 
 /// Snapshot manifest objects start with this magic, then [`MANIFEST_VERSION`].
 pub const MANIFEST_MAGIC: [u8; 4] = *b"LBMF";
-pub const MANIFEST_VERSION: u8 = 1;
+/// Version 2 adds each file's iOS key record; version 1 is still read.
+pub const MANIFEST_VERSION: u8 = 2;
 
 /// Content-defined chunking bounds (FastCDC 2020, normalisation level 1).
 pub const CHUNK_MIN_BYTES: u32 = 64 * 1024;

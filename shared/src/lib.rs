@@ -7,6 +7,7 @@
 pub mod chunk;
 pub mod format;
 pub mod ids;
+pub mod ios_backup;
 pub mod ios_crypto;
 pub mod manifest;
 pub mod pack;

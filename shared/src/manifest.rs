@@ -4,13 +4,15 @@
 //! Object layout (`docs/format.md`):
 //! `"LBMF" | version u8 | nonce [12] | AES-256-GCM(zstd(postcard(Manifest)))`, with
 //! `"LBMF" | version | snapshot id (16 bytes)` as associated data, so a manifest cannot be
-//! passed off as another snapshot's.
+//! passed off as another snapshot's. Version 2 (written) adds each file's [`IosKey`];
+//! version 1 (read) has none.
 
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::DataKey;
 use crate::format::{MANIFEST_MAGIC, MANIFEST_VERSION, MAX_MANIFEST_BYTES, NONCE_BYTES, TAG_BYTES};
 use crate::ids::{ChunkId, SnapshotId, Udid};
+use crate::ios_crypto::KEY_RECORD_BYTES;
 
 /// The device a snapshot was taken from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +39,28 @@ pub struct FileEntry {
     pub size: u64,
     pub mode: u32,
     pub mtime_unix_seconds: i64,
+    /// The plaintext's chunks.
     pub chunks: Vec<ChunkRef>,
+    /// A file of an iOS-encrypted backup: the phone's bytes are its chunks encrypted with
+    /// this key (AES-256-CBC, IV 0, PKCS7), so they are rebuilt exactly for a restore.
+    pub ios_key: Option<Box<IosKey>>,
+}
+
+/// How the phone encrypted one file of an encrypted backup (or, for Manifest.db, the
+/// `ManifestKey` of Manifest.plist): its protection class and its key record, `u32 LE
+/// class || the file key wrapped (RFC 3394) with that class's key`. It opens nothing
+/// without the backup password.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IosKey {
+    pub class: u32,
+    #[serde(with = "serde_bytes")]
+    pub record: [u8; KEY_RECORD_BYTES],
+}
+
+impl std::fmt::Debug for IosKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IosKey").field("class", &self.class).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +76,7 @@ pub struct Manifest {
 pub enum ManifestError {
     #[error("not a Lifeboat manifest (bad magic)")]
     BadMagic,
-    #[error("manifest format version {0} is not supported (this build reads version {MANIFEST_VERSION})")]
+    #[error("manifest format version {0} is not supported (this build reads versions 1 to {MANIFEST_VERSION})")]
     UnknownVersion(u8),
     #[error("manifest does not open with this tenant's key for snapshot {0}: wrong key, wrong snapshot, or damaged")]
     Unauthentic(SnapshotId),
@@ -83,6 +106,11 @@ impl Manifest {
         Ok(())
     }
 
+    /// Whether the phone encrypted this backup (Manifest.db has its `ManifestKey`).
+    pub fn ios_encrypted(&self) -> bool {
+        self.files.iter().any(|f| f.path == "Manifest.db" && f.ios_key.is_some())
+    }
+
     pub fn logical_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
     }
@@ -108,7 +136,7 @@ impl Manifest {
         }
         let mut out = packer.finish().map_err(|e| corrupt(&e))?;
         out.reserve_exact(TAG_BYTES);
-        key.seal_tail(nonce, &aad(&self.snapshot), &mut out, start);
+        key.seal_tail(nonce, &aad(MANIFEST_VERSION, &self.snapshot), &mut out, start);
         Ok(out)
     }
 
@@ -117,15 +145,21 @@ impl Manifest {
         if object.len() < 5 + NONCE_BYTES + TAG_BYTES || object[..4] != MANIFEST_MAGIC {
             return Err(ManifestError::BadMagic);
         }
-        if object[4] != MANIFEST_VERSION {
-            return Err(ManifestError::UnknownVersion(object[4]));
+        let version = object[4];
+        if !(1..=MANIFEST_VERSION).contains(&version) {
+            return Err(ManifestError::UnknownVersion(version));
         }
         let mut nonce = [0u8; NONCE_BYTES];
         nonce.copy_from_slice(&object[5..5 + NONCE_BYTES]);
-        let packed =
-            key.open(nonce, &aad(snapshot), &object[5 + NONCE_BYTES..]).ok_or(ManifestError::Unauthentic(*snapshot))?;
+        let packed = key
+            .open(nonce, &aad(version, snapshot), &object[5 + NONCE_BYTES..])
+            .ok_or(ManifestError::Unauthentic(*snapshot))?;
         let plain = decompress_bounded(&packed, MAX_MANIFEST_BYTES)?;
-        let m: Manifest = postcard::from_bytes(&plain).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        let corrupt = |e: postcard::Error| ManifestError::Corrupt(e.to_string());
+        let m: Manifest = match version {
+            1 => postcard::from_bytes::<v1::Manifest>(&plain).map_err(corrupt)?.into(),
+            _ => postcard::from_bytes(&plain).map_err(corrupt)?,
+        };
         if m.snapshot != *snapshot {
             return Err(ManifestError::Unauthentic(*snapshot));
         }
@@ -150,12 +184,54 @@ fn decompress_bounded(packed: &[u8], max: usize) -> Result<Vec<u8>, ManifestErro
     Ok(plain)
 }
 
-fn aad(snapshot: &SnapshotId) -> [u8; 21] {
+fn aad(version: u8, snapshot: &SnapshotId) -> [u8; 21] {
     let mut a = [0u8; 21];
     a[..4].copy_from_slice(&MANIFEST_MAGIC);
-    a[4] = MANIFEST_VERSION;
+    a[4] = version;
     a[5..].copy_from_slice(snapshot.0.as_bytes());
     a
+}
+
+/// Format version 1, read only: files without [`IosKey`].
+mod v1 {
+    use serde::Deserialize;
+
+    use super::{ChunkRef, DeviceInfo, SnapshotId};
+
+    #[derive(Deserialize)]
+    pub(super) struct Manifest {
+        snapshot: SnapshotId,
+        device: DeviceInfo,
+        created_unix_ms: i64,
+        files: Vec<FileEntry>,
+    }
+
+    #[derive(Deserialize)]
+    struct FileEntry {
+        path: String,
+        size: u64,
+        mode: u32,
+        mtime_unix_seconds: i64,
+        chunks: Vec<ChunkRef>,
+    }
+
+    impl From<Manifest> for super::Manifest {
+        fn from(m: Manifest) -> Self {
+            let files = m
+                .files
+                .into_iter()
+                .map(|f| super::FileEntry {
+                    path: f.path,
+                    size: f.size,
+                    mode: f.mode,
+                    mtime_unix_seconds: f.mtime_unix_seconds,
+                    chunks: f.chunks,
+                    ios_key: None,
+                })
+                .collect();
+            Self { snapshot: m.snapshot, device: m.device, created_unix_ms: m.created_unix_ms, files }
+        }
+    }
 }
 
 /// A relative path that cannot escape the directory it is restored into.
@@ -210,8 +286,16 @@ mod tests {
                     mode: 0o644,
                     mtime_unix_seconds: 1,
                     chunks: vec![ChunkRef { id: ChunkId([1; 32]), length: 3 }],
+                    ios_key: Some(Box::new(IosKey { class: 4, record: [9; KEY_RECORD_BYTES] })),
                 },
-                FileEntry { path: "ab/abcdef".into(), size: 0, mode: 0o644, mtime_unix_seconds: 2, chunks: vec![] },
+                FileEntry {
+                    path: "ab/abcdef".into(),
+                    size: 0,
+                    mode: 0o644,
+                    mtime_unix_seconds: 2,
+                    chunks: vec![],
+                    ios_key: None,
+                },
             ],
         }
     }
@@ -225,8 +309,12 @@ mod tests {
         let other = SnapshotId(uuid::Uuid::from_bytes([6; 16]));
         assert_eq!(Manifest::open(&key, &other, &sealed), Err(ManifestError::Unauthentic(other)));
         let mut bad = sealed.clone();
-        bad[4] = 2;
-        assert_eq!(Manifest::open(&key, &m.snapshot, &bad), Err(ManifestError::UnknownVersion(2)));
+        bad[4] = 3;
+        assert_eq!(Manifest::open(&key, &m.snapshot, &bad), Err(ManifestError::UnknownVersion(3)));
+        // A version byte changed to another known version does not authenticate.
+        bad[4] = 1;
+        assert_eq!(Manifest::open(&key, &m.snapshot, &bad), Err(ManifestError::Unauthentic(m.snapshot)));
+        assert!(m.ios_encrypted());
         assert_eq!(Manifest::open(&key, &m.snapshot, b"junk"), Err(ManifestError::BadMagic));
     }
 
@@ -242,6 +330,7 @@ mod tests {
                 mode: 0o644,
                 mtime_unix_seconds: i64::from(i),
                 chunks: vec![ChunkRef { id: ChunkId([(i % 251) as u8; 32]), length: 7 }],
+                ios_key: None,
             })
             .collect();
         m.files.sort_by(|a, b| a.path.cmp(&b.path));

@@ -132,6 +132,9 @@ impl Answer {
             Request::GetBackupPassword { .. } => {
                 one(|r| matches!(r, Response::BackupPassword { .. }), "BackupPassword")
             }
+            Request::GetEncryptionPolicy { .. } => {
+                one(|r| matches!(r, Response::EncryptionPolicy { .. }), "EncryptionPolicy")
+            }
             Request::OpenRun { .. } => one(|r| matches!(r, Response::RunOpened { .. }), "RunOpened"),
             Request::MissingChunks { .. } => one(|r| matches!(r, Response::Missing { .. }), "Missing"),
             Request::PutChunks { .. } => one(|r| matches!(r, Response::Stored { .. }), "Stored"),
@@ -294,12 +297,13 @@ mod tests {
     fn the_handshake_agrees_on_a_version_or_says_why_not() {
         let h = hello(Auth::Access { token: "t".into() });
         assert_eq!(h.versions, VERSIONS);
-        assert_eq!(negotiate_hello(&h), Ok(3));
+        assert_eq!(negotiate_hello(&h), Ok(4));
+        assert_eq!(negotiate_hello(&Hello { versions: vec![2, 3], ..h.clone() }), Ok(3));
         assert_eq!(negotiate_hello(&Hello { versions: vec![2], ..h.clone() }), Ok(2));
         let old = Hello { versions: vec![1], ..h.clone() };
         let (code, message) = negotiate_hello(&old).unwrap_err();
         assert_eq!(code, ErrorCode::UnsupportedVersion);
-        assert_eq!(message, "agent speaks protocol versions [1]; this server speaks [2, 3]: upgrade lifeboat-agent");
+        assert_eq!(message, "agent speaks protocol versions [1]; this server speaks [2, 3, 4]: upgrade lifeboat-agent");
 
         let accepted = |version| Welcome::Accepted {
             version,
@@ -311,9 +315,10 @@ mod tests {
         };
         assert_eq!(on_welcome(&h.versions, accepted(2)).unwrap().version, 2);
         assert_eq!(on_welcome(&h.versions, accepted(3)).unwrap().version, 3);
+        assert_eq!(on_welcome(&h.versions, accepted(4)).unwrap().version, 4);
         assert_eq!(
-            on_welcome(&h.versions, accepted(4)).unwrap_err(),
-            violation("the server chose protocol version 4, which was not offered")
+            on_welcome(&h.versions, accepted(5)).unwrap_err(),
+            violation("the server chose protocol version 5, which was not offered")
         );
         let refused = Welcome::Refused { code: ErrorCode::Revoked, message: "enrol again".into() };
         assert_eq!(

@@ -134,6 +134,7 @@ mod tests {
             mode: 0o644,
             mtime_unix_seconds: 0,
             chunks: chunks.iter().map(|(id, length)| ChunkRef { id: **id, length: *length }).collect(),
+            ios_key: None,
         }
     }
 

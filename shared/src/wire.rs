@@ -27,11 +27,14 @@ use crate::secret::Secret;
 pub const ALPN: &[u8] = b"lifeboat/1";
 /// Versions of this protocol that this build speaks, newest last. Version 3 is version 2
 /// with the backup-password requests and the `NeedsBackupPassword` state appended; an
-/// agent uses those only in a session of version 3.
-pub const VERSIONS: &[u16] = &[2, 3];
+/// agent uses those only in a session of version 3. Version 4 appends the encryption
+/// policy (`GetEncryptionPolicy`, `EncryptionPolicy`).
+pub const VERSIONS: &[u16] = &[2, 3, 4];
 /// The first version with `GetBackupPassword`, `PutBackupPassword` and
 /// `DeviceState::NeedsBackupPassword`.
 pub const ESCROW_VERSION: u16 = 3;
+/// The first version with `GetEncryptionPolicy` and `Response::EncryptionPolicy`.
+pub const ENCRYPTION_POLICY_VERSION: u16 = 4;
 /// Largest control frame (hello, requests, responses).
 pub const MAX_CONTROL_FRAME_BYTES: usize = 1024 * 1024;
 /// Largest data frame: one blob, or one part of a byte stream, plus framing.
@@ -246,6 +249,11 @@ pub enum Request {
         udid: Udid,
         password: Secret<String>,
     },
+    /// Whether the device's backups must be encrypted by the phone (its tenant's policy):
+    /// answered by [`Response::EncryptionPolicy`]. Version 4.
+    GetEncryptionPolicy {
+        udid: Udid,
+    },
 }
 
 /// How a restore job ended.
@@ -325,6 +333,11 @@ pub enum Response {
     /// The escrowed password, or `None` when the server knows none for the device.
     BackupPassword {
         password: Option<Secret<String>>,
+    },
+    /// `required`: an agent turns encryption on (with an escrowed password) before it
+    /// backs up a phone that does not encrypt. Version 4.
+    EncryptionPolicy {
+        required: bool,
     },
 }
 
@@ -583,9 +596,9 @@ mod tests {
     #[test]
     fn versions_are_negotiated_or_refused() {
         assert_eq!(negotiate(&[2]), Some(2));
-        assert_eq!(negotiate(&[1, 2, 3, 4]), Some(3));
+        assert_eq!(negotiate(&[1, 2, 3, 4, 5]), Some(4));
         assert_eq!(negotiate(&[1]), None, "v1 is no longer spoken");
-        assert_eq!(negotiate(&[4]), None);
+        assert_eq!(negotiate(&[5]), None);
         assert_eq!(negotiate(&[]), None);
     }
 

@@ -232,9 +232,19 @@ impl Provider {
     /// Restores the backup in `root/<source>` onto this device (which may be another
     /// model), as a MobileBackup2 Restore with `source` as SourceIdentifier. With `reboot`
     /// the device restarts afterwards; see [`wait_for_reboot`].
-    pub async fn restore(&self, root: &Path, source: &str, reboot: bool) -> Result<(), DeviceError> {
+    pub async fn restore(
+        &self,
+        root: &Path,
+        source: &str,
+        reboot: bool,
+        password: Option<&lifeboat_shared::Secret<String>>,
+    ) -> Result<(), DeviceError> {
         let mut client = MobileBackup2Client::connect(self).await.map_err(classify)?;
-        let options = RestoreOptions::new().with_reboot(reboot).with_system_files(true);
+        let mut options = RestoreOptions::new().with_reboot(reboot).with_system_files(true);
+        if let Some(p) = password {
+            // idevice logs what it sends at debug level: the agent never writes those lines.
+            options = options.with_password(p.expose().clone());
+        }
         let reply =
             client.restore_from_path(root, Some(source), Some(options), &FsBackupDelegate).await.map_err(classify)?;
         let _ = client.disconnect().await;
@@ -243,6 +253,9 @@ impl Provider {
         match reply.get("ErrorCode").and_then(Value::as_unsigned_integer).unwrap_or(0) {
             0 => Ok(()),
             208 => Err(DeviceError::Locked),
+            encryption::WRONG_PASSWORD => Err(DeviceError::WrongBackupPassword(
+                reply.get("ErrorDescription").and_then(Value::as_string).unwrap_or("no description").into(),
+            )),
             code => Err(DeviceError::Refused {
                 code,
                 description: reply
@@ -262,8 +275,9 @@ pub struct BackupSink {
     /// Signalled when the device begins (on iOS 16.1 and later it first waits for its
     /// passcode).
     pub started: tokio::sync::watch::Sender<bool>,
-    /// Every file the phone finishes, as its path in the mirror.
-    pub finished: crate::pipeline::Feed,
+    /// Every file the phone finishes, as its path in the mirror; none for an encrypted
+    /// backup, whose files' keys arrive only with Manifest.db, after the last file.
+    pub finished: Option<crate::pipeline::Feed>,
     pub progress: Arc<Progress>,
     /// The most the mirror may hold (bytes); the phone is told there is no more room.
     pub budget: Option<u64>,
@@ -468,8 +482,10 @@ impl MirrorDelegate {
     fn hand_off(&self) {
         let files = std::mem::take(&mut *self.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).0;
         // The pipeline may have stopped (an upload failed): the backup ends anyway.
-        if !files.is_empty() {
-            let _ = self.sink.finished.files(files);
+        if !files.is_empty()
+            && let Some(feed) = &self.sink.finished
+        {
+            let _ = feed.files(files);
         }
     }
     /// Before anything but a move touches `path`: staged files a swap moved early go back.
@@ -651,8 +667,9 @@ impl BackupDelegate for MirrorDelegate {
     }
     fn on_file_received(&self, _path: &str, _count: u32) {
         Progress::add(&self.sink.progress.files_received, 1);
-        if let Some((path, reader, before)) =
-            self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+        let current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some((path, reader, before)) = current
+            && self.sink.finished.is_some()
         {
             let size =
                 self.sink.progress.bytes_received.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(before);

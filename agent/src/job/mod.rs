@@ -9,18 +9,23 @@
 //! Never here: protocol frames or the phone's protocol — it drives `device`, `pipeline`
 //! and `net`.
 
+pub mod export;
 pub mod service;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifeboat_shared::ids::{RunId, SnapshotId};
+use lifeboat_shared::Secret;
+use lifeboat_shared::ids::{RunId, SnapshotId, Udid};
 use lifeboat_shared::manifest::{DeviceInfo, Manifest};
-use lifeboat_shared::wire::{DeviceState, ErrorCode, Request, Response, RunEnd};
+use lifeboat_shared::wire::{
+    DeviceState, ENCRYPTION_POLICY_VERSION, ESCROW_VERSION, ErrorCode, Request, Response, RunEnd,
+};
 use plist::Value;
 
 use crate::device::{BackupSink, DeviceError, Provider};
+use crate::ios::{Decryption, IosError};
 use crate::net::{Client, ClientError};
 use crate::pipeline::transfer::{self, Keys, TransferError, UploadReport};
 use crate::pipeline::{FileCache, Pipeline};
@@ -51,9 +56,29 @@ pub enum JobError {
     Upload(#[from] TransferError),
     #[error("the server: {0}")]
     Server(#[from] ClientError),
+    /// The phone encrypts its backups with a password the server does not know (or
+    /// knows wrongly): nothing can be backed up until someone supplies it.
+    #[error("{0}")]
+    NeedsBackupPassword(String),
+    #[error(transparent)]
+    Ios(IosError),
     #[error("{0}")]
     Other(String),
 }
+
+impl From<IosError> for JobError {
+    fn from(e: IosError) -> Self {
+        match e {
+            IosError::WrongPassword => Self::NeedsBackupPassword(e.to_string()),
+            e => Self::Ios(e),
+        }
+    }
+}
+
+/// What to do about a phone that encrypts with a password nobody gave the server.
+pub const NEEDS_BACKUP_PASSWORD: &str = "the iPhone encrypts its backups with a password the server does not know: an \
+     admin enters it (PUT /api/v1/devices/{udid}/backup-password, or lifeboat-server device backup-password --set), or \
+     the user turns it off on the iPhone with Settings > General > Transfer or Reset iPhone > Reset > Reset All Settings";
 
 impl JobError {
     /// The run-end reason reported to the server.
@@ -61,7 +86,19 @@ impl JobError {
         match self {
             Self::Device(e) => e.reason(),
             Self::Upload(_) | Self::Server(_) => "upload-failed",
-            Self::Other(_) => "backup-failed",
+            Self::NeedsBackupPassword(_) => "needs-backup-password",
+            Self::Ios(_) | Self::Other(_) => "backup-failed",
+        }
+    }
+
+    /// The device's state after this failure: on the server, and in `<udid>.state`.
+    fn states(&self) -> (&'static str, DeviceState) {
+        match self {
+            Self::Device(DeviceError::Locked) => ("locked", DeviceState::NeedsPasscode),
+            Self::NeedsBackupPassword(_) | Self::Device(DeviceError::WrongBackupPassword(_)) => {
+                ("needs-backup-password", DeviceState::NeedsBackupPassword)
+            }
+            _ => ("failing", DeviceState::Failing),
         }
     }
 
@@ -71,7 +108,8 @@ impl JobError {
             Self::Device(DeviceError::Refused { code: 105, .. }) => "out-of-space",
             Self::Device(e) => e.reason(),
             Self::Upload(_) | Self::Server(_) => "download-failed",
-            Self::Other(_) => "restore-failed",
+            Self::NeedsBackupPassword(_) => "needs-backup-password",
+            Self::Ios(_) | Self::Other(_) => "restore-failed",
         }
     }
 }
@@ -106,8 +144,13 @@ impl Agent {
     }
 }
 
-/// Reports a device state to the server; a failure is logged, never fatal.
-pub async fn report(client: &Client, udid: &lifeboat_shared::ids::Udid, state: DeviceState, message: &str) {
+/// Reports a device state to the server; a failure is logged, never fatal. A state the
+/// session's version does not know goes as `failing`, with its message.
+pub async fn report(client: &Client, udid: &Udid, state: DeviceState, message: &str) {
+    let state = match state {
+        DeviceState::NeedsBackupPassword if client.accepted.version < ESCROW_VERSION => DeviceState::Failing,
+        s => s,
+    };
     let req = Request::ReportState { udid: udid.clone(), state, message: Some(message.into()) };
     if let Err(e) = client.request(&req).await {
         tracing::warn!(device.udid = %udid, error = %e, "could not report the device's state");
@@ -131,17 +174,29 @@ pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>)
     let info = device_info(udid, &values)?;
     let client = agent.connect().await?;
     register(&client, &info, &values).await?;
+    let password = match prepare_encryption(provider, &client, &info.udid).await {
+        Ok(p) => p,
+        Err(e) => {
+            let (local_state, server_state) = e.states();
+            local.finish(local_state);
+            report(&client, &info.udid, server_state, &e.to_string()).await;
+            client.close().await;
+            tracing::warn!(device.udid = %udid, reason = e.reason(), error = %e, "not backed up");
+            return Err(e);
+        }
+    };
+    let tried = password.as_ref().map(digest);
     let (run, snapshot) = open_run(&client, &agent.state_dir, &info).await?;
     tracing::info!(device.udid = %udid, run.id = %run, device.name = %info.name, "backup started");
     local.set("backing-up");
     report(&client, &info.udid, DeviceState::BackingUp, "backing up").await;
 
-    let result = back_up(agent, provider, &client, &info, run, snapshot, &values, progress.clone()).await.and_then(
-        |(upload, committed)| match committed {
+    let result = back_up(agent, provider, &client, &info, run, snapshot, &values, password, progress.clone())
+        .await
+        .and_then(|(upload, committed)| match committed {
             Response::Committed { snapshot, files, logical_bytes } => Ok((upload, snapshot, files, logical_bytes)),
             other => Err(JobError::Other(format!("the server did not commit the snapshot: {other:?}"))),
-        },
-    );
+        });
     let quic_bytes_sent = client.bytes_sent();
     match result {
         Ok((upload, snapshot, files, logical_bytes)) => {
@@ -159,10 +214,10 @@ pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>)
         }
         Err(e) => {
             // Say why it stopped; the chunks already stored stay on the server for the next run.
-            let (local_state, server_state) = match &e {
-                JobError::Device(DeviceError::Locked) => ("locked", DeviceState::NeedsPasscode),
-                _ => ("failing", DeviceState::Failing),
-            };
+            let (local_state, server_state) = e.states();
+            if let (JobError::NeedsBackupPassword(_), Some(tried)) = (&e, tried) {
+                wrong_passwords().insert(udid.to_string(), tried);
+            }
             local.finish(local_state);
             report(&client, &info.udid, server_state, &e.to_string()).await;
             let end = RunEnd::Failed { reason: e.reason().into(), message: e.to_string() };
@@ -175,6 +230,64 @@ pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>)
             Err(e)
         }
     }
+}
+
+/// Devices whose escrowed password opened no backup in this process, with a digest of
+/// that password (in memory only): not backed up again until the server's answer changes,
+/// since each try would be a whole backup for nothing.
+static WRONG_PASSWORDS: std::sync::Mutex<std::collections::BTreeMap<String, [u8; 32]>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn digest(password: &Secret<String>) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, password.expose().as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn wrong_passwords() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, [u8; 32]>> {
+    WRONG_PASSWORDS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Before a backup: the password the phone will encrypt it with, if it encrypts. A phone
+/// that encrypts needs its escrowed password; under a tenant policy of `required`, a
+/// phone that does not is given a generated one, escrowed on the server first (so a
+/// password the phone has is never one the server lacks), then set with ChangePassword.
+async fn prepare_encryption(
+    provider: &Provider,
+    client: &Client,
+    udid: &Udid,
+) -> Result<Option<Secret<String>>, JobError> {
+    let encrypts = provider.will_encrypt().await?;
+    let version = client.accepted.version;
+    if version < ESCROW_VERSION {
+        // A server without escrow: a phone that encrypts cannot be read.
+        return if encrypts { Err(JobError::NeedsBackupPassword(NEEDS_BACKUP_PASSWORD.into())) } else { Ok(None) };
+    }
+    if encrypts {
+        let escrowed = match client.request(&Request::GetBackupPassword { udid: udid.clone() }).await? {
+            Response::BackupPassword { password } => password,
+            other => return Err(JobError::Other(format!("unexpected answer {other:?}"))),
+        };
+        let Some(password) = escrowed else { return Err(JobError::NeedsBackupPassword(NEEDS_BACKUP_PASSWORD.into())) };
+        if wrong_passwords().get(udid.as_str()) == Some(&digest(&password)) {
+            return Err(JobError::NeedsBackupPassword(IosError::WrongPassword.to_string()));
+        }
+        return Ok(Some(password));
+    }
+    let required = version >= ENCRYPTION_POLICY_VERSION
+        && match client.request(&Request::GetEncryptionPolicy { udid: udid.clone() }).await? {
+            Response::EncryptionPolicy { required } => required,
+            other => return Err(JobError::Other(format!("unexpected answer {other:?}"))),
+        };
+    if !required {
+        return Ok(None);
+    }
+    let password = crate::device::encryption::generate_password()?;
+    client.request(&Request::PutBackupPassword { udid: udid.clone(), password: password.clone() }).await?;
+    provider.change_password(None, Some(&password)).await?;
+    tracing::info!(device.udid = %udid, "turned the iPhone's backup encryption on, with a password escrowed on the server");
+    Ok(Some(password))
 }
 
 fn device_info(udid: &str, values: &plist::Dictionary) -> Result<DeviceInfo, JobError> {
@@ -222,6 +335,7 @@ async fn back_up(
     run: RunId,
     snapshot: SnapshotId,
     values: &plist::Dictionary,
+    password: Option<Secret<String>>,
     progress: Arc<Progress>,
 ) -> Result<(UploadReport, Response), JobError> {
     let udid = provider.udid.as_str();
@@ -234,7 +348,8 @@ async fn back_up(
     let mut waiting = started.clone();
     let sink = BackupSink {
         started: started_tx,
-        finished: pipeline.feed(),
+        // An encrypted backup's files are read once their keys are known, at the end.
+        finished: password.is_none().then(|| pipeline.feed()),
         progress: progress.clone(),
         budget: agent.mirror_budget,
         mirror_bytes,
@@ -264,7 +379,8 @@ async fn back_up(
     watch.abort();
     let dir = received??;
     progress.set_phase(Phase::Uploading);
-    let (files, file_keys, upload) = pipeline.finish(&dir).await?;
+    let decryption = open_backup(&agent.state_dir, &dir, password).await?;
+    let (files, file_keys, upload) = pipeline.finish(&dir, decryption.as_ref()).await?;
     progress.set_phase(Phase::Committing);
     let manifest = Manifest { snapshot, device: info.clone(), created_unix_ms: transfer::now_unix_ms(), files };
     let committed = match transfer::commit(client, &agent.keys, run, &manifest).await {
@@ -283,11 +399,38 @@ async fn back_up(
     Ok((upload, committed))
 }
 
+/// The keys of the backup the phone just made in `dir`, if it encrypted it. A backup the
+/// phone encrypted although none was expected (its encryption was turned on behind our
+/// back) needs its password like any other.
+async fn open_backup(
+    state_dir: &Path,
+    dir: &Path,
+    password: Option<Secret<String>>,
+) -> Result<Option<Decryption>, JobError> {
+    let plist = std::fs::read(dir.join("Manifest.plist"))
+        .map_err(|e| JobError::Other(format!("the backup has no readable Manifest.plist: {e}")))?;
+    let encrypted = !matches!(
+        lifeboat_shared::ios_backup::plist_encryption(&plist),
+        Ok(lifeboat_shared::ios_backup::PlistEncryption::None)
+    );
+    let Some(password) = password.filter(|_| encrypted) else {
+        return if encrypted { Err(JobError::NeedsBackupPassword(NEEDS_BACKUP_PASSWORD.into())) } else { Ok(None) };
+    };
+    let (dir, scratch) = (dir.to_path_buf(), state_dir.join("scratch"));
+    let opened = tokio::task::spawn_blocking(move || Decryption::open(&dir, &password, &scratch))
+        .await
+        .map_err(|e| JobError::Other(format!("opening the encrypted backup failed: {e}")))??;
+    if let Some(d) = &opened {
+        tracing::debug!(files = d.len(), "the encrypted backup's keys are unwrapped");
+    }
+    Ok(opened)
+}
+
 /// Until the phone asks for its first file it is waiting for its passcode (iOS 16.1
 /// and later): after [`PASSCODE_HINT_AFTER`] say so, and say when it goes on.
 async fn passcode_watch(
     client: Client,
-    udid: lifeboat_shared::ids::Udid,
+    udid: Udid,
     local: LocalState,
     mut started: tokio::sync::watch::Receiver<bool>,
     progress: Arc<Progress>,
@@ -341,6 +484,7 @@ pub async fn restore(
             manifest.device.ios_version
         )));
     }
+    let ios = snapshot_encryption(&client, &agent.keys, &manifest).await?;
     let needed: u64 = manifest.files.iter().map(|f| f.size).sum();
     let restore_dir = agent.state_dir.join("restore");
     std::fs::create_dir_all(&restore_dir).map_err(|e| JobError::Other(format!("{}: {e}", restore_dir.display())))?;
@@ -359,7 +503,11 @@ pub async fn restore(
     let _cleanup = RemoveOnDrop(root.clone());
     let download = root.join("download");
     say(&format!("downloading snapshot {snapshot} ({} files) …", manifest.files.len()));
-    let manifest = transfer::download_snapshot(&client, &agent.keys, snapshot, &download).await?;
+    let rebuild = match &ios {
+        Some((_, classes)) => transfer::Rebuild::AsThePhoneMadeThem(classes),
+        None => transfer::Rebuild::Plaintext,
+    };
+    transfer::download_files(&client, &agent.keys, &manifest, &download, rebuild, &|_| {}).await?;
     client.close().await;
     let source = manifest.device.udid.as_str().to_string();
     std::fs::rename(&download, root.join(&source))
@@ -371,7 +519,7 @@ pub async fn restore(
     let local = LocalState::new(&agent.state_dir, &target);
     local.set("restoring");
     let result = async {
-        provider.restore(&root, &source, reboot).await?;
+        provider.restore(&root, &source, reboot, ios.as_ref().map(|(password, _)| password)).await?;
         if reboot {
             say("the iPhone restarts …");
             crate::device::wait_for_reboot(provider.addr(), &target, Duration::from_secs(180)).await?;
@@ -383,6 +531,45 @@ pub async fn restore(
     result?;
     tracing::info!(device.udid = %target, snapshot.id = %snapshot, source = %source, "restore done");
     Ok(Restored { snapshot, source, files: manifest.files.len(), rebooted: reboot })
+}
+
+/// For a snapshot of a backup the phone encrypted: its escrowed password and the class
+/// keys its keybag (in the snapshot's Manifest.plist) opens with it, for the phone's
+/// bytes to be rebuilt. `None` for a snapshot of an unencrypted backup.
+pub async fn snapshot_encryption(
+    client: &Client,
+    keys: &Keys,
+    manifest: &Manifest,
+) -> Result<Option<(Secret<String>, lifeboat_shared::ios_crypto::ClassKeys)>, JobError> {
+    if !manifest.ios_encrypted() {
+        return Ok(None);
+    }
+    let udid = &manifest.device.udid;
+    let escrowed = if client.accepted.version < ESCROW_VERSION {
+        None
+    } else {
+        match client.request(&Request::GetBackupPassword { udid: udid.clone() }).await? {
+            Response::BackupPassword { password } => password,
+            other => return Err(JobError::Other(format!("unexpected answer {other:?}"))),
+        }
+    };
+    let Some(password) = escrowed else {
+        return Err(JobError::NeedsBackupPassword(format!(
+            "snapshot {} is of an encrypted backup and the server knows no backup password for {udid}",
+            manifest.snapshot
+        )));
+    };
+    let plist = transfer::read_file(client, keys, manifest, "Manifest.plist").await?;
+    let keybag = match lifeboat_shared::ios_backup::plist_encryption(&plist) {
+        Ok(lifeboat_shared::ios_backup::PlistEncryption::Encrypted { keybag, .. }) => keybag,
+        Ok(_) => return Err(JobError::Other("the snapshot's Manifest.plist says it is not encrypted".into())),
+        Err(e) => return Err(JobError::Other(format!("the snapshot's Manifest.plist: {e}"))),
+    };
+    let p = password.clone();
+    let classes = tokio::task::spawn_blocking(move || crate::ios::unlock(&keybag, &p))
+        .await
+        .map_err(|e| JobError::Other(format!("opening the keybag failed: {e}")))??;
+    Ok(Some((password, classes)))
 }
 
 /// Removes a directory tree when dropped.

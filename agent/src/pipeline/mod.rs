@@ -14,6 +14,12 @@
 //! file unchanged since the last committed snapshot of this device (the local cache,
 //! [`FileCache`]) is not read at all: its chunks are on the server already.
 //!
+//! An encrypted backup's files are chunked only after the phone is done (their keys
+//! arrive with Manifest.db, last): [`Pipeline::finish`] is given the backup's
+//! [`Decryption`] and the chunker reads each file's plaintext, which is what is stored
+//! (so dedup works across backups and previews can read it), with its key record in the
+//! manifest entry.
+//!
 //! `transfer`: a whole directory up as a snapshot, and a snapshot back into a directory
 //! through `lifeboat_shared::restore`. Never here: the phone's protocol (that is `device`).
 
@@ -33,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::ios::{DecryptingReader, Decryption};
 use crate::net::Client;
 use crate::pipeline::transfer::{Keys, TransferError, UploadReport, list_files, nonce};
 use crate::progress::Progress;
@@ -138,7 +145,12 @@ impl FileCache {
             .ok()
             .and_then(|bytes| postcard::from_bytes(&bytes).ok())
             .unwrap_or_default();
-        cache.files.retain(|(key, chunks)| chunks.iter().map(|c| u64::from(c.length)).sum::<u64>() == key.size);
+        // A file the phone encrypted is kept as its plaintext, one to sixteen bytes of
+        // padding shorter (`Pipeline::finish` checks which it is).
+        cache.files.retain(|(key, chunks)| {
+            let sum = chunks.iter().map(|c| u64::from(c.length)).sum::<u64>();
+            sum == key.size || lifeboat_shared::ios_crypto::cipher_len(sum) == key.size
+        });
         cache
     }
 
@@ -180,8 +192,9 @@ impl FileCache {
 }
 
 enum Job {
-    /// A finished file, opened before the phone could move it, or by path.
-    File(PathBuf, Option<Handle>),
+    /// A finished file, opened before the phone could move it, or by path; with the key
+    /// its plaintext is read with if the phone encrypted it.
+    File(PathBuf, Option<Handle>, Option<lifeboat_shared::ios_crypto::FileKey>),
     /// Several, handed on together (one wake-up of the chunker).
     Files(Vec<(PathBuf, Option<Handle>)>),
     /// Answer [`Piece::Flushed`] once every earlier file is done.
@@ -210,7 +223,7 @@ pub struct Feed {
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::File(p, _) => write!(f, "File({})", p.display()),
+            Self::File(p, _, _) => write!(f, "File({})", p.display()),
             Self::Files(files) => write!(f, "Files({})", files.len()),
             Self::Flush => f.write_str("Flush"),
         }
@@ -386,7 +399,13 @@ impl Pipeline {
     /// entries, sorted by path, and each one's key (for [`FileCache::from_snapshot`]
     /// after the commit). What is kept per file on the way is only what the manifest
     /// needs: a backup of many files must not need memory for several copies of its list.
-    pub async fn finish(mut self, root: &Path) -> Result<(Vec<FileEntry>, Vec<FileKey>, UploadReport), TransferError> {
+    /// With `decryption` (an encrypted backup), the files it has keys for are stored as
+    /// their plaintext, each entry with its key record.
+    pub async fn finish(
+        mut self,
+        root: &Path,
+        decryption: Option<&Decryption>,
+    ) -> Result<(Vec<FileEntry>, Vec<FileKey>, UploadReport), TransferError> {
         // Everything the phone handed on is chunked first, so the walk below finds it.
         let _ = self.feed.jobs.send(Job::Flush);
         loop {
@@ -406,9 +425,17 @@ impl Pipeline {
             let meta =
                 std::fs::symlink_metadata(&path).map_err(|cause| TransferError::Io { path: path.clone(), cause })?;
             let key = FileKey::of(&meta);
-            if !self.known.contains_key(&key) {
+            let encrypted = decryption.and_then(|d| d.get(&rel));
+            // What is known must be what this backup stores: the plaintext of a file the
+            // phone encrypted (padded to the file's size), the file's bytes otherwise.
+            let fits = |chunks: &[ChunkRef]| {
+                let sum: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();
+                key.size == if encrypted.is_some() { lifeboat_shared::ios_crypto::cipher_len(sum) } else { sum }
+            };
+            if !self.known.get(&key).is_some_and(|(chunks, _)| fits(chunks)) {
+                self.known.remove(&key);
                 pending += 1;
-                let _ = self.feed.jobs.send(Job::File(path, None));
+                let _ = self.feed.jobs.send(Job::File(path, None, encrypted.map(|(_, k)| k.clone())));
             }
             files.push(FileEntry {
                 path: rel,
@@ -416,6 +443,7 @@ impl Pipeline {
                 mode: meta.permissions().mode() & 0o7777,
                 mtime_unix_seconds: meta.mtime(),
                 chunks: Vec::new(),
+                ios_key: encrypted.map(|(record, _)| Box::new(*record)),
             });
             keys.push(key);
         }
@@ -455,7 +483,10 @@ impl Pipeline {
             };
             self.report.files_from_cache += u64::from(cached);
             self.report.files += 1;
-            self.report.logical_bytes += key.size;
+            if files[i].ios_key.is_some() {
+                files[i].size = chunks.iter().map(|c| u64::from(c.length)).sum();
+            }
+            self.report.logical_bytes += files[i].size;
             self.report.chunks += chunks.len() as u64;
             files[i].chunks = chunks;
             from_cache.push(cached);
@@ -643,8 +674,8 @@ fn chunker(
     while let Some(job) = next {
         let done = match job {
             Job::Flush => chunker.out.push(Piece::Flushed),
-            Job::File(path, handle) => chunker.file(path, handle),
-            Job::Files(files) => files.into_iter().try_for_each(|(path, handle)| chunker.file(path, handle)),
+            Job::File(path, handle, key) => chunker.file(path, handle, key.as_ref()),
+            Job::Files(files) => files.into_iter().try_for_each(|(path, handle)| chunker.file(path, handle, None)),
         };
         if done.is_err() {
             return;
@@ -674,8 +705,14 @@ struct Chunker {
 }
 
 impl Chunker {
-    /// Reads one file: its new chunks, then its chunk list (or why it was skipped).
-    fn file(&mut self, path: PathBuf, handle: Option<Handle>) -> Result<(), Stopped> {
+    /// Reads one file (its plaintext, with `decrypt`): its new chunks, then its chunk list
+    /// (or why it was skipped).
+    fn file(
+        &mut self,
+        path: PathBuf,
+        handle: Option<Handle>,
+        decrypt: Option<&lifeboat_shared::ios_crypto::FileKey>,
+    ) -> Result<(), Stopped> {
         let Self { keys, seed, seen, progress, out } = self;
         let seed = *seed;
         let opened = match handle {
@@ -722,11 +759,16 @@ impl Chunker {
             // a larger one in blocks; new chunks are mostly slices of those buffers. At
             // most one byte past the size is read: a growing file is refused below.
             let block = before.size.saturating_add(1).min(READ_BLOCK_BYTES) as usize;
-            read_chunks(std::io::Read::take(file, before.size.saturating_add(1)), seed, block, &mut emit)?;
+            let limited = std::io::Read::take(file, before.size.saturating_add(1));
+            match decrypt {
+                None => read_chunks(limited, seed, block, &mut emit)?,
+                Some(key) => read_chunks(DecryptingReader::new(limited, key), seed, block, &mut emit)?,
+            };
             // A file written to while it was read is not what its chunks say.
             let after = FileKey::of(&file.metadata()?);
             let read: u64 = chunks.iter().map(|c| u64::from(c.length)).sum();
-            if after != before || read != before.size {
+            let stored = if decrypt.is_some() { lifeboat_shared::ios_crypto::cipher_len(read) } else { read };
+            if after != before || stored != before.size {
                 return Err(std::io::Error::other("the file changed while it was read"));
             }
             Ok((before, chunks.into_boxed_slice()))
@@ -778,6 +820,7 @@ mod tests {
             mode: 0o644,
             mtime_unix_seconds: 0,
             chunks: vec![ChunkRef { id: ChunkId([id; 32]), length: size as u32 }],
+            ios_key: None,
         };
         let cache = FileCache::from_snapshot(vec![key_of(&a), key_of(&b)], vec![entry("a", 10, 1), entry("b", 20, 2)]);
         assert_eq!(

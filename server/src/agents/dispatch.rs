@@ -77,6 +77,13 @@ impl Agents {
                 let password = backup_password(app, s, &udid).await?;
                 respond(send, &Response::BackupPassword { password }).await
             }
+            Request::GetEncryptionPolicy { udid: _ } => {
+                let client = app.db.get().await?;
+                let required = crate::store::tenants::encryption_required(&client, s.tenant)
+                    .await
+                    .map_err(|e| Rejection::internal("reading the encryption policy", e))?;
+                respond(send, &Response::EncryptionPolicy { required }).await
+            }
             Request::PutBackupPassword { udid, password } => {
                 let keys = tenant_keys(app, s).await?;
                 let mut client = app.db.get().await?;

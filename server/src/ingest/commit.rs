@@ -102,6 +102,7 @@ impl Ingest {
             product_type: &manifest.device.product_type,
             files,
             logical_bytes: logical,
+            ios_encrypted: manifest.ios_encrypted(),
         };
         let mut client = self.app.db.get().await?;
         if !store::runs::commit(&mut client, s.tenant, s.agent, run, &new).await? {

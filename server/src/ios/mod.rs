@@ -129,20 +129,10 @@ pub fn manifest_db_files(db: &rusqlite::Connection) -> rusqlite::Result<Vec<List
             file_id: r.get(0)?,
             domain: r.get(1)?,
             path: r.get(2)?,
-            size: blob.and_then(|b| mbfile_size(&b)),
+            size: blob.and_then(|b| lifeboat_shared::ios_backup::decode_mbfile(&b).ok()).map(|m| m.size),
         })
     })?;
     rows.collect()
-}
-
-pub fn mbfile_size(blob: &[u8]) -> Option<u64> {
-    let v = plist::Value::from_reader(std::io::Cursor::new(blob)).ok()?;
-    let objects = v.as_dictionary()?.get("$objects")?.as_array()?;
-    let root = match v.as_dictionary()?.get("$top")?.as_dictionary()?.get("root")? {
-        plist::Value::Uid(u) => u.get() as usize,
-        _ => 1,
-    };
-    objects.get(root)?.as_dictionary()?.get("Size")?.as_unsigned_integer()
 }
 
 #[cfg(test)]

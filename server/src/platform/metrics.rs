@@ -135,7 +135,7 @@ impl Metrics {
         let fleet = FleetMetrics {
             devices: int_gauge(
                 "lifeboat_devices",
-                "Devices by status: protected (backed up within the stale window), stale, needs-action (trust or passcode), failing.",
+                "Devices by status: protected (backed up within the stale window), stale, needs-action (trust, passcode or backup password), failing.",
                 &["tenant", "status"],
             )?,
             device_last_success: gauge(

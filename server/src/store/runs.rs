@@ -143,6 +143,8 @@ pub struct NewSnapshot<'a> {
     pub product_type: &'a str,
     pub files: i64,
     pub logical_bytes: i64,
+    /// The phone encrypted the backup (the manifest has its key records).
+    pub ios_encrypted: bool,
 }
 
 /// Marks the run succeeded and inserts its snapshot, in one transaction: false (and
@@ -166,9 +168,20 @@ pub async fn commit(
         return Ok(false);
     }
     tx.execute(
-        "INSERT INTO snapshots (tenant_id, id, udid, run_id, manifest_key, ios_version, product_type, file_count, logical_bytes) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        &[&tenant.0, &s.id.0, &s.udid, &run.0, &s.manifest_key, &s.ios_version, &s.product_type, &s.files, &s.logical_bytes],
+        "INSERT INTO snapshots (tenant_id, id, udid, run_id, manifest_key, ios_version, product_type, file_count, \
+         logical_bytes, ios_encrypted) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &[
+            &tenant.0,
+            &s.id.0,
+            &s.udid,
+            &run.0,
+            &s.manifest_key,
+            &s.ios_version,
+            &s.product_type,
+            &s.files,
+            &s.logical_bytes,
+            &s.ios_encrypted,
+        ],
     )
     .await?;
     tx.commit().await?;

@@ -65,12 +65,14 @@ pub struct SnapshotRow {
     pub logical_bytes: i64,
     pub ios_version: Option<String>,
     pub product_type: Option<String>,
+    /// The phone encrypted this backup: restoring it needs the escrowed password.
+    pub encrypted: bool,
 }
 
 const COLUMNS: &str = concat!(
     "SELECT id, udid, manifest_key, ",
     ts!("committed_at"),
-    ", file_count, logical_bytes, ios_version, product_type FROM snapshots "
+    ", file_count, logical_bytes, ios_version, product_type, ios_encrypted FROM snapshots "
 );
 
 fn row(r: &tokio_postgres::Row) -> SnapshotRow {
@@ -83,6 +85,7 @@ fn row(r: &tokio_postgres::Row) -> SnapshotRow {
         logical_bytes: r.get(5),
         ios_version: r.get(6),
         product_type: r.get(7),
+        encrypted: r.get(8),
     }
 }
 

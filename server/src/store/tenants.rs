@@ -70,6 +70,26 @@ pub async fn create(client: &mut Client, master: &MasterKey, name: &str) -> Resu
     Ok(Tenant { id, name: name.to_string(), created_at_unix: row.get(1) })
 }
 
+/// Whether tenant `tenant`'s phones must back up encrypted (`backup_encryption`).
+pub async fn encryption_required(client: &Client, tenant: TenantId) -> Result<bool, TenantError> {
+    let row = client
+        .query_opt("SELECT backup_encryption = 'required' FROM tenants WHERE id = $1", &[&tenant.0])
+        .await?
+        .ok_or_else(|| TenantError::NotFound(tenant.to_string()))?;
+    Ok(row.get(0))
+}
+
+/// Sets tenant `name`'s backup encryption policy: required, or off.
+pub async fn set_encryption(client: &Client, name: &str, required: bool) -> Result<(), TenantError> {
+    let policy = if required { "required" } else { "off" };
+    let n = client.execute("UPDATE tenants SET backup_encryption = $2 WHERE name = $1", &[&name, &policy]).await?;
+    if n == 0 {
+        return Err(TenantError::NotFound(name.to_string()));
+    }
+    tracing::info!(tenant.name = name, backup_encryption = policy, "set the tenant's backup encryption policy");
+    Ok(())
+}
+
 pub async fn list(client: &Client) -> Result<Vec<Tenant>, TenantError> {
     let rows =
         client.query("SELECT id, name, extract(epoch FROM created_at)::bigint FROM tenants ORDER BY name", &[]).await?;

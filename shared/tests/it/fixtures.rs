@@ -1,5 +1,6 @@
 //! Frozen fixtures: objects written by format version 1 of packs, blobs and manifests
-//! (`docs/format.md`), kept in `shared/tests/fixtures/format-v1/` and never rewritten.
+//! (`docs/format.md`), kept in `shared/tests/fixtures/format-v1/`, and by version 2 of
+//! manifests (an iOS-encrypted snapshot's key records) in `format-v2/`; never rewritten.
 //! Every build must keep restoring them byte for byte: a reader that stops understanding
 //! a released format fails here.
 //!
@@ -10,7 +11,7 @@
 
 use lifeboat_shared::chunk::{DataKey, IdKey, open_and_verify, seal_chunk};
 use lifeboat_shared::ids::{ChunkId, SnapshotId};
-use lifeboat_shared::manifest::{ChunkRef, DeviceInfo, FileEntry, Manifest};
+use lifeboat_shared::manifest::{ChunkRef, DeviceInfo, FileEntry, IosKey, Manifest};
 use lifeboat_shared::pack::{self, PackBuilder};
 use lifeboat_shared::restore;
 
@@ -55,6 +56,7 @@ fn manifest(ids: &[ChunkId], plain: &[Vec<u8>]) -> Manifest {
                 mode: 0o644,
                 mtime_unix_seconds: 1_764_700_000,
                 chunks: parts.iter().map(|&i| ChunkRef { id: ids[i], length: plain[i].len() as u32 }).collect(),
+                ios_key: None,
             })
             .collect(),
     }
@@ -114,4 +116,45 @@ fn format_v1_fixtures_still_restore_byte_for_byte() {
         let expected: Vec<u8> = parts.iter().flat_map(|&i| plain[i].iter().copied()).collect();
         assert_eq!(restore::rebuild(f, &opened.plain).unwrap(), expected, "{}", f.path);
     }
+}
+
+/// Version 2 of the manifest: the same snapshot as an iOS-encrypted backup's, Manifest.db
+/// with its `ManifestKey` record (class 4) and the file with its own (class 3).
+fn manifest_v2(ids: &[ChunkId], plain: &[Vec<u8>]) -> Manifest {
+    let mut m = manifest(ids, plain);
+    m.snapshot = SnapshotId(uuid::Uuid::from_u128(SNAPSHOT + 2));
+    let record = |class: u8| {
+        let mut r = [class + 0x40; 44];
+        r[..4].copy_from_slice(&[class, 0, 0, 0]);
+        r
+    };
+    m.files[0].ios_key = Some(Box::new(IosKey { class: 3, record: record(3) }));
+    m.files.push(FileEntry {
+        path: "Manifest.db".into(),
+        size: plain[0].len() as u64,
+        mode: 0o644,
+        mtime_unix_seconds: 1_764_700_001,
+        chunks: vec![ChunkRef { id: ids[0], length: plain[0].len() as u32 }],
+        ios_key: Some(Box::new(IosKey { class: 4, record: record(4) })),
+    });
+    m
+}
+
+#[test]
+fn format_v2_manifest_still_opens() {
+    let dir = crate::dir("fixtures/format-v2");
+    let (id_key, data_key) = (IdKey::from_bytes(ID_KEY), DataKey::from_bytes(&DATA_KEY));
+    let plain = chunks();
+    let ids: Vec<ChunkId> = plain.iter().map(|p| id_key.chunk_id(p)).collect();
+    let path = dir.join("manifest");
+    if std::env::var_os("LIFEBOAT_WRITE_FROZEN_FIXTURE").is_some_and(|v| v == "1") && !path.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&path, manifest_v2(&ids, &plain).seal(&data_key, [8; 12]).unwrap()).unwrap();
+    }
+    let sealed = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture manifest: {e}"));
+    assert_eq!(sealed[4], 2, "version byte");
+    let snapshot = SnapshotId(uuid::Uuid::from_u128(SNAPSHOT + 2));
+    let m = Manifest::open(&data_key, &snapshot, &sealed).unwrap();
+    assert_eq!(m, manifest_v2(&ids, &plain));
+    assert!(m.ios_encrypted());
 }

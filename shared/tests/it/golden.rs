@@ -177,6 +177,8 @@ fn frames() -> Vec<(String, Vec<u8>)> {
         Response::BackupPassword { password: Some(Secret::new("8fK2-mQ9x-Lp4W-zR7c".into())) }
     );
     frame!("response-backup-password-none", Response, Response::BackupPassword { password: None });
+    frame!("request-get-encryption-policy", Request, Request::GetEncryptionPolicy { udid: udid() });
+    frame!("response-encryption-policy", Response, Response::EncryptionPolicy { required: true });
     frame!("response-run-opened", Response, Response::RunOpened { run, snapshot, lease_seconds: 600 });
     frame!("response-missing", Response, Response::Missing { ids: vec![chunk(0x80)] });
     frame!("response-stored", Response, Response::Stored { chunks: 300, new_chunks: 200, new_bytes: 1 << 33 });
@@ -299,9 +301,11 @@ fn the_specs_worked_examples_are_the_real_bytes() {
 }
 
 #[test]
-fn this_build_speaks_versions_2_and_3() {
-    assert_eq!(VERSIONS, &[2, 3]);
+fn this_build_speaks_versions_2_to_4() {
+    assert_eq!(VERSIONS, &[2, 3, 4]);
     assert_eq!(wire::ESCROW_VERSION, 3);
+    assert_eq!(wire::ENCRYPTION_POLICY_VERSION, 4);
+    assert_eq!(wire::negotiate(&[2, 3, 4]), Some(4));
     assert_eq!(wire::negotiate(&[1]), None, "a v1 agent is refused");
     assert_eq!(wire::negotiate(&[1, 2]), Some(2), "a v2 agent is served");
     assert_eq!(wire::negotiate(&[2, 3]), Some(3));

@@ -68,7 +68,14 @@ async fn run(clients: usize) -> anyhow::Result<f64> {
             snapshot,
             device,
             created_unix_ms: 0,
-            files: vec![FileEntry { path: "data".into(), size, mode: 0o644, mtime_unix_seconds: 0, chunks: refs }],
+            files: vec![FileEntry {
+                path: "data".into(),
+                size,
+                mode: 0o644,
+                mtime_unix_seconds: 0,
+                chunks: refs,
+                ios_key: None,
+            }],
         };
         let sealed = manifest.seal(data, [9; 12])?;
         // Batches moved (not copied) out of the list before the clock starts.

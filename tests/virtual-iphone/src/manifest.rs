@@ -119,11 +119,7 @@ pub struct ManifestFile {
 }
 
 /// The key of one file of an encrypted backup, as its MBFile record holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Encrypted {
-    pub class: u32,
-    pub record: [u8; lifeboat_shared::ios_crypto::KEY_RECORD_BYTES],
-}
+pub use lifeboat_shared::ios_backup::FileEncryption as Encrypted;
 
 impl ManifestFile {
     /// A regular-file row with its fileID computed from domain and path.
@@ -300,7 +296,7 @@ pub fn read_manifest_db(bytes: &[u8]) -> Result<Vec<ManifestFile>, ManifestError
         }
         let flags = u32::try_from(flags).map_err(|_| bad(format!("flags {flags} out of range")))?;
         let blob = blob.ok_or_else(|| bad("no MBFile record (file is NULL)".into()))?;
-        let record = decode_mbfile(&blob).map_err(bad)?;
+        let record = lifeboat_shared::ios_backup::decode_mbfile(&blob).map_err(bad)?;
         out.push(ManifestFile {
             file_id,
             domain,
@@ -313,69 +309,6 @@ pub fn read_manifest_db(bytes: &[u8]) -> Result<Vec<ManifestFile>, ManifestError
         });
     }
     Ok(out)
-}
-
-/// The fields of an MBFile record that the device needs.
-#[derive(Debug)]
-struct MbFile {
-    size: u64,
-    mtime: i64,
-    mode: u32,
-    encryption: Option<Encrypted>,
-}
-
-/// Decodes an NSKeyedArchiver MBFile record, following `$top.root` (normally `$objects[1]`).
-fn decode_mbfile(blob: &[u8]) -> Result<MbFile, String> {
-    let value = Value::from_reader(Cursor::new(blob)).map_err(|e| format!("MBFile is not a plist: {e}"))?;
-    let archive = value.as_dictionary().ok_or("MBFile archive is not a dictionary")?;
-    let objects = archive.get("$objects").and_then(Value::as_array).ok_or("MBFile archive has no $objects array")?;
-    let root = match archive.get("$top").and_then(Value::as_dictionary).and_then(|t| t.get("root")) {
-        Some(Value::Uid(uid)) => usize::try_from(uid.get()).map_err(|_| "$top.root out of range")?,
-        _ => 1,
-    };
-    let mb = objects.get(root).and_then(Value::as_dictionary).ok_or("MBFile root object is not a dictionary")?;
-    let int = |key: &str| -> Result<&Value, String> { mb.get(key).ok_or_else(|| format!("MBFile has no {key}")) };
-    let size = int("Size")?.as_unsigned_integer().ok_or("MBFile Size is not a non-negative integer")?;
-    let mtime = match int("LastModified")? {
-        Value::Integer(i) => i.as_signed().ok_or("MBFile LastModified out of range")?,
-        Value::Real(r) if r.is_finite() => *r as i64,
-        Value::Date(d) => unix_seconds((*d).into()),
-        _ => return Err("MBFile LastModified is not a number".into()),
-    };
-    let mode = int("Mode")?
-        .as_unsigned_integer()
-        .and_then(|m| u32::try_from(m).ok())
-        .ok_or("MBFile Mode is not a 32-bit unsigned integer")?;
-    let encryption = match mb.get("EncryptionKey") {
-        None => None,
-        Some(Value::Uid(uid)) => {
-            let data = usize::try_from(uid.get())
-                .ok()
-                .and_then(|i| objects.get(i))
-                .and_then(Value::as_dictionary)
-                .and_then(|d| d.get("NS.data"))
-                .and_then(Value::as_data)
-                .ok_or("MBFile EncryptionKey does not point at an NS.data object")?;
-            let record =
-                data.try_into().map_err(|_| format!("MBFile EncryptionKey is {} bytes, not 44", data.len()))?;
-            let class = mb
-                .get("ProtectionClass")
-                .and_then(Value::as_unsigned_integer)
-                .and_then(|c| u32::try_from(c).ok())
-                .ok_or("MBFile has an EncryptionKey but no ProtectionClass")?;
-            Some(Encrypted { class, record })
-        }
-        Some(_) => return Err("MBFile EncryptionKey is not a UID".into()),
-    };
-    Ok(MbFile { size, mtime, mode, encryption })
-}
-
-/// Seconds since the Unix epoch (negative before it).
-fn unix_seconds(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => i64::try_from(e.duration().as_secs()).map(|s| -s).unwrap_or(i64::MIN),
-    }
 }
 
 /// What Manifest.plist says about the device (its `Lockdown` dictionary).

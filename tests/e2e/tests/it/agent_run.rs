@@ -27,18 +27,18 @@ use virtual_iphone::{Config, Registry, usbmuxd};
 /// A server, a tenant with an enrolled agent state directory, a viewer credential, and
 /// virtual iPhones on an in-process usbmuxd.
 /// Fields drop in order: the server stops before its directory goes.
-struct World {
-    server: ServerProcess,
-    state: PathBuf,
-    mux: String,
-    viewer: String,
-    helpdesk: String,
-    registry: Arc<Registry>,
+pub(crate) struct World {
+    pub(crate) server: ServerProcess,
+    pub(crate) state: PathBuf,
+    pub(crate) mux: String,
+    pub(crate) viewer: String,
+    pub(crate) helpdesk: String,
+    pub(crate) registry: Arc<Registry>,
     _phones: tempfile::TempDir,
     _dir: tempfile::TempDir,
 }
 
-async fn world(server_args: &[&str], devices: u32, seed: u64) -> World {
+pub(crate) async fn world(server_args: &[&str], devices: u32, seed: u64) -> World {
     let dir = tempdir();
     let data = dir.path().join("data");
     let server = ServerProcess::start(&data, server_args).unwrap();
@@ -65,7 +65,7 @@ async fn world(server_args: &[&str], devices: u32, seed: u64) -> World {
 }
 
 /// Runs the agent binary to completion.
-async fn agent(state: &Path, mux: &str, args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn agent(state: &Path, mux: &str, args: &[&str]) -> (bool, String, String) {
     let mut cmd = std::process::Command::new(bin("lifeboat-agent"));
     cmd.arg("--state-dir").arg(state).args(args).env("USBMUXD_SOCKET_ADDRESS", mux).env("LIFEBOAT_LOG", "info");
     let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
@@ -77,13 +77,13 @@ async fn agent(state: &Path, mux: &str, args: &[&str]) -> (bool, String, String)
 }
 
 /// A long-running agent process whose log lines are kept.
-struct AgentProcess {
+pub(crate) struct AgentProcess {
     child: std::process::Child,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl AgentProcess {
-    fn start(state: &Path, mux: &str, args: &[&str]) -> Self {
+    pub(crate) fn start(state: &Path, mux: &str, args: &[&str]) -> Self {
         let mut child = std::process::Command::new(bin("lifeboat-agent"))
             .arg("--state-dir")
             .arg(state)
@@ -106,7 +106,7 @@ impl AgentProcess {
         Self { child, log }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
 
@@ -122,13 +122,13 @@ impl Drop for AgentProcess {
     }
 }
 
-async fn client(state: &Path) -> (Client, AgentState) {
+pub(crate) async fn client(state: &Path) -> (Client, AgentState) {
     let s = AgentState::load(state).unwrap();
     let c = Client::connect(&s.server, s.fingerprint().unwrap(), s.refresh_auth().unwrap()).await.unwrap();
     (c, s)
 }
 
-async fn latest(state: &Path, udid: &str) -> Option<SnapshotId> {
+pub(crate) async fn latest(state: &Path, udid: &str) -> Option<SnapshotId> {
     let (c, _) = client(state).await;
     let r = c.request(&Request::LatestSnapshot { udid: udid.parse().unwrap() }).await;
     c.close().await;
@@ -139,7 +139,11 @@ async fn latest(state: &Path, udid: &str) -> Option<SnapshotId> {
 }
 
 /// Polls `f` every 200 ms until it gives `Some`, at most `timeout`.
-async fn until<T, F: Future<Output = Option<T>>>(timeout: Duration, what: &str, mut f: impl FnMut() -> F) -> T {
+pub(crate) async fn until<T, F: Future<Output = Option<T>>>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
@@ -151,7 +155,7 @@ async fn until<T, F: Future<Output = Option<T>>>(timeout: Duration, what: &str, 
 }
 
 /// A snapshot's files in `expect`'s format (domain, path, size, sha256).
-async fn snapshot_content(state: &Path, snapshot: SnapshotId) -> Vec<String> {
+pub(crate) async fn snapshot_content(state: &Path, snapshot: SnapshotId) -> Vec<String> {
     let (c, s) = client(state).await;
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("snap");
@@ -160,24 +164,24 @@ async fn snapshot_content(state: &Path, snapshot: SnapshotId) -> Vec<String> {
     iphone_backup_content(&dest)
 }
 
-async fn api(w: &World, path: &str) -> serde_json::Value {
+pub(crate) async fn api(w: &World, path: &str) -> serde_json::Value {
     let (code, body) = http_get(w.server.http_addr, path, Some(&w.viewer)).await.unwrap();
     assert_eq!(code, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap()
 }
 
-async fn device_state(w: &World, udid: &str) -> Option<String> {
+pub(crate) async fn device_state(w: &World, udid: &str) -> Option<String> {
     let devices = api(w, "/api/v1/devices").await;
     let list = devices.as_array().cloned().or_else(|| devices["devices"].as_array().cloned()).unwrap_or_default();
     list.iter().find(|d| d["udid"] == udid).and_then(|d| d["state"].as_str().map(String::from))
 }
 
-async fn runs(w: &World, udid: &str) -> Vec<serde_json::Value> {
+pub(crate) async fn runs(w: &World, udid: &str) -> Vec<serde_json::Value> {
     api(w, &format!("/api/v1/runs?udid={udid}")).await["runs"].as_array().cloned().unwrap_or_default()
 }
 
 /// Asserts two content listings are equal, naming the first difference (not all 5,000 lines).
-fn same(got: &[String], want: &[String], what: &str) {
+pub(crate) fn same(got: &[String], want: &[String], what: &str) {
     if got == want {
         return;
     }
@@ -196,7 +200,7 @@ fn uuid_zero() -> &'static str {
 }
 
 /// A counter from the server's /metrics.
-async fn metric(w: &World, name: &str) -> f64 {
+pub(crate) async fn metric(w: &World, name: &str) -> f64 {
     let (code, body) = http_get(w.server.http_addr, "/metrics", None).await.unwrap();
     assert_eq!(code, 200);
     body.lines()

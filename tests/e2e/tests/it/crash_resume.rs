@@ -29,7 +29,7 @@ async fn sigkill_mid_upload_leaves_no_snapshot_and_the_run_resumes() {
     let dir = tempdir();
     let data = dir.path().join("data");
     let mut server = ServerProcess::start(&data, &[]).unwrap();
-    let (ok, _, err) = server_cli(&data, &["tenant", "create", "acme"]);
+    let (ok, _, err) = server_cli(&data, &["tenant", "create", "acme", "--encryption", "off"]);
     assert!(ok, "{err}");
     let (ok, out, err) = server_cli(&data, &["token", "create", "--tenant", "acme", "--json", "--expires", "10m"]);
     assert!(ok, "{err}");

@@ -223,6 +223,7 @@ async fn a_commit_that_references_missing_chunks_is_refused_and_shows_no_snapsho
             mode: 0o644,
             mtime_unix_seconds: 0,
             chunks: vec![lifeboat_shared::manifest::ChunkRef { id, length: 14 }],
+            ios_key: None,
         }],
     };
     let sealed = manifest.seal(&keys.data, [1; 12]).unwrap();

@@ -7,6 +7,7 @@ mod agent;
 mod agent_run;
 mod api;
 mod crash_resume;
+mod encrypted;
 mod escrow;
 mod ingest;
 mod jobs;

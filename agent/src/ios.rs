@@ -1,0 +1,202 @@
+//! An iPhone backup folder's encryption on the agent: opening what the phone encrypted,
+//! so the pipeline stores plaintext, and encrypting it again, so a restore or an export
+//! hands over the phone's own bytes.
+//!
+//! A file's key arrives only in Manifest.db, after the last file, so [`Decryption::open`]
+//! runs once the phone is done: Manifest.plist's keybag is unlocked with the escrowed
+//! password (the double PBKDF2, once per backup), Manifest.db is decrypted with
+//! `ManifestKey` into a private copy, and every file's `EncryptionKey` is unwrapped with
+//! its protection class. AES-256-CBC with a zero IV and PKCS7 is a function of key and
+//! plaintext, so [`Encryption`] rebuilds the phone's ciphertext exactly (`docs/format.md`,
+//! "iOS-encrypted snapshots"). Keys and passwords never reach a log line.
+//! Never here: the phone's protocol (`device`) or the server (`net`).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use lifeboat_shared::Secret;
+use lifeboat_shared::ios_backup::{self, PlistEncryption};
+use lifeboat_shared::ios_crypto::{ClassKeys, Decryptor, FileKey, Keybag, KeybagError};
+use lifeboat_shared::manifest::IosKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IosError {
+    #[error(
+        "the escrowed backup password does not open this iPhone's backup: it was changed on the phone, or a wrong \
+         one was entered; an admin enters the right one (PUT /api/v1/devices/{{udid}}/backup-password), or the \
+         user resets it on the iPhone with Settings > General > Transfer or Reset iPhone > Reset All Settings"
+    )]
+    WrongPassword,
+    #[error("the encrypted backup is damaged: {0}")]
+    Damaged(String),
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IosError + '_ {
+    move |cause| IosError::Io { path: path.to_path_buf(), cause }
+}
+
+/// Unlocks a keybag with a password, on the blocking pool's time (the phone's PBKDF2
+/// counts take about a second).
+pub fn unlock(keybag: &[u8], password: &Secret<String>) -> Result<ClassKeys, IosError> {
+    let bag = Keybag::parse(keybag).map_err(|e| IosError::Damaged(format!("Manifest.plist BackupKeyBag: {e}")))?;
+    bag.open(password.expose()).map_err(|e| match e {
+        KeybagError::WrongPassword => IosError::WrongPassword,
+        e => IosError::Damaged(format!("Manifest.plist BackupKeyBag: {e}")),
+    })
+}
+
+/// The keys of one encrypted backup in the mirror, by path in the backup directory
+/// (`Manifest.db`, `xx/<fileID>`).
+pub struct Decryption {
+    files: HashMap<String, (IosKey, FileKey)>,
+}
+
+impl std::fmt::Debug for Decryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decryption").field("files", &self.files.len()).finish_non_exhaustive()
+    }
+}
+
+impl Decryption {
+    /// Opens the backup in `dir` with `password`; `None` when the phone did not encrypt
+    /// it. `scratch` is a private directory of this agent for Manifest.db's plaintext
+    /// copy (removed before this returns).
+    pub fn open(dir: &Path, password: &Secret<String>, scratch: &Path) -> Result<Option<Self>, IosError> {
+        let plist_path = dir.join("Manifest.plist");
+        let plist = std::fs::read(&plist_path).map_err(io(&plist_path))?;
+        let (keybag, manifest_key) = match ios_backup::plist_encryption(&plist).map_err(IosError::Damaged)? {
+            PlistEncryption::None => return Ok(None),
+            PlistEncryption::Encrypted { keybag, manifest_key } => (keybag, manifest_key),
+        };
+        let keys = unlock(&keybag, password)?;
+        let db_key = keys
+            .unwrap(manifest_key.class, &manifest_key.record)
+            .map_err(|e| IosError::Damaged(format!("Manifest.plist ManifestKey: {e}")))?;
+        let db_path = dir.join("Manifest.db");
+        let plain_db = decrypt_whole(&db_path, &db_key)?;
+        let mut files = HashMap::new();
+        files.insert(
+            "Manifest.db".to_string(),
+            (IosKey { class: manifest_key.class, record: manifest_key.record }, db_key),
+        );
+        std::fs::create_dir_all(scratch).map_err(io(scratch))?;
+        let copy =
+            tempfile::Builder::new().prefix("manifest-").suffix(".db").tempfile_in(scratch).map_err(io(scratch))?;
+        std::fs::write(copy.path(), &plain_db).map_err(io(copy.path()))?;
+        drop(plain_db);
+        let damaged = |e: rusqlite::Error| IosError::Damaged(format!("Manifest.db: {e}"));
+        let db = rusqlite::Connection::open_with_flags(copy.path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(damaged)?;
+        let mut stmt = db.prepare("SELECT fileID, file FROM Files WHERE flags = 1").map_err(damaged)?;
+        let mut rows = stmt.query([]).map_err(damaged)?;
+        while let Some(row) = rows.next().map_err(damaged)? {
+            let file_id: String = row.get(0).map_err(damaged)?;
+            let blob: Option<Vec<u8>> = row.get(1).map_err(damaged)?;
+            if file_id.len() != 40 || !file_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(IosError::Damaged(format!("Manifest.db: fileID {file_id:?} is not 40 hex digits")));
+            }
+            let bad = |e: String| IosError::Damaged(format!("Manifest.db {file_id}: {e}"));
+            let record = ios_backup::decode_mbfile(&blob.unwrap_or_default()).map_err(bad)?;
+            let Some(enc) = record.encryption else { continue };
+            let key = keys.unwrap(enc.class, &enc.record).map_err(|e| bad(e.to_string()))?;
+            let rel = format!("{}/{file_id}", &file_id[..2]);
+            files.insert(rel, (IosKey { class: enc.class, record: enc.record }, key));
+        }
+        Ok(Some(Self { files }))
+    }
+
+    /// The key record and the key of the file at `rel` in the backup directory, if the
+    /// phone encrypted it.
+    pub fn get(&self, rel: &str) -> Option<&(IosKey, FileKey)> {
+        self.files.get(rel)
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// The plaintext of a whole file the phone encrypted.
+fn decrypt_whole(path: &Path, key: &FileKey) -> Result<Vec<u8>, IosError> {
+    let cipher = std::fs::read(path).map_err(io(path))?;
+    key.decrypt(&cipher).map_err(|e| IosError::Damaged(format!("{} does not decrypt: {e}", path.display())))
+}
+
+/// A reader of a file's plaintext, decrypting its ciphertext as it goes; the padding is
+/// checked when the ciphertext ends (a damaged file or a wrong key is an error there).
+pub struct DecryptingReader<R> {
+    inner: R,
+    decryptor: Option<Decryptor>,
+    cipher: Box<[u8]>,
+    plain: Vec<u8>,
+    at: usize,
+}
+
+impl<R> std::fmt::Debug for DecryptingReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DecryptingReader")
+    }
+}
+
+impl<R: Read> DecryptingReader<R> {
+    pub fn new(inner: R, key: &FileKey) -> Self {
+        Self { inner, decryptor: Some(key.decryptor()), cipher: vec![0; 256 * 1024].into(), plain: Vec::new(), at: 0 }
+    }
+}
+
+impl<R: Read> Read for DecryptingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.at < self.plain.len() {
+                let n = buf.len().min(self.plain.len() - self.at);
+                buf[..n].copy_from_slice(&self.plain[self.at..self.at + n]);
+                self.at += n;
+                return Ok(n);
+            }
+            let Some(decryptor) = self.decryptor.as_mut() else { return Ok(0) };
+            self.plain.clear();
+            self.at = 0;
+            let n = self.inner.read(&mut self.cipher)?;
+            if n == 0 {
+                let d = self.decryptor.take().expect("present above");
+                d.finish(&mut self.plain).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("does not decrypt with its key from Manifest.db: {e}"),
+                    )
+                })?;
+            } else {
+                decryptor.update(&self.cipher[..n], &mut self.plain);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reader_gives_the_plaintext_and_refuses_bad_padding() {
+        let key = FileKey([7; 32]);
+        for len in [0usize, 1, 15, 16, 17, 300_000, 524_288] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let cipher = key.encrypt(&plain);
+            let mut out = Vec::new();
+            DecryptingReader::new(&cipher[..], &key).read_to_end(&mut out).unwrap();
+            assert_eq!(out, plain, "{len} bytes");
+        }
+        let cipher = key.encrypt(b"hello");
+        let err = DecryptingReader::new(&cipher[..], &FileKey([8; 32])).read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        let err = DecryptingReader::new(&cipher[..15], &key).read_to_end(&mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("not a whole number of 16-byte blocks"), "{err}");
+    }
+}
