@@ -398,7 +398,7 @@ async fn malformed_oversized_and_unknown_version_frames_are_refused() {
     let refusal = raw_hello(&fx, &v1).await;
     assert!(
         matches!(&refusal, lifeboat_shared::wire::Welcome::Refused { code: ErrorCode::UnsupportedVersion, message }
-            if message == "agent speaks protocol versions [1]; this server speaks [2, 3]: upgrade lifeboat-agent"),
+            if *message == format!("agent speaks protocol versions [1]; this server speaks {:?}: upgrade lifeboat-agent", lifeboat_shared::wire::VERSIONS)),
         "{refusal:?}"
     );
     assert_eq!(refused_with(raw_hello(&fx, &u32::MAX.to_be_bytes()).await), ErrorCode::TooLarge);
