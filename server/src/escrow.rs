@@ -19,6 +19,7 @@ use crate::store;
 
 /// What the sealed secret is, bound into its associated data.
 const PURPOSE: &str = "ios backup password";
+const KEYBAG_PURPOSE: &str = "ios backup keybag";
 /// Longest password accepted (Finder accepts far shorter ones; any longer is a mistake).
 pub const MAX_PASSWORD_CHARS: usize = 256;
 
@@ -30,6 +31,15 @@ pub enum EscrowError {
     NoDevice(String),
     #[error("no backup password is escrowed for device {0}")]
     NotEscrowed(String),
+    #[error(
+        "backup password refused: it does not unlock the keybag of the backup {udid} made on {reported_at}, so it \
+         is not this iPhone's backup password; nothing was stored. The password is the one set in Finder, iTunes or \
+         another backup tool; if no one knows it, the user resets it on the iPhone with Settings > General > \
+         Transfer or Reset iPhone > Reset > Reset All Settings"
+    )]
+    WrongPassword { udid: String, reported_at: String },
+    #[error("backup keybag refused: {0}")]
+    BadKeybag(String),
     #[error(transparent)]
     Keys(#[from] KeyError),
     #[error(transparent)]
@@ -90,8 +100,71 @@ pub struct Escrowed {
     pub set_at: String,
 }
 
+/// What an entered password was checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// It unlocks the keybag of the phone's backup reported at this time.
+    Verified { reported_at: String },
+    /// No agent has reported a keybag for the phone yet: it is kept unchecked, and the
+    /// next backup says whether it opens the phone's backups.
+    Unverified,
+}
+
+/// Checks a password a person entered against the keybag an agent reported for the device
+/// (seconds of PBKDF2 at a phone's counts, on the blocking pool), before it is stored.
+pub async fn check(
+    client: &Client,
+    keys: &TenantKeys,
+    udid: &str,
+    password: &Secret<String>,
+) -> Result<Checked, EscrowError> {
+    validate(password.expose())?;
+    let Some(sealed) = store::escrow::get_keybag(client, keys.tenant, udid).await? else {
+        return Ok(Checked::Unverified);
+    };
+    let keybag = keys.open_secret(KEYBAG_PURPOSE, udid, &sealed.sealed)?;
+    let p = password.clone();
+    let opened = tokio::task::spawn_blocking(move || {
+        lifeboat_shared::ios_crypto::Keybag::parse(&keybag).and_then(|bag| bag.open(p.expose()).map(|_| ()))
+    })
+    .await
+    .map_err(|e| EscrowError::BadKeybag(format!("checking the password: {e}")))?;
+    match opened {
+        Ok(()) => Ok(Checked::Verified { reported_at: sealed.reported_at }),
+        Err(lifeboat_shared::ios_crypto::KeybagError::WrongPassword) => {
+            Err(EscrowError::WrongPassword { udid: udid.to_string(), reported_at: sealed.reported_at })
+        }
+        Err(e) => Err(EscrowError::BadKeybag(e.to_string())),
+    }
+}
+
+/// Keeps the keybag of a backup the phone encrypted with a password the server does not
+/// know, sealed like a password (with it anyone could guess the password offline).
+pub async fn report_keybag(
+    client: &Client,
+    keys: &TenantKeys,
+    udid: &str,
+    keybag: &[u8],
+    agent: uuid::Uuid,
+) -> Result<(), EscrowError> {
+    if keybag.len() > lifeboat_shared::wire::MAX_KEYBAG_BYTES {
+        return Err(EscrowError::BadKeybag(format!(
+            "it is {} bytes, more than {}",
+            keybag.len(),
+            lifeboat_shared::wire::MAX_KEYBAG_BYTES
+        )));
+    }
+    lifeboat_shared::ios_crypto::Keybag::parse(keybag).map_err(|e| EscrowError::BadKeybag(e.to_string()))?;
+    let sealed = keys.seal_secret(KEYBAG_PURPOSE, udid, keybag)?;
+    if !store::escrow::put_keybag(client, keys.tenant, udid, &sealed, agent).await? {
+        return Err(EscrowError::NoDevice(udid.to_string()));
+    }
+    tracing::info!(tenant = %keys.tenant, device.udid = udid, agent.id = %agent, "backup keybag of an unknown password reported");
+    Ok(())
+}
+
 /// Escrows `password` for the device (replacing any), audited as `backup-password.set`.
-/// Returns when it was set.
+/// Returns when it was set. A person's password is [`check`]ed first.
 pub async fn set(
     client: &mut Client,
     keys: &TenantKeys,

@@ -267,9 +267,8 @@ async fn tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
     let result = match cmd {
         TenantCommand::Create { name, encryption, json } => {
             async {
-                let t = tenants::create(&mut db.client, &master, &name).await?;
                 let required = encryption == Encryption::Required;
-                tenants::set_encryption(&db.client, &name, required).await?;
+                let t = tenants::create_with_policy(&mut db.client, &master, &name, required).await?;
                 let policy = if required { "required" } else { "off" };
                 if json {
                     println!("{}", serde_json::json!({"id": t.id, "name": t.name, "backup_encryption": policy}));
@@ -307,7 +306,7 @@ async fn backup_password(config: &Config, tenant: &str, udid: &str, set: bool, j
     use lifeboat_server::escrow::{self, Actor, Escrowed};
     use lifeboat_shared::Secret;
     enum Done {
-        Set(String),
+        Set(String, bool),
         Revealed(Escrowed),
     }
     let new = if set {
@@ -327,17 +326,29 @@ async fn backup_password(config: &Config, tenant: &str, udid: &str, set: bool, j
         let t = tenants::by_name(&db.client, tenant).await?;
         let keys = tenants::keys(&db.client, &master, t.id).await?;
         anyhow::Ok(match &new {
-            Some(p) => Done::Set(escrow::set(&mut db.client, &keys, udid, p, Actor::Operator).await?),
+            Some(p) => {
+                // Checked against the phone's keybag first: a wrong password is refused, nothing stored.
+                let checked = escrow::check(&db.client, &keys, udid, p).await?;
+                let set_at = escrow::set(&mut db.client, &keys, udid, p, Actor::Operator).await?;
+                Done::Set(set_at, matches!(checked, escrow::Checked::Verified { .. }))
+            }
             None => Done::Revealed(escrow::reveal(&mut db.client, &keys, udid, Actor::Operator).await?),
         })
     }
     .await;
     db.close().await;
     match result? {
-        Done::Set(set_at) if json => {
-            println!("{}", serde_json::json!({"udid": udid, "source": "admin", "set_at": set_at}))
+        Done::Set(set_at, verified) if json => {
+            println!("{}", serde_json::json!({"udid": udid, "source": "admin", "set_at": set_at, "verified": verified}))
         }
-        Done::Set(set_at) => eprintln!("escrowed the backup password of {udid} (tenant {tenant}) at {set_at}"),
+        Done::Set(set_at, verified) => eprintln!(
+            "escrowed the backup password of {udid} (tenant {tenant}) at {set_at}{}",
+            if verified {
+                "; it unlocks the phone's backup keybag"
+            } else {
+                "; no backup of the phone has been seen to check it against: the next backup does"
+            }
+        ),
         Done::Revealed(e) if json => println!(
             "{}",
             serde_json::json!({"udid": udid, "password": e.password.expose(), "source": e.source, "set_at": e.set_at})

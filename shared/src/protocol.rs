@@ -128,7 +128,8 @@ impl Answer {
             | Request::ReportState { .. }
             | Request::EndRun { .. }
             | Request::EndRestore { .. }
-            | Request::PutBackupPassword { .. } => one(|r| matches!(r, Response::Ok), "Ok"),
+            | Request::PutBackupPassword { .. }
+            | Request::ReportKeybag { .. } => one(|r| matches!(r, Response::Ok), "Ok"),
             Request::GetBackupPassword { .. } => {
                 one(|r| matches!(r, Response::BackupPassword { .. }), "BackupPassword")
             }
@@ -297,13 +298,17 @@ mod tests {
     fn the_handshake_agrees_on_a_version_or_says_why_not() {
         let h = hello(Auth::Access { token: "t".into() });
         assert_eq!(h.versions, VERSIONS);
-        assert_eq!(negotiate_hello(&h), Ok(4));
+        assert_eq!(negotiate_hello(&h), Ok(5));
+        assert_eq!(negotiate_hello(&Hello { versions: vec![2, 3, 4], ..h.clone() }), Ok(4));
         assert_eq!(negotiate_hello(&Hello { versions: vec![2, 3], ..h.clone() }), Ok(3));
         assert_eq!(negotiate_hello(&Hello { versions: vec![2], ..h.clone() }), Ok(2));
         let old = Hello { versions: vec![1], ..h.clone() };
         let (code, message) = negotiate_hello(&old).unwrap_err();
         assert_eq!(code, ErrorCode::UnsupportedVersion);
-        assert_eq!(message, "agent speaks protocol versions [1]; this server speaks [2, 3, 4]: upgrade lifeboat-agent");
+        assert_eq!(
+            message,
+            format!("agent speaks protocol versions [1]; this server speaks {VERSIONS:?}: upgrade lifeboat-agent")
+        );
 
         let accepted = |version| Welcome::Accepted {
             version,
@@ -316,9 +321,10 @@ mod tests {
         assert_eq!(on_welcome(&h.versions, accepted(2)).unwrap().version, 2);
         assert_eq!(on_welcome(&h.versions, accepted(3)).unwrap().version, 3);
         assert_eq!(on_welcome(&h.versions, accepted(4)).unwrap().version, 4);
+        assert_eq!(on_welcome(&h.versions, accepted(5)).unwrap().version, 5);
         assert_eq!(
-            on_welcome(&h.versions, accepted(5)).unwrap_err(),
-            violation("the server chose protocol version 5, which was not offered")
+            on_welcome(&h.versions, accepted(6)).unwrap_err(),
+            violation("the server chose protocol version 6, which was not offered")
         );
         let refused = Welcome::Refused { code: ErrorCode::Revoked, message: "enrol again".into() };
         assert_eq!(

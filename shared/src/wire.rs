@@ -28,13 +28,17 @@ pub const ALPN: &[u8] = b"lifeboat/1";
 /// Versions of this protocol that this build speaks, newest last. Version 3 is version 2
 /// with the backup-password requests and the `NeedsBackupPassword` state appended; an
 /// agent uses those only in a session of version 3. Version 4 appends the encryption
-/// policy (`GetEncryptionPolicy`, `EncryptionPolicy`).
-pub const VERSIONS: &[u16] = &[2, 3, 4];
+/// policy (`GetEncryptionPolicy`, `EncryptionPolicy`). Version 5 appends `ReportKeybag`.
+pub const VERSIONS: &[u16] = &[2, 3, 4, 5];
 /// The first version with `GetBackupPassword`, `PutBackupPassword` and
 /// `DeviceState::NeedsBackupPassword`.
 pub const ESCROW_VERSION: u16 = 3;
 /// The first version with `GetEncryptionPolicy` and `Response::EncryptionPolicy`.
 pub const ENCRYPTION_POLICY_VERSION: u16 = 4;
+/// The first version with `ReportKeybag`.
+pub const KEYBAG_VERSION: u16 = 5;
+/// Largest backup keybag a `ReportKeybag` carries (a phone's is about 1.5 KiB).
+pub const MAX_KEYBAG_BYTES: usize = 64 * 1024;
 /// Largest control frame (hello, requests, responses).
 pub const MAX_CONTROL_FRAME_BYTES: usize = 1024 * 1024;
 /// Largest data frame: one blob, or one part of a byte stream, plus framing.
@@ -253,6 +257,14 @@ pub enum Request {
     /// answered by [`Response::EncryptionPolicy`]. Version 4.
     GetEncryptionPolicy {
         udid: Udid,
+    },
+    /// The `BackupKeyBag` of a backup the phone encrypted with a password the server does
+    /// not know (none escrowed, or the escrowed one does not unlock it): the server checks
+    /// an admin's password against it before it keeps one. Version 5.
+    ReportKeybag {
+        udid: Udid,
+        #[serde(with = "serde_bytes")]
+        keybag: Vec<u8>,
     },
 }
 
@@ -596,9 +608,9 @@ mod tests {
     #[test]
     fn versions_are_negotiated_or_refused() {
         assert_eq!(negotiate(&[2]), Some(2));
-        assert_eq!(negotiate(&[1, 2, 3, 4, 5]), Some(4));
+        assert_eq!(negotiate(&[1, 2, 3, 4, 5, 6]), Some(5));
         assert_eq!(negotiate(&[1]), None, "v1 is no longer spoken");
-        assert_eq!(negotiate(&[5]), None);
+        assert_eq!(negotiate(&[6]), None);
         assert_eq!(negotiate(&[]), None);
     }
 

@@ -90,16 +90,25 @@ impl Provider {
 /// alphabet (about 139 bits), in groups of four for an admin who must type it.
 pub fn generate_password() -> Result<Secret<String>, DeviceError> {
     const ALPHABET: &[u8] = b"23456789abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ";
-    let mut random = [0u8; 24];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
-        .map_err(|_| DeviceError::Failed("the system random number generator failed".into()))?;
+    // Bytes of 224 and above are dropped, so each of the 56 characters is equally likely
+    // (224 = 4 × 56): 24 characters of log2(56) bits, 139 bits in all.
+    let limit = 256 - 256 % ALPHABET.len();
+    let rng = ring::rand::SystemRandom::new();
+    let mut chars = Vec::with_capacity(24);
+    while chars.len() < 24 {
+        let mut random = [0u8; 32];
+        ring::rand::SecureRandom::fill(&rng, &mut random)
+            .map_err(|_| DeviceError::Failed("the system random number generator failed".into()))?;
+        chars.extend(
+            random.iter().filter(|b| usize::from(**b) < limit).map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()]),
+        );
+    }
     let mut out = String::with_capacity(29);
-    for (i, b) in random.iter().enumerate() {
+    for (i, c) in chars[..24].iter().enumerate() {
         if i > 0 && i % 4 == 0 {
             out.push('-');
         }
-        // 256 is not a multiple of 56: a bias below 2^-3 per character, and 24 of them.
-        out.push(ALPHABET[*b as usize % ALPHABET.len()] as char);
+        out.push(char::from(*c));
     }
     Ok(Secret::new(out))
 }

@@ -52,7 +52,7 @@ pub async fn export(
         )));
     }
     let encrypted = manifest.ios_encrypted();
-    let ios = if encrypted && !decrypted { snapshot_encryption(&client, &agent.keys, &manifest).await? } else { None };
+    let ios = if encrypted && !decrypted { snapshot_encryption(agent, &client, &manifest).await? } else { None };
     let rebuild = match &ios {
         Some((_, classes)) => Rebuild::AsThePhoneMadeThem(classes),
         None => Rebuild::Plaintext,

@@ -18,9 +18,10 @@ use std::time::Duration;
 
 use lifeboat_shared::Secret;
 use lifeboat_shared::ids::{RunId, SnapshotId, Udid};
+use lifeboat_shared::ios_backup::{PlistEncryption, plist_encryption};
 use lifeboat_shared::manifest::{DeviceInfo, Manifest};
 use lifeboat_shared::wire::{
-    DeviceState, ENCRYPTION_POLICY_VERSION, ESCROW_VERSION, ErrorCode, Request, Response, RunEnd,
+    DeviceState, ENCRYPTION_POLICY_VERSION, ESCROW_VERSION, ErrorCode, KEYBAG_VERSION, Request, Response, RunEnd,
 };
 use plist::Value;
 
@@ -134,6 +135,11 @@ impl Agent {
         Ok(Self { state_dir: state_dir.to_path_buf(), state, keys, mirror_budget })
     }
 
+    /// Where this agent keeps the derived key of a device's backup password.
+    pub fn kdf_cache(&self, udid: &Udid) -> crate::ios::KdfCache {
+        crate::ios::KdfCache::new(&self.state_dir, udid.as_str(), self.keys.data.clone())
+    }
+
     /// A fresh authenticated connection (each job gets one, so a revoked agent stops at
     /// its next job and an access token never outlives its connection's purpose).
     pub async fn connect(&self) -> Result<Client, ClientError> {
@@ -174,7 +180,26 @@ pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>)
     let info = device_info(udid, &values)?;
     let client = agent.connect().await?;
     register(&client, &info, &values).await?;
-    let password = match prepare_encryption(provider, &client, &info.udid).await {
+    let prepared = match prepare_encryption(provider, &client, &info.udid).await {
+        Ok(Prepared::Unknown) => {
+            // The phone still makes its backup: into the mirror, where the next one builds
+            // on it, and with the keybag an admin's password is checked against.
+            if client.accepted.version >= KEYBAG_VERSION && keybag_due(udid) {
+                local.set("backing-up");
+                match mirror_keybag(agent, provider, &values, progress.clone()).await {
+                    Ok(keybag) => {
+                        report_keybag(&client, &info.udid, keybag).await;
+                        keybags_read().insert(udid.to_string(), std::time::Instant::now());
+                    }
+                    Err(e) => tracing::warn!(device.udid = %udid, error = %e, "could not read the backup keybag"),
+                }
+            }
+            Err(JobError::NeedsBackupPassword(NEEDS_BACKUP_PASSWORD.into()))
+        }
+        Ok(Prepared::Password(p)) => Ok(p),
+        Err(e) => Err(e),
+    };
+    let password = match prepared {
         Ok(p) => p,
         Err(e) => {
             let (local_state, server_state) = e.states();
@@ -249,31 +274,105 @@ fn wrong_passwords() -> std::sync::MutexGuard<'static, std::collections::BTreeMa
     WRONG_PASSWORDS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How often the agent lets a phone whose password the server does not know make a backup
+/// into the mirror, to report its current keybag (a password changed on the phone makes
+/// a new one): once per process, then at most this often.
+const KEYBAG_REFRESH: Duration = Duration::from_secs(6 * 3600);
+
+/// Devices whose keybag this process reported, and when.
+static KEYBAGS_READ: std::sync::Mutex<std::collections::BTreeMap<String, std::time::Instant>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn keybags_read() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, std::time::Instant>> {
+    KEYBAGS_READ.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn keybag_due(udid: &str) -> bool {
+    keybags_read().get(udid).is_none_or(|at| at.elapsed() >= KEYBAG_REFRESH)
+}
+
+/// Tells the server the keybag of a backup the phone encrypted with a password the agent
+/// does not have; a failure is logged, never fatal (the password is then kept unchecked).
+async fn report_keybag(client: &Client, udid: &Udid, keybag: Vec<u8>) {
+    if client.accepted.version < KEYBAG_VERSION {
+        return;
+    }
+    match client.request(&Request::ReportKeybag { udid: udid.clone(), keybag }).await {
+        Ok(_) => {
+            tracing::info!(device.udid = %udid, "reported the backup keybag an admin's password is checked against")
+        }
+        Err(e) => tracing::warn!(device.udid = %udid, error = %e, "could not report the backup keybag"),
+    }
+}
+
+/// Fails with [`DeviceError::Locked`] when the phone has not begun after
+/// [`PASSCODE_GIVE_UP_AFTER`] (it waits for its passcode); never returns otherwise.
+async fn give_up_unless_started(mut waiting: tokio::sync::watch::Receiver<bool>) -> DeviceError {
+    let started = async { waiting.wait_for(|s| *s).await.is_ok() };
+    match tokio::time::timeout(PASSCODE_GIVE_UP_AFTER, started).await {
+        Err(_) => DeviceError::Locked,
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Lets a phone that encrypts with a password the server does not know make its backup
+/// into the mirror — no run on the server, nothing uploaded — and reads the keybag from
+/// its Manifest.plist.
+async fn mirror_keybag(
+    agent: &Agent,
+    provider: &Provider,
+    values: &plist::Dictionary,
+    progress: Arc<Progress>,
+) -> Result<Vec<u8>, JobError> {
+    let udid = provider.udid.as_str();
+    let mirror = agent.state_dir.join("mirror");
+    let mirror_bytes = if agent.mirror_budget.is_some() { transfer::dir_bytes(&mirror.join(udid)) } else { 0 };
+    let (started, waiting) = tokio::sync::watch::channel(false);
+    let sink = BackupSink { started, finished: None, progress, budget: agent.mirror_budget, mirror_bytes };
+    let dir = tokio::select! {
+        r = provider.backup(&mirror, values, sink) => r?,
+        e = give_up_unless_started(waiting) => return Err(e.into()),
+    };
+    let plist = std::fs::read(dir.join("Manifest.plist"))
+        .map_err(|e| JobError::Other(format!("the backup has no readable Manifest.plist: {e}")))?;
+    match plist_encryption(&plist) {
+        Ok(PlistEncryption::Encrypted { keybag, .. }) => Ok(keybag),
+        Ok(PlistEncryption::None) => {
+            Err(JobError::Other("the iPhone says it encrypts, but made an unencrypted backup".into()))
+        }
+        Err(e) => Err(JobError::Other(e)),
+    }
+}
+
+/// What a backup needs to know about the phone's encryption.
+enum Prepared {
+    /// The password the phone encrypts with, or `None` when it does not encrypt.
+    Password(Option<Secret<String>>),
+    /// The phone encrypts with a password the server does not know.
+    Unknown,
+}
+
 /// Before a backup: the password the phone will encrypt it with, if it encrypts. A phone
 /// that encrypts needs its escrowed password; under a tenant policy of `required`, a
 /// phone that does not is given a generated one, escrowed on the server first (so a
 /// password the phone has is never one the server lacks), then set with ChangePassword.
-async fn prepare_encryption(
-    provider: &Provider,
-    client: &Client,
-    udid: &Udid,
-) -> Result<Option<Secret<String>>, JobError> {
+async fn prepare_encryption(provider: &Provider, client: &Client, udid: &Udid) -> Result<Prepared, JobError> {
     let encrypts = provider.will_encrypt().await?;
     let version = client.accepted.version;
     if version < ESCROW_VERSION {
         // A server without escrow: a phone that encrypts cannot be read.
-        return if encrypts { Err(JobError::NeedsBackupPassword(NEEDS_BACKUP_PASSWORD.into())) } else { Ok(None) };
+        return if encrypts { Ok(Prepared::Unknown) } else { Ok(Prepared::Password(None)) };
     }
     if encrypts {
         let escrowed = match client.request(&Request::GetBackupPassword { udid: udid.clone() }).await? {
             Response::BackupPassword { password } => password,
             other => return Err(JobError::Other(format!("unexpected answer {other:?}"))),
         };
-        let Some(password) = escrowed else { return Err(JobError::NeedsBackupPassword(NEEDS_BACKUP_PASSWORD.into())) };
+        let Some(password) = escrowed else { return Ok(Prepared::Unknown) };
         if wrong_passwords().get(udid.as_str()) == Some(&digest(&password)) {
             return Err(JobError::NeedsBackupPassword(IosError::WrongPassword.to_string()));
         }
-        return Ok(Some(password));
+        return Ok(Prepared::Password(Some(password)));
     }
     let required = version >= ENCRYPTION_POLICY_VERSION
         && match client.request(&Request::GetEncryptionPolicy { udid: udid.clone() }).await? {
@@ -281,13 +380,13 @@ async fn prepare_encryption(
             other => return Err(JobError::Other(format!("unexpected answer {other:?}"))),
         };
     if !required {
-        return Ok(None);
+        return Ok(Prepared::Password(None));
     }
     let password = crate::device::encryption::generate_password()?;
     client.request(&Request::PutBackupPassword { udid: udid.clone(), password: password.clone() }).await?;
     provider.change_password(None, Some(&password)).await?;
     tracing::info!(device.udid = %udid, "turned the iPhone's backup encryption on, with a password escrowed on the server");
-    Ok(Some(password))
+    Ok(Prepared::Password(Some(password)))
 }
 
 fn device_info(udid: &str, values: &plist::Dictionary) -> Result<DeviceInfo, JobError> {
@@ -345,7 +444,7 @@ async fn back_up(
     let mirror_bytes = if agent.mirror_budget.is_some() { transfer::dir_bytes(&mirror.join(udid)) } else { 0 };
     let mut pipeline = Pipeline::start(client.clone(), agent.keys.clone(), run, cache, progress.clone());
     let (started_tx, started) = tokio::sync::watch::channel(false);
-    let mut waiting = started.clone();
+    let waiting = started.clone();
     let sink = BackupSink {
         started: started_tx,
         // An encrypted backup's files are read once their keys are known, at the end.
@@ -362,24 +461,17 @@ async fn back_up(
         started,
         progress.clone(),
     ));
-    let give_up = async move {
-        let started = async { waiting.wait_for(|s| *s).await.is_ok() };
-        match tokio::time::timeout(PASSCODE_GIVE_UP_AFTER, started).await {
-            Err(_) => DeviceError::Locked,
-            Ok(_) => std::future::pending().await,
-        }
-    };
     let phone = async {
         tokio::select! {
             r = provider.backup(&mirror, values, sink) => r,
-            e = give_up => Err(e),
+            e = give_up_unless_started(waiting) => Err(e),
         }
     };
     let received = pipeline.run_until(phone).await;
     watch.abort();
     let dir = received??;
     progress.set_phase(Phase::Uploading);
-    let decryption = open_backup(&agent.state_dir, &dir, password).await?;
+    let decryption = open_backup(agent, client, &info.udid, &dir, password).await?;
     let (files, file_keys, upload) = pipeline.finish(&dir, decryption.as_ref()).await?;
     progress.set_phase(Phase::Committing);
     let manifest = Manifest { snapshot, device: info.clone(), created_unix_ms: transfer::now_unix_ms(), files };
@@ -403,23 +495,40 @@ async fn back_up(
 /// phone encrypted although none was expected (its encryption was turned on behind our
 /// back) needs its password like any other.
 async fn open_backup(
-    state_dir: &Path,
+    agent: &Agent,
+    client: &Client,
+    udid: &Udid,
     dir: &Path,
     password: Option<Secret<String>>,
 ) -> Result<Option<Decryption>, JobError> {
     let plist = std::fs::read(dir.join("Manifest.plist"))
         .map_err(|e| JobError::Other(format!("the backup has no readable Manifest.plist: {e}")))?;
-    let encrypted = !matches!(
-        lifeboat_shared::ios_backup::plist_encryption(&plist),
-        Ok(lifeboat_shared::ios_backup::PlistEncryption::None)
-    );
-    let Some(password) = password.filter(|_| encrypted) else {
-        return if encrypted { Err(JobError::NeedsBackupPassword(NEEDS_BACKUP_PASSWORD.into())) } else { Ok(None) };
+    let keybag = match plist_encryption(&plist) {
+        Ok(PlistEncryption::None) => None,
+        Ok(PlistEncryption::Encrypted { keybag, .. }) => Some(keybag),
+        // Damaged: Decryption::open says how.
+        Err(_) => Some(Vec::new()),
     };
-    let (dir, scratch) = (dir.to_path_buf(), state_dir.join("scratch"));
-    let opened = tokio::task::spawn_blocking(move || Decryption::open(&dir, &password, &scratch))
+    let Some(keybag) = keybag else { return Ok(None) };
+    let Some(password) = password else {
+        if !keybag.is_empty() {
+            report_keybag(client, udid, keybag).await;
+        }
+        return Err(JobError::NeedsBackupPassword(NEEDS_BACKUP_PASSWORD.into()));
+    };
+    let (dir, scratch) = (dir.to_path_buf(), agent.state_dir.join("scratch"));
+    let cache = agent.kdf_cache(udid);
+    let opened = tokio::task::spawn_blocking(move || Decryption::open(&dir, &password, &scratch, Some(&cache)))
         .await
-        .map_err(|e| JobError::Other(format!("opening the encrypted backup failed: {e}")))??;
+        .map_err(|e| JobError::Other(format!("opening the encrypted backup failed: {e}")))?;
+    let opened = match opened {
+        Err(IosError::WrongPassword) => {
+            // The phone's password changed: the server checks the next one against this keybag.
+            report_keybag(client, udid, keybag).await;
+            return Err(IosError::WrongPassword.into());
+        }
+        other => other?,
+    };
     if let Some(d) = &opened {
         tracing::debug!(files = d.len(), "the encrypted backup's keys are unwrapped");
     }
@@ -484,7 +593,7 @@ pub async fn restore(
             manifest.device.ios_version
         )));
     }
-    let ios = snapshot_encryption(&client, &agent.keys, &manifest).await?;
+    let ios = snapshot_encryption(agent, &client, &manifest).await?;
     let needed: u64 = manifest.files.iter().map(|f| f.size).sum();
     let restore_dir = agent.state_dir.join("restore");
     std::fs::create_dir_all(&restore_dir).map_err(|e| JobError::Other(format!("{}: {e}", restore_dir.display())))?;
@@ -537,8 +646,8 @@ pub async fn restore(
 /// keys its keybag (in the snapshot's Manifest.plist) opens with it, for the phone's
 /// bytes to be rebuilt. `None` for a snapshot of an unencrypted backup.
 pub async fn snapshot_encryption(
+    agent: &Agent,
     client: &Client,
-    keys: &Keys,
     manifest: &Manifest,
 ) -> Result<Option<(Secret<String>, lifeboat_shared::ios_crypto::ClassKeys)>, JobError> {
     if !manifest.ios_encrypted() {
@@ -559,14 +668,14 @@ pub async fn snapshot_encryption(
             manifest.snapshot
         )));
     };
-    let plist = transfer::read_file(client, keys, manifest, "Manifest.plist").await?;
-    let keybag = match lifeboat_shared::ios_backup::plist_encryption(&plist) {
-        Ok(lifeboat_shared::ios_backup::PlistEncryption::Encrypted { keybag, .. }) => keybag,
+    let plist = transfer::read_file(client, &agent.keys, manifest, "Manifest.plist").await?;
+    let keybag = match plist_encryption(&plist) {
+        Ok(PlistEncryption::Encrypted { keybag, .. }) => keybag,
         Ok(_) => return Err(JobError::Other("the snapshot's Manifest.plist says it is not encrypted".into())),
         Err(e) => return Err(JobError::Other(format!("the snapshot's Manifest.plist: {e}"))),
     };
-    let p = password.clone();
-    let classes = tokio::task::spawn_blocking(move || crate::ios::unlock(&keybag, &p))
+    let (p, cache) = (password.clone(), agent.kdf_cache(udid));
+    let classes = tokio::task::spawn_blocking(move || crate::ios::unlock(&keybag, &p, Some(&cache)))
         .await
         .map_err(|e| JobError::Other(format!("opening the keybag failed: {e}")))??;
     Ok(Some((password, classes)))

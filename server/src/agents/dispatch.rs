@@ -84,6 +84,12 @@ impl Agents {
                     .map_err(|e| Rejection::internal("reading the encryption policy", e))?;
                 respond(send, &Response::EncryptionPolicy { required }).await
             }
+            Request::ReportKeybag { udid, keybag } => {
+                let keys = tenant_keys(app, s).await?;
+                let client = app.db.get().await?;
+                escrow::report_keybag(&client, &keys, udid.as_str(), &keybag, s.agent.0).await.map_err(rejection)?;
+                ok(send).await
+            }
             Request::PutBackupPassword { udid, password } => {
                 let keys = tenant_keys(app, s).await?;
                 let mut client = app.db.get().await?;
@@ -102,7 +108,7 @@ async fn tenant_keys(app: &App, s: Session) -> Result<std::sync::Arc<TenantKeys>
 
 fn rejection(e: EscrowError) -> Rejection {
     match e {
-        EscrowError::BadPassword(_) => Rejection::new(ErrorCode::Malformed, e.to_string()),
+        EscrowError::BadPassword(_) | EscrowError::BadKeybag(_) => Rejection::new(ErrorCode::Malformed, e.to_string()),
         EscrowError::NoDevice(_) | EscrowError::NotEscrowed(_) => Rejection::new(ErrorCode::NotFound, e.to_string()),
         e => Rejection::internal("the backup password escrow", e),
     }

@@ -5,6 +5,12 @@
 //! is present. It counts messages, contacts and photos to compare with the previous
 //! snapshot, and records the result.
 //!
+//! A snapshot of a backup the phone encrypted is checked as fully, on its plaintext, and
+//! then as a restore would need it: the escrowed password unlocks the keybag in its
+//! Manifest.plist, and every file's key record (and Manifest.db's `ManifestKey`) unwraps
+//! with its class key — what rebuilding the phone's exact bytes takes. Whether the
+//! backup carries the keychain (`KeychainDomain/keychain-backup.plist`) is recorded.
+//!
 //! I/O is bounded: files are checked in batches of at most [`BATCH_BYTES`]; only the few
 //! small files the checks read (Manifest.db, the plists, the counted databases) are kept.
 
@@ -12,7 +18,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use lifeboat_shared::Secret;
 use lifeboat_shared::ids::{ChunkId, SnapshotId, TenantId};
+use lifeboat_shared::ios_backup::{PlistEncryption, plist_encryption};
+use lifeboat_shared::ios_crypto::{Keybag, KeybagError};
 use lifeboat_shared::manifest::{FileEntry, Manifest};
 use lifeboat_shared::restore::{self, RebuildError};
 use lifeboat_shared::wire::MAX_IDS_PER_REQUEST;
@@ -43,7 +52,18 @@ pub struct Report {
     /// Each names the file and what is wrong with it.
     pub problems: Vec<String>,
     pub counts: Counts,
+    /// The phone encrypted the backup.
+    pub encrypted: bool,
+    /// Manifest.db lists the keychain; `None` when Manifest.db could not be read.
+    pub keychain: Option<bool>,
     pub seconds: f64,
+}
+
+/// For a snapshot of an encrypted backup: the password that opens it, or why there is none.
+enum Password {
+    NotEncrypted,
+    Escrowed(Secret<String>),
+    Missing(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +80,7 @@ pub enum VerifyError {
 
 /// Files whose bytes the checks read.
 fn wanted(path: &str) -> bool {
-    matches!(path, "Manifest.db" | "Status.plist" | "Info.plist")
+    matches!(path, "Manifest.db" | "Manifest.plist" | "Status.plist" | "Info.plist")
         || [SMS_DB, ADDRESS_BOOK_DB, PHOTOS_DB].iter().any(|id| path == backup_path(id))
 }
 
@@ -78,6 +98,22 @@ pub async fn verify_snapshot(
         store::snapshots::manifest_key(client, keys.tenant, snapshot).await?.ok_or(VerifyError::NotFound(snapshot))?;
     let manifest_err = |cause: String| VerifyError::Manifest { snapshot, cause };
     let manifest = crate::restore::read::manifest(op, keys, snapshot, &key).await.map_err(manifest_err)?;
+    let encrypted = manifest.ios_encrypted();
+    let password = if !encrypted {
+        Password::NotEncrypted
+    } else {
+        // The server's own use, like an agent's: not a person's view, so not audited.
+        let udid = manifest.device.udid.as_str();
+        match crate::escrow::for_agent(client, keys, udid).await {
+            Ok(Some(e)) => Password::Escrowed(e.password),
+            Ok(None) => Password::Missing(format!(
+                "the server knows no backup password for {udid}: this encrypted snapshot cannot be restored until an \
+                 admin enters it"
+            )),
+            Err(crate::escrow::EscrowError::Db(e)) => return Err(e.into()),
+            Err(e) => Password::Missing(format!("the backup password of {udid} cannot be opened: {e}")),
+        }
+    };
 
     let mut problems = Vec::new();
     let mut kept: HashMap<String, Vec<u8>> = HashMap::new();
@@ -105,10 +141,11 @@ pub async fn verify_snapshot(
     }
 
     let scratch = scratch.clone();
-    let counts = tokio::task::spawn_blocking(move || check_backup(&manifest, &kept, &scratch))
+    // The keybag's key derivation is seconds of PBKDF2 at a phone's counts: blocking work.
+    let checked = tokio::task::spawn_blocking(move || check_backup(&manifest, &kept, &scratch, &password))
         .await
         .map_err(|e| manifest_err(format!("checking the backup: {e}")))?;
-    let (backup_problems, counts) = counts;
+    let Checked { problems: backup_problems, counts, keychain } = checked;
     problems.extend(backup_problems);
     Ok(Report {
         snapshot,
@@ -117,6 +154,8 @@ pub async fn verify_snapshot(
         bytes_checked,
         problems,
         counts,
+        encrypted,
+        keychain,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -184,9 +223,24 @@ async fn fetch_batch(
     Ok(opened.plain)
 }
 
+/// What the backup checks found.
+struct Checked {
+    problems: Vec<String>,
+    counts: Counts,
+    keychain: Option<bool>,
+}
+
 /// The iPhone-backup checks on the reassembled special files.
-fn check_backup(manifest: &Manifest, kept: &HashMap<String, Vec<u8>>, scratch: &Scratch) -> (Vec<String>, Counts) {
+fn check_backup(
+    manifest: &Manifest,
+    kept: &HashMap<String, Vec<u8>>,
+    scratch: &Scratch,
+    password: &Password,
+) -> Checked {
     let mut problems = Vec::new();
+    // `xx/<fileID>` → `domain/relativePath`, to name files as people know them.
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut keychain = None;
     let sizes: HashMap<&str, u64> = manifest.files.iter().map(|f| (f.path.as_str(), f.size)).collect();
     match kept.get("Status.plist").map(|b| plist::Value::from_reader(std::io::Cursor::new(b))) {
         None => problems.push("Status.plist: missing".into()),
@@ -211,8 +265,10 @@ fn check_backup(manifest: &Manifest, kept: &HashMap<String, Vec<u8>>, scratch: &
                 if rows.is_empty() {
                     problems.push("Manifest.db: lists no files".into());
                 }
+                keychain = Some(rows.iter().any(|r| r.domain == "KeychainDomain" && r.path == "keychain-backup.plist"));
                 for ListedFile { file_id, domain, path, size } in rows {
                     let named = format!("{domain}/{path}");
+                    names.insert(backup_path(&file_id), named.clone());
                     match sizes.get(backup_path(&file_id).as_str()) {
                         None => problems.push(format!("{named}: listed in Manifest.db but not in the backup")),
                         Some(actual) if size.is_some_and(|s| s != *actual) => problems.push(format!(
@@ -240,7 +296,66 @@ fn check_backup(manifest: &Manifest, kept: &HashMap<String, Vec<u8>>, scratch: &
         contacts: count(ADDRESS_BOOK_DB, &["SELECT count(*) FROM ABPerson"]),
         photos: count(PHOTOS_DB, &["SELECT count(*) FROM ZASSET", "SELECT count(*) FROM ZGENERICASSET"]),
     };
-    (problems, counts)
+    match password {
+        Password::NotEncrypted => {}
+        Password::Missing(why) => problems.push(format!("Manifest.plist: {why}")),
+        Password::Escrowed(password) => {
+            check_keys(manifest, kept.get("Manifest.plist"), password, &names, &mut problems)
+        }
+    }
+    Checked { problems, counts, keychain }
+}
+
+/// What a restore of an encrypted snapshot needs: the escrowed password unlocks the keybag,
+/// and every key record unwraps with its class key (AES key wrap checks its integrity, so
+/// a record that unwraps is the key the phone encrypted the file with).
+fn check_keys(
+    manifest: &Manifest,
+    plist: Option<&Vec<u8>>,
+    password: &Secret<String>,
+    names: &HashMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    let Some(plist) = plist else {
+        problems.push("Manifest.plist: missing".into());
+        return;
+    };
+    let (keybag, manifest_key) = match plist_encryption(plist) {
+        Ok(PlistEncryption::Encrypted { keybag, manifest_key }) => (keybag, manifest_key),
+        Ok(PlistEncryption::None) => {
+            problems.push("Manifest.plist: says the backup is not encrypted, but its files have key records".into());
+            return;
+        }
+        Err(e) => {
+            problems.push(format!("Manifest.plist: {e}"));
+            return;
+        }
+    };
+    let classes = match Keybag::parse(&keybag).and_then(|bag| bag.open(password.expose())) {
+        Ok(c) => c,
+        Err(KeybagError::WrongPassword) => {
+            problems.push(
+                "Manifest.plist: the escrowed backup password does not unlock the backup keybag: a restore would \
+                 fail; an admin enters the right one"
+                    .into(),
+            );
+            return;
+        }
+        Err(e) => {
+            problems.push(format!("Manifest.plist: BackupKeyBag: {e}"));
+            return;
+        }
+    };
+    for f in manifest.files.iter() {
+        let Some(key) = &f.ios_key else { continue };
+        if f.path == "Manifest.db" && key.record != manifest_key.record {
+            problems.push("Manifest.db: its key record is not Manifest.plist's ManifestKey".into());
+        }
+        if let Err(e) = classes.unwrap(key.class, &key.record) {
+            let named = names.get(&f.path).map_or_else(|| f.path.clone(), |n| format!("{n} ({})", f.path));
+            problems.push(format!("{named}: {e}"));
+        }
+    }
 }
 
 /// Records a report; returns the restore test's id.
@@ -263,6 +378,8 @@ pub async fn record(
             messages: report.counts.messages,
             contacts: report.counts.contacts,
             photos: report.counts.photos,
+            encrypted: report.encrypted,
+            keychain: report.keychain,
         },
     )
     .await

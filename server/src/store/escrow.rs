@@ -107,3 +107,55 @@ pub async fn get_audited(
     tx.commit().await?;
     Ok(Found::Sealed(sealed))
 }
+
+/// A phone's backup keybag as an agent reported it, still sealed.
+#[derive(Debug, Clone)]
+pub struct SealedKeybag {
+    pub sealed: Vec<u8>,
+    pub reported_at: String,
+}
+
+/// Stores (or replaces) the device's sealed backup keybag; `false` (nothing written) when
+/// the tenant has no such device.
+pub async fn put_keybag(
+    client: &impl GenericClient,
+    tenant: TenantId,
+    udid: &str,
+    sealed: &[u8],
+    agent: uuid::Uuid,
+) -> Result<bool, Error> {
+    let n = client
+        .execute(
+            concat!(
+                "INSERT INTO device_backup_keybags (tenant_id, udid, sealed, reported_by_agent) ",
+                "SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1 AND udid = $2) ",
+                "ON CONFLICT (tenant_id, udid) DO UPDATE SET sealed = EXCLUDED.sealed, ",
+                "reported_by_agent = EXCLUDED.reported_by_agent, reported_at = now()"
+            ),
+            &[&tenant.0, &udid, &sealed, &agent],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// The device's sealed keybag, unless a snapshot of it was committed since it was reported
+/// (the escrowed password opened a later backup, so the keybag no longer says anything).
+pub async fn get_keybag(
+    client: &impl GenericClient,
+    tenant: TenantId,
+    udid: &str,
+) -> Result<Option<SealedKeybag>, Error> {
+    let row = client
+        .query_opt(
+            concat!(
+                "SELECT k.sealed, ",
+                ts!("k.reported_at"),
+                " FROM device_backup_keybags k WHERE k.tenant_id = $1 AND k.udid = $2 AND NOT EXISTS ",
+                "(SELECT 1 FROM snapshots s WHERE s.tenant_id = k.tenant_id AND s.udid = k.udid ",
+                "AND s.committed_at > k.reported_at)"
+            ),
+            &[&tenant.0, &udid],
+        )
+        .await?;
+    Ok(row.map(|r| SealedKeybag { sealed: r.get(0), reported_at: r.get(1) }))
+}

@@ -19,6 +19,8 @@ pub struct NewResult<'a> {
     pub messages: Option<i64>,
     pub contacts: Option<i64>,
     pub photos: Option<i64>,
+    pub encrypted: bool,
+    pub keychain: Option<bool>,
 }
 
 /// Records a result; returns its id.
@@ -27,7 +29,8 @@ pub async fn record(client: &Client, tenant: TenantId, r: &NewResult<'_>) -> Res
     let row = client
         .query_one(
             "INSERT INTO restore_tests (tenant_id, snapshot_id, started_at, passed, files_checked, bytes_checked, \
-             problems, messages, contacts, photos) VALUES ($1, $2, to_timestamp($3), $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+             problems, messages, contacts, photos, encrypted, keychain) \
+             VALUES ($1, $2, to_timestamp($3), $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
             &[
                 &tenant.0,
                 &r.snapshot.0,
@@ -39,6 +42,8 @@ pub async fn record(client: &Client, tenant: TenantId, r: &NewResult<'_>) -> Res
                 &r.messages,
                 &r.contacts,
                 &r.photos,
+                &r.encrypted,
+                &r.keychain,
             ],
         )
         .await?;
@@ -102,6 +107,10 @@ pub struct ResultRow {
     pub problems: Vec<String>,
     pub counts: Counts,
     pub previous_counts: Counts,
+    /// The phone encrypted the backup (its keys were checked against the escrowed password).
+    pub encrypted: bool,
+    /// The backup carries the keychain; `null` when Manifest.db could not be read.
+    pub keychain: Option<bool>,
 }
 
 /// The tenant's results, newest first, filtered.
@@ -119,7 +128,7 @@ pub async fn list(
                 "SELECT r.id, r.snapshot_id, s.udid, ",
                 ts!("r.finished_at"),
                 ", r.passed, r.files_checked, r.bytes_checked, r.problems, r.messages, r.contacts, r.photos, ",
-                "p.messages, p.contacts, p.photos ",
+                "p.messages, p.contacts, p.photos, r.encrypted, r.keychain ",
                 "FROM restore_tests r JOIN snapshots s ON s.tenant_id = r.tenant_id AND s.id = r.snapshot_id ",
                 "LEFT JOIN LATERAL (SELECT pr.messages, pr.contacts, pr.photos FROM snapshots ps ",
                 "  JOIN restore_tests pr ON pr.tenant_id = ps.tenant_id AND pr.snapshot_id = ps.id ",
@@ -144,6 +153,8 @@ pub async fn list(
             problems: r.get(7),
             counts: Counts { messages: r.get(8), contacts: r.get(9), photos: r.get(10) },
             previous_counts: Counts { messages: r.get(11), contacts: r.get(12), photos: r.get(13) },
+            encrypted: r.get(14),
+            keychain: r.get(15),
         })
         .collect())
 }

@@ -41,16 +41,29 @@ pub struct Tenant {
     pub created_at_unix: i64,
 }
 
-/// Creates tenant `name` with new keys, wrapped by `master`, in one transaction.
+/// Creates tenant `name` with new keys, wrapped by `master`, in one transaction, under the
+/// default backup encryption policy (`required`).
 pub async fn create(client: &mut Client, master: &MasterKey, name: &str) -> Result<Tenant, TenantError> {
+    create_with_policy(client, master, name, true).await
+}
+
+/// [`create`] with the backup encryption policy given, in the same transaction (a tenant
+/// is never seen with another policy than the one asked for).
+pub async fn create_with_policy(
+    client: &mut Client,
+    master: &MasterKey,
+    name: &str,
+    encryption_required: bool,
+) -> Result<Tenant, TenantError> {
     if !valid_name(name) {
         return Err(TenantError::BadName(name.to_string()));
     }
     let tx = client.transaction().await?;
     let row = match tx
         .query_one(
-            "INSERT INTO tenants (name) VALUES ($1) RETURNING id, extract(epoch FROM created_at)::bigint",
-            &[&name],
+            "INSERT INTO tenants (name, backup_encryption) VALUES ($1, $2) \
+             RETURNING id, extract(epoch FROM created_at)::bigint",
+            &[&name, &if encryption_required { "required" } else { "off" }],
         )
         .await
     {

@@ -32,6 +32,7 @@ async fn the_template_database_has_the_whole_schema() {
             "chunks_p5",
             "chunks_p6",
             "chunks_p7",
+            "device_backup_keybags",
             "device_backup_passwords",
             "devices",
             "enrollment_tokens",

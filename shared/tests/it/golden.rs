@@ -179,6 +179,11 @@ fn frames() -> Vec<(String, Vec<u8>)> {
     frame!("response-backup-password-none", Response, Response::BackupPassword { password: None });
     frame!("request-get-encryption-policy", Request, Request::GetEncryptionPolicy { udid: udid() });
     frame!("response-encryption-policy", Response, Response::EncryptionPolicy { required: true });
+    frame!(
+        "request-report-keybag",
+        Request,
+        Request::ReportKeybag { udid: udid(), keybag: b"VERS\0\0\0\x04\0\0\0\x05".to_vec() }
+    );
     frame!("response-run-opened", Response, Response::RunOpened { run, snapshot, lease_seconds: 600 });
     frame!("response-missing", Response, Response::Missing { ids: vec![chunk(0x80)] });
     frame!("response-stored", Response, Response::Stored { chunks: 300, new_chunks: 200, new_bytes: 1 << 33 });
@@ -266,6 +271,8 @@ fn variant_numbers_are_those_the_spec_gives() {
         "request-end-restore-succeeded",
         "request-get-backup-password",
         "request-put-backup-password",
+        "request-get-encryption-policy",
+        "request-report-keybag",
     ];
     for (n, name) in requests.iter().enumerate() {
         assert_eq!(first_byte(name) as usize, n, "{name}");
@@ -282,6 +289,7 @@ fn variant_numbers_are_those_the_spec_gives() {
         "response-policy",
         "response-restore-job",
         "response-backup-password",
+        "response-encryption-policy",
     ];
     for (n, name) in responses.iter().enumerate() {
         assert_eq!(first_byte(name) as usize, n, "{name}");
@@ -301,10 +309,12 @@ fn the_specs_worked_examples_are_the_real_bytes() {
 }
 
 #[test]
-fn this_build_speaks_versions_2_to_4() {
-    assert_eq!(VERSIONS, &[2, 3, 4]);
+fn this_build_speaks_versions_2_to_5() {
+    assert_eq!(VERSIONS, &[2, 3, 4, 5]);
     assert_eq!(wire::ESCROW_VERSION, 3);
     assert_eq!(wire::ENCRYPTION_POLICY_VERSION, 4);
+    assert_eq!(wire::KEYBAG_VERSION, 5);
+    assert_eq!(wire::negotiate(&[2, 3, 4, 5]), Some(5));
     assert_eq!(wire::negotiate(&[2, 3, 4]), Some(4));
     assert_eq!(wire::negotiate(&[1]), None, "a v1 agent is refused");
     assert_eq!(wire::negotiate(&[1, 2]), Some(2), "a v2 agent is served");

@@ -3,7 +3,11 @@
 //! a release `lifeboat-server` process on loopback — beside what a host could do without
 //! Lifeboat on the same data in the same run: libimobiledevice's `idevicebackup2` writing
 //! the backup to disk, then `restic backup` of that directory (Debian's restic). Also the
-//! agent's peak memory (VmHWM) and an incremental backup after ~1 % of use.
+//! agent's peak memory (VmHWM) and an incremental backup after ~1 % of use. In the same
+//! run, a second `medium` phone that encrypts its backups (password set on the phone,
+//! escrowed on the server before the clock starts) is backed up the same way: full, and
+//! incremental with the agent's cached password key and with it removed (a phone that
+//! makes a new keybag per backup).
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p lifeboat-e2e --bench endtoend`
 //! (the bench runs the release binaries, which `cargo bench` alone does not rebuild)
@@ -12,6 +16,8 @@
 //! `LIFEBOAT_BENCH_LIFEBOAT_ONLY=1` skips the comparison (quicker when trying changes);
 //! `LIFEBOAT_BENCH_PROFILE` backs up another virtual iPhone than `medium` (e.g.
 //! `large:8G`, one file per 40 kB: how the agent's memory grows with the backup);
+//! `LIFEBOAT_BENCH_KDF_ROUNDS` sets the encrypting phone's PBKDF2-SHA256 count (iOS's
+//! 10,000,000 by default);
 //! `LIFEBOAT_BENCH_KEEP=1` leaves the run's files in place. Deleting them slows the next
 //! run down on this machine: its ext4 has no journal and passes over inodes freed in the
 //! last 60 s (5 minutes while their table block is dirty) when it creates a file, and the
@@ -35,44 +41,45 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
-    let rig = Rig::start(dir.path(), 1).await?;
+    let rig = Rig::start(dir.path(), 2).await?;
     let (profile, mux) = (rig.profile, rig.mux.clone());
     let (udid, phone) = rig.phone(0)?;
-    let size_mb = expect_mb(&phone.expect()?);
-    let agent = |args: &[&str]| rig.agent(args);
-    let server = &rig.server;
-    let server_pid = server.child.id().to_string();
-    println!("end to end: a `{profile}` virtual iPhone ({size_mb:.0} MB of files) on loopback");
-
-    // Whatever the machine was writing before (an earlier run, a build) is on disk first:
-    // its write-back would otherwise take CPU and disk time from this run.
-    let _ = tokio::task::block_in_place(|| Command::new("sync").status());
-    let (server_cpu, phone_cpu) = (cpu_seconds(&server_pid), cpu_seconds("self"));
-    let (secs, peak, agent_cpu, out) =
-        tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
-    let (server_cpu, phone_cpu) = (cpu_seconds(&server_pid) - server_cpu, cpu_seconds("self") - phone_cpu);
-    let report: serde_json::Value = serde_json::from_str(&out)?;
-    let logical = report["logical_bytes"].as_u64().unwrap_or(0) as f64 / 1e6;
+    let (enc_udid, enc_phone) = rig.phone(1)?;
+    rig.encrypt(&enc_udid, "bench backup password")?;
+    let (size_mb, enc_mb) = (expect_mb(&phone.expect()?), expect_mb(&enc_phone.expect()?));
     println!(
-        "lifeboat-agent backup (full, to a committed snapshot): {secs:6.1} s  {:6.0} MB/s  ({logical:.0} MB incl. Manifest.db; {:.0} MB of chunks sent; peak agent memory {} MiB)",
-        logical / secs,
-        report["blob_bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e6,
-        peak >> 20
+        "end to end: two `{profile}` virtual iPhones on loopback, {size_mb:.0} MB of files unencrypted and {enc_mb:.0} MB encrypted by the phone (keybag at {} PBKDF2-SHA256 rounds)",
+        enc_phone.encryption().keys().map(|k| k.keybag.dpic).unwrap_or_default()
     );
+
+    let full = backup(&rig, &udid, "full, unencrypted, to a committed snapshot")?;
+    let enc = backup(&rig, &enc_udid, "full, encrypted by the phone")?;
     println!(
-        "  CPU seconds: agent {agent_cpu:.1}, server {server_cpu:.1}, virtual iPhone (this process) {phone_cpu:.1}; {:.0} % of the 2 cores busy",
-        (agent_cpu + server_cpu + phone_cpu) / secs / 2.0 * 100.0
+        "  encrypted / unencrypted: {:.2}x the time, {:.2}x the rate (target: at most 1.3x the time)",
+        enc.secs / full.secs,
+        full.rate / enc.rate
     );
 
     phone.simulate_use(0.01, 1)?;
-    let (secs, peak, _, out) = tokio::task::block_in_place(|| timed(agent(&["backup", "--device", &udid, "--json"])))?;
-    let report: serde_json::Value = serde_json::from_str(&out)?;
+    enc_phone.simulate_use(0.01, 1)?;
+    let inc = backup(&rig, &udid, "after ~1 % of use (incremental), unencrypted")?;
+    let enc_inc = backup(&rig, &enc_udid, "after ~1 % of use (incremental), encrypted, password key cached")?;
+    // A phone that makes a new keybag for each backup (new salts) misses the agent's cache
+    // of the derived password key: one PBKDF2 at the keybag's counts more.
+    enc_phone.simulate_use(0.01, 2)?;
+    let _ = std::fs::remove_dir_all(rig.state.join("kdf"));
+    let enc_miss = backup(&rig, &enc_udid, "after ~1 % more use, encrypted, password key derived again")?;
     println!(
-        "lifeboat-agent backup after ~1 % of use (incremental): {secs:5.1} s  ({:.1} MB of chunks sent, {} of {} files not read again thanks to the cache; peak agent memory {} MiB)",
-        report["blob_bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e6,
-        report["cached_files"],
-        report["files"],
-        peak >> 20
+        "  incremental encrypted / unencrypted: {:.2}x with the cached key, {:.2}x deriving it (target: within 1.2x)",
+        enc_inc.secs / inc.secs,
+        enc_miss.secs / inc.secs
+    );
+    println!(
+        "  peak agent memory, full / incremental: unencrypted {} / {} MiB, encrypted {} / {} MiB",
+        full.peak >> 20,
+        inc.peak >> 20,
+        enc.peak >> 20,
+        enc_inc.peak.max(enc_miss.peak) >> 20
     );
 
     if std::env::var_os("LIFEBOAT_BENCH_LIFEBOAT_ONLY").is_some() {
@@ -111,4 +118,38 @@ async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
         written / (ib_secs + r_secs)
     );
     Ok(())
+}
+
+/// What one `lifeboat-agent backup` did.
+struct Backup {
+    secs: f64,
+    rate: f64,
+    peak: u64,
+}
+
+/// Runs and times `lifeboat-agent backup --device UDID --json`, and prints what it did.
+fn backup(rig: &Rig, udid: &str, what: &str) -> anyhow::Result<Backup> {
+    let server_pid = rig.server.child.id().to_string();
+    // Whatever the machine was writing before (an earlier run, a build) is on disk first:
+    // its write-back would otherwise take CPU and disk time from this run.
+    let _ = tokio::task::block_in_place(|| Command::new("sync").status());
+    let (server_cpu, phone_cpu) = (cpu_seconds(&server_pid), cpu_seconds("self"));
+    let (secs, peak, agent_cpu, out) =
+        tokio::task::block_in_place(|| timed(rig.agent(&["backup", "--device", udid, "--json"])))?;
+    let (server_cpu, phone_cpu) = (cpu_seconds(&server_pid) - server_cpu, cpu_seconds("self") - phone_cpu);
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    let logical = report["logical_bytes"].as_u64().unwrap_or(0) as f64 / 1e6;
+    println!(
+        "lifeboat-agent backup ({what}): {secs:6.1} s  {:6.0} MB/s  ({logical:.0} MB incl. Manifest.db; {:.1} MB of chunks sent; {} of {} files not read again thanks to the cache; peak agent memory {} MiB)",
+        logical / secs,
+        report["blob_bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e6,
+        report["cached_files"],
+        report["files"],
+        peak >> 20
+    );
+    println!(
+        "  CPU seconds: agent {agent_cpu:.1}, server {server_cpu:.1}, virtual iPhone (this process) {phone_cpu:.1}; {:.0} % of the 2 cores busy",
+        (agent_cpu + server_cpu + phone_cpu) / secs / 2.0 * 100.0
+    );
+    Ok(Backup { secs, rate: logical / secs, peak })
 }

@@ -77,19 +77,50 @@ impl Rig {
     pub async fn start(dir: &std::path::Path, devices: u32) -> anyhow::Result<Self> {
         let server = crate::ServerProcess::start(&dir.join("data"), &[])?;
         let token = crate::tenant_with_token(&server, "bench")?;
+        // Phones are backed up as they are: a bench that wants an encrypted one sets its
+        // password (`Rig::encrypt`).
+        let (ok, _, err) = crate::server_cli(&server.data_dir, &["tenant", "encryption", "bench", "off"]);
+        anyhow::ensure!(ok, "tenant encryption bench off: {err}");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let mux = listener.local_addr()?.to_string();
         let profile = match std::env::var("LIFEBOAT_BENCH_PROFILE") {
             Ok(p) => p.parse()?,
             Err(_) => virtual_iphone::content::Profile::Medium,
         };
-        let config =
-            virtual_iphone::Config { seed: 9, devices, profile, state_dir: dir.join("phones"), kdf_rounds: 1000 };
+        // The phones' keybags use iOS's PBKDF2 counts unless LIFEBOAT_BENCH_KDF_ROUNDS says
+        // otherwise: an encrypted backup's cost includes the derivation a real phone's costs.
+        let kdf_rounds = match std::env::var("LIFEBOAT_BENCH_KDF_ROUNDS") {
+            Ok(r) => r.parse()?,
+            Err(_) => lifeboat_shared::ios_crypto::IOS_DPIC,
+        };
+        let config = virtual_iphone::Config { seed: 9, devices, profile, state_dir: dir.join("phones"), kdf_rounds };
         let registry = std::sync::Arc::new(virtual_iphone::Registry::new(config)?);
         tokio::spawn(virtual_iphone::usbmuxd::serve(listener, registry.clone()));
         let rig = Self { server, registry, profile, mux, state: dir.join("agent") };
         tokio::task::block_in_place(|| timed(rig.agent(&["enroll", &token])))?;
         Ok(rig)
+    }
+
+    /// Gives the phone a backup password, as its user would, and escrows it on the server
+    /// as an admin would, so the agent backs it up encrypted.
+    pub fn encrypt(&self, udid: &str, password: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let state = self.registry.state_by_udid(udid).ok_or_else(|| anyhow::anyhow!("no phone {udid}"))?;
+        // The server escrows only for a phone it knows: the agent registers one that does not
+        // trust this computer yet (needs-trust) without backing it up.
+        self.registry.untrust(udid);
+        let _ = self.agent(&["backup", "--device", udid]).output()?;
+        self.registry.trust(udid);
+        // The phone derives its keybag now (seconds at iOS's counts), before any clock starts.
+        state.encryption().set(Some(password.to_string()))?;
+        let mut cli = Command::new(crate::bin("lifeboat-server"));
+        cli.arg("--data-dir").arg(&self.server.data_dir).args(["--quic-listen", "127.0.0.1:0"]);
+        cli.args(["device", "backup-password", "--tenant", "bench", "--udid", udid, "--set"]);
+        let mut child = cli.stdin(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        child.stdin.take().ok_or_else(|| anyhow::anyhow!("no stdin"))?.write_all(format!("{password}\n").as_bytes())?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(out.status.success(), "escrowing the password: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
     }
 
     /// The `i`-th phone's UDID and state.

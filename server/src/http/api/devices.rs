@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use lifeboat_shared::Secret;
 use serde::Deserialize;
@@ -50,12 +50,16 @@ fn escrow_error(e: EscrowError) -> ApiError {
     match e {
         EscrowError::BadPassword(_) => bad_request(e.to_string()),
         EscrowError::NoDevice(_) | EscrowError::NotEscrowed(_) => not_found(e.to_string()),
+        EscrowError::WrongPassword { .. } => ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
         e => internal("the backup password escrow", e),
     }
 }
 
 /// `PUT /api/v1/devices/{udid}/backup-password`: an admin enters the password a phone
-/// already has (`{"password": "…"}`); the agent uses it from the next backup on.
+/// already has (`{"password": "…"}`); the agent uses it from the next backup on. It is
+/// checked first against the keybag of the phone's last backup an agent could not open:
+/// a wrong one is refused (422) and nothing is stored; `verified` says whether there was
+/// a keybag to check it against.
 pub async fn set_backup_password(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -66,9 +70,11 @@ pub async fn set_backup_password(
     let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
     let keys = app.tenant_keys(caller.tenant).await.map_err(|e| internal("opening the tenant's keys", e))?;
     let mut client = db(&app).await?;
+    let checked = escrow::check(&client, &keys, &udid, &req.password).await.map_err(escrow_error)?;
     let set_at =
         escrow::set(&mut client, &keys, &udid, &req.password, Actor::User(caller.user)).await.map_err(escrow_error)?;
-    Ok(Json(json!({ "udid": udid, "source": "admin", "set_at": set_at })))
+    let verified = matches!(checked, escrow::Checked::Verified { .. });
+    Ok(Json(json!({ "udid": udid, "source": "admin", "set_at": set_at, "verified": verified })))
 }
 
 /// `GET /api/v1/devices/{udid}/backup-password`: reveals the escrowed password to an

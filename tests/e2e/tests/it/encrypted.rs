@@ -99,12 +99,35 @@ async fn run_encrypts_escrows_and_asks_for_an_unknown_password() {
     .await;
     assert!(latest(&w.state, &unknown).await.is_none(), "nothing is backed up without the password");
 
-    // An admin enters it: the next try backs the phone up.
-    let body = serde_json::json!({ "password": "the user's own" }).to_string();
+    // A wrong password is refused against the keybag of the backup the phone made anyway
+    // (into the mirror, nothing uploaded), and nothing is stored.
     let path = format!("/api/v1/devices/{unknown}/backup-password");
+    let wrong = serde_json::json!({ "password": "a guess" }).to_string();
+    let (code, text) = http_json(w.server.http_addr, "PUT", &path, Some(&admin), &wrong).await.unwrap();
+    assert_eq!(code, 422, "{text}");
+    let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let error = error["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!(
+            "backup password refused: it does not unlock the keybag of the backup {unknown} made on "
+        )) && error.contains("nothing was stored"),
+        "{error}"
+    );
+    let (code, text) = http_get(w.server.http_addr, &path, Some(&admin)).await.unwrap();
+    assert_eq!((code, text.contains("no backup password is escrowed")), (404, true), "{text}");
+    let mut cli = std::process::Command::new(lifeboat_e2e::bin("lifeboat-server"));
+    cli.arg("--data-dir").arg(&w.server.data_dir).args(["--quic-listen", "127.0.0.1:0"]);
+    cli.args(["device", "backup-password", "--tenant", "acme", "--udid", &unknown, "--set"]);
+    let out = piped(cli, "another guess\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not unlock the keybag"), "{out:?}");
+
+    // An admin enters the right one: checked, kept, and the next try backs the phone up.
+    let body = serde_json::json!({ "password": "the user's own" }).to_string();
     let (code, text) = http_json(w.server.http_addr, "PUT", &path, Some(&admin), &body).await.unwrap();
     assert_eq!(code, 200, "{text}");
-    assert!(text.contains("\"source\":\"admin\""), "{text}");
+    let set: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((set["source"].as_str(), set["verified"].as_bool()), (Some("admin"), Some(true)), "{text}");
     let snapshot =
         until(Duration::from_secs(240), "the snapshot after the password", || latest(&w.state, &unknown)).await;
     same(&snapshot_content(&w.state, snapshot).await, &phone(&unknown).expect().unwrap(), "its plaintext");
@@ -191,6 +214,85 @@ async fn encrypted_snapshots_dedup_export_as_the_phone_made_them_and_restore() {
     assert!(text.contains(&snapshot.to_string()), "{text}");
     let restored = w.registry.state_by_udid(&target).unwrap();
     same(&restored.expect().unwrap(), &truth, "the phone restored from the encrypted snapshot");
+
+    // A restore test checks it as fully as an unencrypted one, and what a restore needs:
+    // the escrowed password unlocks the keybag and every file's key unwraps.
+    let id = snapshot.to_string();
+    let verify = || {
+        let (ok, out, err) = server_cli(&w.server.data_dir, &["verify", "--snapshot", &id, "--json"]);
+        let report: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or("null")).unwrap();
+        (ok, report, err)
+    };
+    let (ok, report, err) = verify();
+    assert!(ok, "{report}\n{err}");
+    let content = phone.content().unwrap();
+    let photos = {
+        let db = plain.path().join(&udid).join(lifeboat_server::ios::backup_path(lifeboat_server::ios::PHOTOS_DB));
+        let db = rusqlite::Connection::open(db).unwrap();
+        db.query_row("SELECT count(*) FROM ZASSET", [], |r| r.get::<_, i64>(0)).unwrap()
+    };
+    assert_eq!(
+        (&report["passed"], &report["encrypted"], &report["keychain"]),
+        (&serde_json::json!(true), &serde_json::json!(true), &serde_json::json!(true)),
+        "{report}"
+    );
+    assert_eq!(report["counts"]["messages"], i64::from(content.state.messages.len()), "{report}");
+    assert_eq!(report["counts"]["contacts"], i64::from(content.state.contacts.len()), "{report}");
+    assert_eq!(report["counts"]["photos"], photos, "{report}");
+    assert_eq!(report["files_checked"].as_u64(), Some(mine.len() as u64), "{report}");
+
+    // A wrong escrowed password (an admin entered one with no keybag to check it against):
+    // the test fails, saying a restore would.
+    set_password(&w, &udid, "not the password");
+    let (ok, report, _) = verify();
+    assert!(!ok && report["passed"] == false, "{report}");
+    assert_eq!(
+        report["problems"],
+        serde_json::json!([
+            "Manifest.plist: the escrowed backup password does not unlock the backup keybag: a restore would fail; an admin enters the right one"
+        ])
+    );
+    set_password(&w, &udid, &password);
+
+    // One pack damaged: the test fails naming the file whose chunk no longer verifies.
+    let packs = lifeboat_e2e::pack_files(&w.server.data_dir.join("storage"));
+    let biggest = packs.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = std::fs::read(biggest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(biggest, &bytes).unwrap();
+    let (ok, report, err) = verify();
+    assert!(!ok && report["passed"] == false, "{report}");
+    assert!(err.contains("1 of 1 snapshots failed their restore test"), "{err}");
+    let named: Vec<&str> = report["problems"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    assert!(
+        named.iter().any(|p| p.contains(": chunk ")
+            && p.contains("does not verify")
+            && mine.contains_key(p.split(':').next().unwrap())),
+        "{named:?}"
+    );
+}
+
+/// Escrows a password as an admin at the CLI (`--set` reads it from stdin).
+fn set_password(w: &World, udid: &str, password: &str) {
+    let mut cli = std::process::Command::new(lifeboat_e2e::bin("lifeboat-server"));
+    cli.arg("--data-dir").arg(&w.server.data_dir).args(["--quic-listen", "127.0.0.1:0"]);
+    cli.args(["device", "backup-password", "--tenant", "acme", "--udid", udid, "--set"]);
+    let out = piped(cli, &format!("{password}\n"));
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Runs `cmd` with `input` on its stdin.
+fn piped(mut cmd: std::process::Command, input: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 /// Every file under `dir` (relative path → bytes).
