@@ -177,17 +177,27 @@ impl Decryption {
             .unwrap(manifest_key.class, &manifest_key.record)
             .map_err(|e| IosError::Damaged(format!("Manifest.plist ManifestKey: {e}")))?;
         let db_path = dir.join("Manifest.db");
-        let plain_db = decrypt_whole(&db_path, &db_key)?;
         let mut files = HashMap::new();
         files.insert(
             "Manifest.db".to_string(),
-            (IosKey { class: manifest_key.class, record: manifest_key.record }, db_key),
+            (IosKey { class: manifest_key.class, record: manifest_key.record }, db_key.clone()),
         );
         std::fs::create_dir_all(scratch).map_err(io(scratch))?;
         let copy =
             tempfile::Builder::new().prefix("manifest-").suffix(".db").tempfile_in(scratch).map_err(io(scratch))?;
-        std::fs::write(copy.path(), &plain_db).map_err(io(copy.path()))?;
-        drop(plain_db);
+        // Decrypted as it is copied: a fleet phone's Manifest.db is tens of megabytes, and
+        // the backup's peak memory should not grow by twice that.
+        let cipher = std::fs::File::open(&db_path).map_err(io(&db_path))?;
+        let mut plain = DecryptingReader::new(std::io::BufReader::new(cipher), &db_key);
+        let mut out = std::io::BufWriter::new(copy.as_file());
+        std::io::copy(&mut plain, &mut out).and_then(|_| std::io::Write::flush(&mut out)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                IosError::Damaged(format!("{} {e}", db_path.display()))
+            } else {
+                IosError::Io { path: db_path.clone(), cause: e }
+            }
+        })?;
+        drop(out);
         let damaged = |e: rusqlite::Error| IosError::Damaged(format!("Manifest.db: {e}"));
         let db = rusqlite::Connection::open_with_flags(copy.path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(damaged)?;
@@ -222,12 +232,6 @@ impl Decryption {
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
     }
-}
-
-/// The plaintext of a whole file the phone encrypted.
-fn decrypt_whole(path: &Path, key: &FileKey) -> Result<Vec<u8>, IosError> {
-    let cipher = std::fs::read(path).map_err(io(path))?;
-    key.decrypt(&cipher).map_err(|e| IosError::Damaged(format!("{} does not decrypt: {e}", path.display())))
 }
 
 /// A reader of a file's plaintext, decrypting its ciphertext as it goes; the padding is

@@ -235,6 +235,8 @@ async fn backup(config: &Config, udid: &str, json: bool) -> anyhow::Result<()> {
             "chunks": o.upload.chunks, "chunks_sent": o.upload.chunks_sent,
             "blob_bytes_sent": o.upload.blob_bytes_sent, "quic_bytes_sent": o.quic_bytes_sent,
             "cached_files": o.cached_files, "files_read_at_end": o.upload.files_read_at_end,
+            "phone_seconds": o.upload.phone_ms as f64 / 1e3, "keys_seconds": o.upload.keys_ms as f64 / 1e3,
+            "after_phone_seconds": o.upload.after_phone_ms as f64 / 1e3,
             "files_moved": Progress::get(&progress.files_moved),
             "files_moved_by_swap": Progress::get(&progress.files_moved_by_swap),
         });

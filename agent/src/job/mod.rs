@@ -467,12 +467,15 @@ async fn back_up(
             e = give_up_unless_started(waiting) => Err(e),
         }
     };
+    let began = std::time::Instant::now();
     let received = pipeline.run_until(phone).await;
     watch.abort();
     let dir = received??;
+    let phone_done = std::time::Instant::now();
     progress.set_phase(Phase::Uploading);
     let decryption = open_backup(agent, client, &info.udid, &dir, password).await?;
-    let (files, file_keys, upload) = pipeline.finish(&dir, decryption.as_ref()).await?;
+    let keys_done = std::time::Instant::now();
+    let (files, file_keys, mut upload) = pipeline.finish(&dir, decryption.as_ref()).await?;
     progress.set_phase(Phase::Committing);
     let manifest = Manifest { snapshot, device: info.clone(), created_unix_ms: transfer::now_unix_ms(), files };
     let committed = match transfer::commit(client, &agent.keys, run, &manifest).await {
@@ -484,6 +487,16 @@ async fn back_up(
         }
         other => other?,
     };
+    let ms = |d: Duration| d.as_millis() as u64;
+    upload.phone_ms = ms(phone_done - began);
+    upload.keys_ms = ms(keys_done - phone_done);
+    upload.after_phone_ms = ms(keys_done.elapsed());
+    tracing::debug!(
+        phone_ms = upload.phone_ms,
+        keys_ms = upload.keys_ms,
+        after_phone_ms = upload.after_phone_ms,
+        "backup phases"
+    );
     let cache = FileCache::from_snapshot(file_keys, manifest.files);
     if let Err(e) = cache.save(&agent.state_dir, udid) {
         tracing::warn!(device.udid = %udid, error = %e, "could not save the file cache; the next backup reads every file");

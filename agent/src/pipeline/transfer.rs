@@ -75,6 +75,12 @@ pub struct UploadReport {
     /// that changed while it was read, one that waited without a handle (more than 256
     /// waiting) and was moved before it was read, and every file of `upload_dir`.
     pub files_read_at_end: u64,
+    /// How long each part of a device backup took, in milliseconds: the phone sending
+    /// (with what the pipeline did meanwhile), opening an encrypted backup's keys once
+    /// it was done, and what was left to chunk, upload and commit after that.
+    pub phone_ms: u64,
+    pub keys_ms: u64,
+    pub after_phone_ms: u64,
 }
 
 pub(crate) fn nonce() -> Result<[u8; 12], TransferError> {

@@ -148,6 +148,12 @@ fn backup(rig: &Rig, udid: &str, what: &str) -> anyhow::Result<Backup> {
         peak >> 20
     );
     println!(
+        "  phases: phone sending {:.1} s, keys opened in {:.1} s, then {:.1} s to chunk, upload and commit the rest",
+        report["phone_seconds"].as_f64().unwrap_or(0.0),
+        report["keys_seconds"].as_f64().unwrap_or(0.0),
+        report["after_phone_seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!(
         "  CPU seconds: agent {agent_cpu:.1}, server {server_cpu:.1}, virtual iPhone (this process) {phone_cpu:.1}; {:.0} % of the 2 cores busy",
         (agent_cpu + server_cpu + phone_cpu) / secs / 2.0 * 100.0
     );

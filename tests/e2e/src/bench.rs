@@ -75,7 +75,12 @@ pub struct Rig {
 impl Rig {
     /// Starts it all under `dir`, with `devices` phones, and enrols the agent.
     pub async fn start(dir: &std::path::Path, devices: u32) -> anyhow::Result<Self> {
-        let server = crate::ServerProcess::start(&dir.join("data"), &[])?;
+        // No restore test in the background: it would take the cores from the next backup.
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("server.toml");
+        std::fs::write(&config, "[restore_tests]\nenabled = false\n")?;
+        let config = config.to_str().ok_or_else(|| anyhow::anyhow!("a non-UTF-8 bench directory"))?.to_string();
+        let server = crate::ServerProcess::start(&dir.join("data"), &["--config", &config])?;
         let token = crate::tenant_with_token(&server, "bench")?;
         // Phones are backed up as they are: a bench that wants an encrypted one sets its
         // password (`Rig::encrypt`).
