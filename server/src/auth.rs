@@ -146,7 +146,7 @@ impl Signer {
     }
 }
 
-/// Creates an enrolment token for `tenant`, valid for `ttl`.
+/// Creates a one-time enrolment token for `tenant`, valid for `ttl`.
 pub async fn create_enroll_token(
     client: &tokio_postgres::Client,
     tenant: TenantId,
@@ -154,13 +154,37 @@ pub async fn create_enroll_token(
     server: String,
     cert_sha256: [u8; 32],
 ) -> Result<EnrollToken, AuthError> {
+    Ok(create_multi_use_token(client, tenant, ttl, 1, server, cert_sha256).await?.1)
+}
+
+/// The most agents one enrolment token may enrol.
+pub const MAX_TOKEN_USES: u32 = 100_000;
+
+/// Creates an enrolment token for `tenant` that enrols up to `uses` agents within `ttl`
+/// (an MDM rollout hands one to every workstation); returns its id and the token.
+pub async fn create_multi_use_token(
+    client: &tokio_postgres::Client,
+    tenant: TenantId,
+    ttl: Duration,
+    uses: u32,
+    server: String,
+    cert_sha256: [u8; 32],
+) -> Result<(uuid::Uuid, EnrollToken), AuthError> {
+    if !(1..=MAX_TOKEN_USES).contains(&uses) {
+        return Err(AuthError::refused(
+            ErrorCode::Malformed,
+            format!("a token enrols 1 to {MAX_TOKEN_USES} agents, not {uses}"),
+        ));
+    }
     let secret = random_32()?;
-    store::agents::create_enroll_token(client, tenant, &secret_hash(&secret), ttl.as_secs_f64()).await?;
-    Ok(EnrollToken { server, cert_sha256, secret })
+    let id = store::agents::create_enroll_token(client, tenant, &secret_hash(&secret), ttl.as_secs_f64(), uses as i32)
+        .await?;
+    Ok((id, EnrollToken { server, cert_sha256, secret }))
 }
 
 /// Redeems an enrolment secret: creates the agent, marks the token used, returns the
-/// agent, its tenant and a new refresh secret. One transaction; a token works once.
+/// agent, its tenant and a new refresh secret. One transaction; a token works as many
+/// times as it was made for.
 pub async fn enroll(
     client: &mut tokio_postgres::Client,
     token_secret: &[u8],
@@ -176,8 +200,15 @@ pub async fn enroll(
     {
         Enrolment::Enrolled { agent, tenant } => Ok((agent, tenant, refresh)),
         Enrolment::UnknownToken => Err(AuthError::refused(ErrorCode::BadCredential, "unknown enrolment token")),
-        Enrolment::AlreadyUsed => {
+        Enrolment::AlreadyUsed { max_uses: 1 } => {
             Err(AuthError::refused(ErrorCode::AlreadyUsed, "this enrolment token was already used; create a new one"))
+        }
+        Enrolment::AlreadyUsed { max_uses } => Err(AuthError::refused(
+            ErrorCode::AlreadyUsed,
+            format!("this enrolment token has enrolled all the {max_uses} agents it was made for; create a new one"),
+        )),
+        Enrolment::Revoked => {
+            Err(AuthError::refused(ErrorCode::Revoked, "this enrolment token was revoked; create a new one"))
         }
         Enrolment::Expired => {
             Err(AuthError::refused(ErrorCode::Expired, "this enrolment token has expired; create a new one"))
@@ -203,7 +234,8 @@ pub async fn refresh(client: &tokio_postgres::Client, agent: AgentId, secret: &[
     Ok(tenant)
 }
 
-/// Revokes an agent: it is refused on its next connect or refresh.
-pub async fn revoke(client: &tokio_postgres::Client, agent: AgentId) -> Result<bool, AuthError> {
+/// Revokes an agent: it is refused on its next connect or refresh. Returns its tenant, or
+/// `None` if it was unknown or already revoked.
+pub async fn revoke(client: &tokio_postgres::Client, agent: AgentId) -> Result<Option<TenantId>, AuthError> {
     Ok(store::agents::revoke(client, agent).await?)
 }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lifeboat_server::admin::AdminDb;
+use lifeboat_server::admin::{AdminDb, audit_operator, credentials, with_db};
 use lifeboat_server::config::{self, Config, Overrides};
 use lifeboat_server::platform::telemetry;
 use lifeboat_server::store::tenants;
@@ -86,6 +86,22 @@ enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List API users (never their credentials, which are not stored).
+    List {
+        /// Only this tenant's users [default: every tenant's].
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print the result as JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an API user: its credential gets 401 from the next request on.
+    Revoke {
+        id: uuid::Uuid,
+        /// Only if the user belongs to this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,12 +125,16 @@ enum DeviceCommand {
 
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
-    /// Print a one-time enrolment token for `lifeboat-agent enroll`. It carries the
-    /// server's address (quic.advertise) and certificate fingerprint.
+    /// Print an enrolment token for `lifeboat-agent enroll`. It carries the server's
+    /// address (quic.advertise) and certificate fingerprint, and enrols one agent, or up
+    /// to --uses agents (one token for an MDM rollout to many workstations).
     Create {
-        /// Tenant the agent will belong to.
+        /// Tenant the agents will belong to.
         #[arg(long)]
         tenant: String,
+        /// How many agents the token may enrol.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=lifeboat_server::auth::MAX_TOKEN_USES as i64))]
+        uses: u32,
         /// How long the token stays valid: a number with s, m, h or d.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         expires: std::time::Duration,
@@ -122,10 +142,34 @@ enum TokenCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List a tenant's enrolment tokens: uses left, expiry, state (never the secret).
+    List {
+        #[arg(long)]
+        tenant: String,
+        /// Print the result as JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an enrolment token: it enrols no more agents (those it enrolled stay).
+    Revoke {
+        id: uuid::Uuid,
+        /// Only if the token belongs to this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum AgentCommand {
+    /// List enrolled agents: workstation, version, last seen, revoked.
+    List {
+        /// Only this tenant's agents [default: every tenant's].
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print the result as JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke an agent: it is refused from its next connection on.
     Revoke { id: lifeboat_shared::ids::AgentId },
 }
@@ -202,33 +246,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(tenant(&config, cmd))
         }
-        Command::Token(TokenCommand::Create { tenant, expires, json }) => {
+        Command::Token(TokenCommand::Create { tenant, uses, expires, json }) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(token_create(&config, &tenant, expires, json))
+            rt.block_on(token_create(&config, &tenant, uses, expires, json))
         }
-        Command::User(UserCommand::Create { tenant, role, name, json }) => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async {
-                let db = AdminDb::open(&config).await?;
-                let result = async {
-                    let t = tenants::by_name(&db.client, &tenant).await?;
-                    anyhow::Ok(lifeboat_server::users::create(&db.client, t.id, &name, role).await?)
-                }
-                .await;
-                db.close().await;
-                let (id, credential) = result?;
-                if json {
-                    println!("{}", serde_json::json!({"id": id, "credential": credential, "role": role.as_str()}));
-                } else {
-                    println!("{credential}");
-                    eprintln!(
-                        "API credential for user {name} ({id}), role {}, tenant {tenant}: shown once, keep it secret",
-                        role.as_str()
-                    );
-                }
-                Ok(())
-            })
+        Command::Token(TokenCommand::List { tenant, json }) => {
+            with_db(&config, async |db| credentials::token_list(db, tenant, json).await)
         }
+        Command::Token(TokenCommand::Revoke { id, tenant }) => {
+            with_db(&config, async |db| credentials::token_revoke(db, id, tenant).await)
+        }
+        Command::User(UserCommand::List { tenant, json }) => {
+            with_db(&config, async |db| credentials::user_list(db, tenant, json).await)
+        }
+        Command::User(UserCommand::Revoke { id, tenant }) => {
+            with_db(&config, async |db| credentials::user_revoke(db, id, tenant).await)
+        }
+        Command::Agent(AgentCommand::List { tenant, json }) => {
+            with_db(&config, async |db| credentials::agent_list(db, tenant, json).await)
+        }
+        Command::User(UserCommand::Create { tenant, role, name, json }) => with_db(&config, async |db| {
+            let t = tenants::by_name(db, &tenant).await?;
+            let (id, credential) = lifeboat_server::users::create(db, t.id, &name, role).await?;
+            let detail = serde_json::json!({ "user": id, "name": name, "role": role.as_str() });
+            audit_operator(db, t.id, "user.create", detail).await?;
+            if json {
+                println!("{}", serde_json::json!({"id": id, "credential": credential, "role": role.as_str()}));
+            } else {
+                println!("{credential}");
+                eprintln!(
+                    "API credential for user {name} ({id}), role {}, tenant {tenant}: shown once, keep it secret",
+                    role.as_str()
+                );
+            }
+            Ok(())
+        }),
         Command::Device(DeviceCommand::BackupPassword { tenant, udid, set, json }) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(backup_password(&config, &tenant, &udid, set, json))
@@ -238,15 +290,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(verify(&config, tenant.as_deref(), snapshot, device, all, json))
         }
         Command::Agent(AgentCommand::Revoke { id }) => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async {
-                let db = AdminDb::open(&config).await?;
-                let result = lifeboat_server::auth::revoke(&db.client, id).await;
-                db.close().await;
-                anyhow::ensure!(result?, "no active agent {id}");
-                println!("revoked agent {id}");
-                Ok(())
-            })
+            with_db(&config, async |db| credentials::agent_revoke(db, id).await)
         }
         Command::Serve => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -364,37 +408,57 @@ async fn backup_password(config: &Config, tenant: &str, udid: &str, set: bool, j
     Ok(())
 }
 
-async fn token_create(config: &Config, tenant: &str, expires: std::time::Duration, json: bool) -> anyhow::Result<()> {
+async fn token_create(
+    config: &Config,
+    tenant: &str,
+    uses: u32,
+    expires: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<()> {
     lifeboat_server::platform::tls::install_default_provider();
     let identity = lifeboat_server::platform::tls::Identity::for_config(config)?;
     let db = AdminDb::open(config).await?;
     let result = async {
         let t = tenants::by_name(&db.client, tenant).await?;
-        let token = lifeboat_server::auth::create_enroll_token(
+        let (id, token) = lifeboat_server::auth::create_multi_use_token(
             &db.client,
             t.id,
             expires,
+            uses,
             config.quic_advertise.clone(),
             identity.fingerprint,
         )
         .await?;
-        anyhow::Ok((t, token))
+        audit_operator(
+            &db.client,
+            t.id,
+            "enrollment-token.create",
+            serde_json::json!({ "token": id, "uses": uses, "expires_in_seconds": expires.as_secs() }),
+        )
+        .await?;
+        anyhow::Ok((t, id, token))
     }
     .await;
     db.close().await;
-    let (t, token) = result?;
+    let (t, id, token) = result?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"token": token.encode(), "tenant": t.name, "server": token.server, "expires_in_seconds": expires.as_secs()})
+            serde_json::json!({"token": token.encode(), "id": id, "tenant": t.name, "server": token.server, "uses": uses, "expires_in_seconds": expires.as_secs()})
         );
     } else {
         println!("{}", token.encode());
+        let who = if uses == 1 {
+            "one-time enrolment token".to_string()
+        } else {
+            format!("enrolment token for {uses} agents")
+        };
         eprintln!(
-            "one-time enrolment token for tenant {} at {}, valid for {} s: run `lifeboat-agent enroll <token>` on the workstation",
+            "{who} ({id}) for tenant {} at {}, valid for {} s: run `lifeboat-agent enroll <token>` on the workstation{}",
             t.name,
             token.server,
-            expires.as_secs()
+            expires.as_secs(),
+            if uses == 1 { "" } else { "s; `token revoke` stops it early" }
         );
     }
     Ok(())

@@ -30,27 +30,100 @@ pub async fn create_enroll_token(
     tenant: TenantId,
     secret_hash: &[u8],
     ttl_seconds: f64,
-) -> Result<(), Error> {
-    client
-        .execute(
-            "INSERT INTO enrollment_tokens (tenant_id, secret_hash, expires_at) \
-             VALUES ($1, $2, now() + make_interval(secs => $3))",
-            &[&tenant.0, &secret_hash, &ttl_seconds],
+    max_uses: i32,
+) -> Result<uuid::Uuid, Error> {
+    Ok(client
+        .query_one(
+            "INSERT INTO enrollment_tokens (tenant_id, secret_hash, expires_at, max_uses) \
+             VALUES ($1, $2, now() + make_interval(secs => $3), $4) RETURNING id",
+            &[&tenant.0, &secret_hash, &ttl_seconds, &max_uses],
+        )
+        .await?
+        .get(0))
+}
+
+/// An enrolment token as `token list` shows it (never its secret, which is not stored).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenRow {
+    pub id: uuid::Uuid,
+    pub created_at: String,
+    pub expires_at: String,
+    pub max_uses: i32,
+    pub use_count: i32,
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+    /// `active`, `spent`, `expired` or `revoked`.
+    pub state: &'static str,
+}
+
+/// The tenant's enrolment tokens, newest first.
+pub async fn list_enroll_tokens(client: &Client, tenant: TenantId) -> Result<Vec<TokenRow>, Error> {
+    let rows = client
+        .query(
+            concat!(
+                "SELECT id, ",
+                ts!("created_at"),
+                ", ",
+                ts!("expires_at"),
+                ", max_uses, use_count, ",
+                ts!("used_at"),
+                ", ",
+                ts!("revoked_at"),
+                ", revoked_at IS NOT NULL, use_count >= max_uses, expires_at < now() \
+                 FROM enrollment_tokens WHERE tenant_id = $1 ORDER BY created_at DESC, id"
+            ),
+            &[&tenant.0],
         )
         .await?;
-    Ok(())
+    Ok(rows
+        .iter()
+        .map(|r| TokenRow {
+            id: r.get(0),
+            created_at: r.get(1),
+            expires_at: r.get(2),
+            max_uses: r.get(3),
+            use_count: r.get(4),
+            last_used_at: r.get(5),
+            revoked_at: r.get(6),
+            state: match (r.get(7), r.get(8), r.get(9)) {
+                (true, _, _) => "revoked",
+                (_, true, _) => "spent",
+                (_, _, true) => "expired",
+                _ => "active",
+            },
+        })
+        .collect())
+}
+
+/// Revokes an enrolment token (of `tenant`, if given): it enrols no more agents (those
+/// it enrolled stay). Its tenant, or `None` if there is no such token or it was already
+/// revoked.
+pub async fn revoke_enroll_token(
+    client: &Client,
+    tenant: Option<TenantId>,
+    token: uuid::Uuid,
+) -> Result<Option<TenantId>, Error> {
+    super::revoke_row(client, super::Credentials::EnrollmentTokens, tenant, token).await
 }
 
 /// What redeeming an enrolment token found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enrolment {
-    Enrolled { agent: AgentId, tenant: TenantId },
+    Enrolled {
+        agent: AgentId,
+        tenant: TenantId,
+    },
     UnknownToken,
-    AlreadyUsed,
+    /// Every use is spent: `max_uses` agents enrolled with it.
+    AlreadyUsed {
+        max_uses: i32,
+    },
     Expired,
+    Revoked,
 }
 
-/// Redeems a token: creates the agent and marks the token used, in one transaction.
+/// Redeems a token: creates the agent and counts the use, in one transaction (the row
+/// lock makes concurrent enrolments with one token queue, so none overspends it).
 pub async fn enroll(
     client: &mut Client,
     token_hash: &[u8],
@@ -61,8 +134,8 @@ pub async fn enroll(
     let tx = client.transaction().await?;
     let Some(row) = tx
         .query_opt(
-            "SELECT tenant_id, id, expires_at < now(), used_at IS NOT NULL FROM enrollment_tokens \
-             WHERE secret_hash = $1 FOR UPDATE",
+            "SELECT tenant_id, id, expires_at < now(), use_count >= max_uses, max_uses, revoked_at IS NOT NULL \
+             FROM enrollment_tokens WHERE secret_hash = $1 FOR UPDATE",
             &[&token_hash],
         )
         .await?
@@ -71,22 +144,26 @@ pub async fn enroll(
     };
     let tenant = TenantId(row.get(0));
     let token_id: uuid::Uuid = row.get(1);
+    if row.get::<_, bool>(5) {
+        return Ok(Enrolment::Revoked);
+    }
     if row.get::<_, bool>(3) {
-        return Ok(Enrolment::AlreadyUsed);
+        return Ok(Enrolment::AlreadyUsed { max_uses: row.get(4) });
     }
     if row.get::<_, bool>(2) {
         return Ok(Enrolment::Expired);
     }
     let agent: uuid::Uuid = tx
         .query_one(
-            "INSERT INTO agents (tenant_id, hostname, version, refresh_hash, last_seen_at) \
-             VALUES ($1, $2, $3, $4, now()) RETURNING id",
-            &[&tenant.0, &hostname, &version, &refresh_hash],
+            "INSERT INTO agents (tenant_id, hostname, version, refresh_hash, last_seen_at, enrollment_token_id) \
+             VALUES ($1, $2, $3, $4, now(), $5) RETURNING id",
+            &[&tenant.0, &hostname, &version, &refresh_hash, &token_id],
         )
         .await?
         .get(0);
     tx.execute(
-        "UPDATE enrollment_tokens SET used_at = now(), used_by = $3 WHERE tenant_id = $1 AND id = $2",
+        "UPDATE enrollment_tokens SET used_at = now(), used_by = $3, use_count = use_count + 1 \
+         WHERE tenant_id = $1 AND id = $2",
         &[&tenant.0, &token_id, &agent],
     )
     .await?;
@@ -113,12 +190,9 @@ pub async fn by_refresh(client: &Client, agent: AgentId, refresh_hash: &[u8]) ->
         .map(|r| TenantId(r.get(0))))
 }
 
-/// Revokes an agent; false if it was unknown or already revoked.
-pub async fn revoke(client: &Client, agent: AgentId) -> Result<bool, Error> {
-    let n = client
-        .execute("UPDATE agents SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", &[&agent.0])
-        .await?;
-    Ok(n == 1)
+/// Revokes an agent; its tenant, or `None` if it was unknown or already revoked.
+pub async fn revoke(client: &Client, agent: AgentId) -> Result<Option<TenantId>, Error> {
+    super::revoke_row(client, super::Credentials::Agents, None, agent.0).await
 }
 
 /// An agent as the API lists it.
@@ -130,6 +204,8 @@ pub struct AgentRow {
     pub enrolled_at: String,
     pub last_seen_at: Option<String>,
     pub revoked: bool,
+    /// The enrolment token it enrolled with (none for agents enrolled before schema 9).
+    pub enrollment_token: Option<uuid::Uuid>,
 }
 
 pub async fn list(client: &Client, tenant: TenantId) -> Result<Vec<AgentRow>, Error> {
@@ -140,7 +216,7 @@ pub async fn list(client: &Client, tenant: TenantId) -> Result<Vec<AgentRow>, Er
                 ts!("enrolled_at"),
                 ", ",
                 ts!("last_seen_at"),
-                ", revoked_at IS NOT NULL FROM agents WHERE tenant_id = $1 ORDER BY hostname, id"
+                ", revoked_at IS NOT NULL, enrollment_token_id FROM agents WHERE tenant_id = $1 ORDER BY hostname, id"
             ),
             &[&tenant.0],
         )
@@ -154,6 +230,7 @@ pub async fn list(client: &Client, tenant: TenantId) -> Result<Vec<AgentRow>, Er
             enrolled_at: r.get(3),
             last_seen_at: r.get(4),
             revoked: r.get(5),
+            enrollment_token: r.get(6),
         })
         .collect())
 }

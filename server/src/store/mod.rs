@@ -37,6 +37,35 @@ macro_rules! ts {
 }
 pub(crate) use ts;
 
+/// Sets `revoked_at` on one row of a table of credentials (`agents`, `users`,
+/// `enrollment_tokens`), of `tenant` if given (an operator command may name none).
+/// Returns the row's tenant, or `None` if there is no such row or it was revoked already.
+async fn revoke_row(
+    client: &tokio_postgres::Client,
+    table: Credentials,
+    tenant: Option<lifeboat_shared::ids::TenantId>,
+    id: uuid::Uuid,
+) -> Result<Option<lifeboat_shared::ids::TenantId>, tokio_postgres::Error> {
+    let table = match table {
+        Credentials::Agents => "agents",
+        Credentials::Users => "users",
+        Credentials::EnrollmentTokens => "enrollment_tokens",
+    };
+    let sql = format!(
+        "UPDATE {table} SET revoked_at = now() \
+         WHERE ($1::uuid IS NULL OR tenant_id = $1) AND id = $2 AND revoked_at IS NULL RETURNING tenant_id"
+    );
+    Ok(client.query_opt(&sql, &[&tenant.map(|t| t.0), &id]).await?.map(|r| lifeboat_shared::ids::TenantId(r.get(0))))
+}
+
+/// The tables [`revoke_row`] may change (a closed set, so no table name comes from input).
+#[derive(Debug, Clone, Copy)]
+enum Credentials {
+    Agents,
+    Users,
+    EnrollmentTokens,
+}
+
 /// Whether a query failed on this SQLSTATE (a constraint the caller turns into a refusal).
 pub fn is(e: &tokio_postgres::Error, state: &tokio_postgres::error::SqlState) -> bool {
     e.code() == Some(state)

@@ -32,3 +32,39 @@ pub async fn by_credential(
         .await?;
     Ok(row.map(|r| (TenantId(r.get(0)), r.get(1), r.get(2))))
 }
+
+/// A user as `user list` shows it (never its credential, which is not stored).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UserRow {
+    pub id: uuid::Uuid,
+    pub name: String,
+    pub role: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+/// The tenant's users, by name.
+pub async fn list(client: &Client, tenant: TenantId) -> Result<Vec<UserRow>, Error> {
+    let rows = client
+        .query(
+            concat!(
+                "SELECT id, name, role, ",
+                super::ts!("created_at"),
+                ", ",
+                super::ts!("revoked_at"),
+                " FROM users WHERE tenant_id = $1 ORDER BY name, created_at, id"
+            ),
+            &[&tenant.0],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| UserRow { id: r.get(0), name: r.get(1), role: r.get(2), created_at: r.get(3), revoked_at: r.get(4) })
+        .collect())
+}
+
+/// Revokes a user (of `tenant`, if given): its credential is refused from the next
+/// request on. Its tenant, or `None` if there is no such user or it was already revoked.
+pub async fn revoke(client: &Client, tenant: Option<TenantId>, user: uuid::Uuid) -> Result<Option<TenantId>, Error> {
+    super::revoke_row(client, super::Credentials::Users, tenant, user).await
+}

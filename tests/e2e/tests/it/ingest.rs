@@ -360,7 +360,8 @@ async fn bad_credentials_are_refused_with_a_reason() {
     assert_eq!(err.code(), Some(ErrorCode::BadCredential), "{err}");
 
     // Revoked: access and refresh both refused.
-    assert!(auth::revoke(&db, agent).await.unwrap());
+    assert_eq!(auth::revoke(&db, agent).await.unwrap(), Some(a));
+    assert_eq!(auth::revoke(&db, agent).await.unwrap(), None, "revoked twice");
     let err = fx.connect(Auth::Access { token: good }).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Revoked), "{err}");
     let err = fx.connect(Auth::Refresh { agent, secret: refresh }).await.unwrap_err();

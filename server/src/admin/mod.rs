@@ -1,9 +1,12 @@
-//! Database access for the operator subcommands (`tenant create`, …).
+//! The operator subcommands (`tenant create`, `token list`, …): their database access,
+//! their audit records, and (in `credentials`) the commands on tokens, users and agents.
 //!
 //! They work whether or not the server is running: with a configured database URL they
 //! connect to it; with the embedded cluster they connect to the running server's
 //! PostgreSQL if the data directory is locked by it, or else start the cluster
 //! themselves for the length of the command.
+
+pub mod credentials;
 
 use std::time::Duration;
 
@@ -66,4 +69,39 @@ impl AdminDb {
             drop(dd);
         }
     }
+}
+
+/// Runs one operator command on the server's database (the embedded PostgreSQL started
+/// for it if the server is not running), then closes it.
+pub fn with_db(
+    config: &Config,
+    f: impl AsyncFnOnce(&tokio_postgres::Client) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let db = AdminDb::open(config).await?;
+        let result = f(&db.client).await;
+        db.close().await;
+        result
+    })
+}
+
+/// Records an operator's change to credentials in the tenant's audit log.
+pub async fn audit_operator(
+    client: &tokio_postgres::Client,
+    tenant: lifeboat_shared::ids::TenantId,
+    action: &str,
+    detail: serde_json::Value,
+) -> anyhow::Result<()> {
+    let event = crate::store::audit::Event {
+        tenant,
+        actor_user: None,
+        actor_agent: None,
+        actor: "operator (CLI)",
+        action,
+        udid: None,
+        detail,
+    };
+    crate::store::audit::record(client, &event).await?;
+    Ok(())
 }
