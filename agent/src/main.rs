@@ -16,7 +16,7 @@ use lifeboat_agent::pipeline::transfer;
 use lifeboat_agent::progress::{Phase, Progress};
 use lifeboat_agent::state::AgentState;
 use lifeboat_shared::token::EnrollToken;
-use lifeboat_shared::wire::{Auth, Request, Response};
+use lifeboat_shared::wire::{Auth, JobRequest, JobSource, Request, Response};
 use plist::Value;
 
 /// Lifeboat agent: backs up iPhones attached to this workstation to a Lifeboat server.
@@ -56,6 +56,10 @@ enum Command {
         /// Do not restart the iPhone afterwards.
         #[arg(long)]
         no_reboot: bool,
+        /// A file holding your help-desk API credential: a restore reads an employee's
+        /// data, so the server checks who asks and records it as the job's creator.
+        #[arg(long, env = "LIFEBOAT_CREDENTIAL_FILE")]
+        credential: Option<std::path::PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -74,6 +78,10 @@ enum Command {
         /// Write the files of an encrypted backup in the clear.
         #[arg(long)]
         decrypted: bool,
+        /// A file holding your help-desk API credential (an export reads an employee's
+        /// data: the server checks who asks and records it as the job's creator).
+        #[arg(long, env = "LIFEBOAT_CREDENTIAL_FILE")]
+        credential: Option<std::path::PathBuf>,
         /// Print the result as JSON (and no progress bar).
         #[arg(long)]
         json: bool,
@@ -148,11 +156,11 @@ fn main() -> std::process::ExitCode {
             Command::Run => run(&config).await,
             Command::Backup { device, json } => backup(&config, &device, json).await,
             Command::Status { json } => status(&config, json).await,
-            Command::Restore { device, snapshot, from_device, no_reboot, json } => {
-                restore(&config, &device, snapshot, from_device, !no_reboot, json).await
+            Command::Restore { device, snapshot, from_device, no_reboot, credential, json } => {
+                restore(&config, &device, snapshot, from_device, !no_reboot, credential.as_deref(), json).await
             }
-            Command::Export { snapshot, device, decrypted, json, dir } => {
-                export(&config, snapshot, device, decrypted, json, &dir).await
+            Command::Export { snapshot, device, decrypted, credential, json, dir } => {
+                export(&config, snapshot, device, decrypted, credential.as_deref(), json, &dir).await
             }
         }
     });
@@ -404,42 +412,51 @@ async fn restore(
     snapshot: Option<String>,
     from_device: Option<String>,
     reboot: bool,
+    credential: Option<&std::path::Path>,
     json: bool,
 ) -> anyhow::Result<()> {
+    let source = job_source(snapshot, from_device, "--from-device")?;
+    let Some(credential) = credential else { anyhow::bail!("{}", needs_a_person("restore")) };
     let agent = Agent::load(&config.state_dir, config.mirror_budget)?;
     let provider = Provider::find(config.usbmuxd_addr()?, target).await?;
-    let snapshot = which_snapshot(&agent, snapshot, from_device, "--from-device").await?;
-    let r = job::restore(&agent, &provider, snapshot, reboot, &|line| eprintln!("{line}")).await?;
+    let udid: lifeboat_shared::ids::Udid =
+        target.parse().map_err(|e| anyhow::anyhow!("{target} is not a UDID: {e}"))?;
+    let request = JobRequest::Restore { target: udid, source };
+    let (job_id, snapshot) = job::start(&agent, credential, request).await?;
+    let result = job::run_started(&agent, job_id, Some(target), async {
+        job::restore(&agent, &provider, snapshot, reboot, &|line| eprintln!("{line}")).await
+    })
+    .await;
+    let r = result?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"snapshot": r.snapshot.to_string(), "source": r.source, "target": target, "files": r.files, "rebooted": r.rebooted})
+            serde_json::json!({"snapshot": r.snapshot.to_string(), "source": r.source, "target": target, "files": r.files, "rebooted": r.rebooted, "job": job_id.to_string()})
         );
     } else {
-        println!("restored snapshot {} of {} onto {target}: {} files", r.snapshot, r.source, r.files);
+        println!("restored snapshot {} of {} onto {target}: {} files (job {job_id})", r.snapshot, r.source, r.files);
     }
     Ok(())
 }
 
+/// What to do when a restore or export is asked for without a help-desk credential.
+fn needs_a_person(what: &str) -> String {
+    format!(
+        "a {what} reads an employee's data, so it needs a help-desk user: pass --credential FILE \
+         (a file holding your API credential with the helpdesk or admin role, from \
+         `lifeboat-server user create --role helpdesk`), or ask the help desk to start it \
+         from the API (POST /api/v1/restores)"
+    )
+}
+
 /// The snapshot `--snapshot ID` names, or the latest of the device `device` names.
-async fn which_snapshot(
-    agent: &Agent,
-    snapshot: Option<String>,
-    device: Option<String>,
-    device_flag: &str,
-) -> anyhow::Result<lifeboat_shared::ids::SnapshotId> {
+fn job_source(snapshot: Option<String>, device: Option<String>, device_flag: &str) -> anyhow::Result<JobSource> {
     Ok(match (snapshot, device) {
-        (Some(id), _) => id.parse().map_err(|e| anyhow::anyhow!("{id} is not a snapshot id: {e}"))?,
+        (Some(id), _) => {
+            JobSource::Snapshot(id.parse().map_err(|e| anyhow::anyhow!("{id} is not a snapshot id: {e}"))?)
+        }
         (None, Some(udid)) => {
-            let parsed = udid.parse().map_err(|e| anyhow::anyhow!("{udid} is not a UDID: {e}"))?;
-            let client = agent.connect().await.with_context(|| format!("connecting to {}", agent.state.server))?;
-            let latest = client.request(&Request::LatestSnapshot { udid: parsed }).await;
-            client.close().await;
-            match latest {
-                Ok(Response::Snapshot { snapshot, .. }) => snapshot,
-                Ok(other) => anyhow::bail!("no snapshot of {udid}: {other:?}"),
-                Err(e) => anyhow::bail!("no snapshot of {udid}: {e}"),
-            }
+            JobSource::LatestOf(udid.parse().map_err(|e| anyhow::anyhow!("{udid} is not a UDID: {e}"))?)
         }
         (None, None) => anyhow::bail!("say which snapshot: --snapshot ID or {device_flag} UDID"),
     })
@@ -450,11 +467,14 @@ async fn export(
     snapshot: Option<String>,
     device: Option<String>,
     decrypted: bool,
+    credential: Option<&std::path::Path>,
     json: bool,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
+    let source = job_source(snapshot, device, "--device")?;
+    let Some(credential) = credential else { anyhow::bail!("{}", needs_a_person("export")) };
     let agent = Agent::load(&config.state_dir, config.mirror_budget)?;
-    let snapshot = which_snapshot(&agent, snapshot, device, "--device").await?;
+    let (job_id, snapshot) = job::start(&agent, credential, JobRequest::Export { source }).await?;
     let visible = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = if visible { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
@@ -470,7 +490,8 @@ async fn export(
             bar.inc(f.size);
         }
     };
-    let e = job::export::export(&agent, snapshot, dir, decrypted, &progress).await;
+    let e =
+        job::run_started(&agent, job_id, None, job::export::export(&agent, snapshot, dir, decrypted, &progress)).await;
     bar.finish_and_clear();
     let e = e?;
     if json {

@@ -118,7 +118,7 @@ async fn bring_up(
     let app = Arc::new(app);
     let mut ingest = Ingest::new(app.clone());
     ingest.local_root = objects::local_root(&config.storage);
-    let agents = Arc::new(Agents { app: app.clone(), ingest });
+    let agents = Arc::new(Agents { app: app.clone(), ingest, reads: Default::default() });
     let router = crate::http::router(app.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {

@@ -145,6 +145,7 @@ impl Answer {
             Request::NextRestore { .. } => {
                 one(|r| matches!(r, Response::RestoreJob { .. } | Response::Ok), "RestoreJob or Ok")
             }
+            Request::StartJob { .. } => one(|r| matches!(r, Response::RestoreJob { .. }), "RestoreJob"),
             Request::GetManifest { .. } => Shape::Manifest,
             Request::GetChunks { .. } => Shape::Chunks,
         };
@@ -298,7 +299,8 @@ mod tests {
     fn the_handshake_agrees_on_a_version_or_says_why_not() {
         let h = hello(Auth::Access { token: "t".into() });
         assert_eq!(h.versions, VERSIONS);
-        assert_eq!(negotiate_hello(&h), Ok(5));
+        assert_eq!(negotiate_hello(&h), Ok(6));
+        assert_eq!(negotiate_hello(&Hello { versions: vec![2, 3, 4, 5], ..h.clone() }), Ok(5));
         assert_eq!(negotiate_hello(&Hello { versions: vec![2, 3, 4], ..h.clone() }), Ok(4));
         assert_eq!(negotiate_hello(&Hello { versions: vec![2, 3], ..h.clone() }), Ok(3));
         assert_eq!(negotiate_hello(&Hello { versions: vec![2], ..h.clone() }), Ok(2));
@@ -322,9 +324,10 @@ mod tests {
         assert_eq!(on_welcome(&h.versions, accepted(3)).unwrap().version, 3);
         assert_eq!(on_welcome(&h.versions, accepted(4)).unwrap().version, 4);
         assert_eq!(on_welcome(&h.versions, accepted(5)).unwrap().version, 5);
+        assert_eq!(on_welcome(&h.versions, accepted(6)).unwrap().version, 6);
         assert_eq!(
-            on_welcome(&h.versions, accepted(6)).unwrap_err(),
-            violation("the server chose protocol version 6, which was not offered")
+            on_welcome(&h.versions, accepted(7)).unwrap_err(),
+            violation("the server chose protocol version 7, which was not offered")
         );
         let refused = Welcome::Refused { code: ErrorCode::Revoked, message: "enrol again".into() };
         assert_eq!(

@@ -29,7 +29,11 @@ pub const ALPN: &[u8] = b"lifeboat/1";
 /// with the backup-password requests and the `NeedsBackupPassword` state appended; an
 /// agent uses those only in a session of version 3. Version 4 appends the encryption
 /// policy (`GetEncryptionPolicy`, `EncryptionPolicy`). Version 5 appends `ReportKeybag`.
-pub const VERSIONS: &[u16] = &[2, 3, 4, 5];
+/// Version 6 appends `StartJob` (a restore or export a help-desk user started at the
+/// workstation); from version 6 the server serves a snapshot's manifest and chunks only
+/// to the agent running a job on it, and a device's backup password only to the agent
+/// holding its lease or a job on its snapshot.
+pub const VERSIONS: &[u16] = &[2, 3, 4, 5, 6];
 /// The first version with `GetBackupPassword`, `PutBackupPassword` and
 /// `DeviceState::NeedsBackupPassword`.
 pub const ESCROW_VERSION: u16 = 3;
@@ -37,6 +41,10 @@ pub const ESCROW_VERSION: u16 = 3;
 pub const ENCRYPTION_POLICY_VERSION: u16 = 4;
 /// The first version with `ReportKeybag`.
 pub const KEYBAG_VERSION: u16 = 5;
+/// The first version with `StartJob`.
+pub const START_JOB_VERSION: u16 = 6;
+/// Longest help-desk credential a `StartJob` carries.
+pub const MAX_CREDENTIAL_BYTES: usize = 256;
 /// Largest backup keybag a `ReportKeybag` carries (a phone's is about 1.5 KiB).
 pub const MAX_KEYBAG_BYTES: usize = 64 * 1024;
 /// Largest control frame (hello, requests, responses).
@@ -266,6 +274,32 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         keybag: Vec<u8>,
     },
+    /// Starts a job that reads a snapshot — a restore onto a phone attached here, or an
+    /// export — for a help-desk user at this workstation, who proves it with their API
+    /// credential (checked by the server and recorded as the job's creator). The job is
+    /// this agent's at once: answered by [`Response::RestoreJob`]; ended by `EndRestore`.
+    /// Version 6.
+    StartJob {
+        credential: Secret<String>,
+        job: JobRequest,
+    },
+}
+
+/// What a [`Request::StartJob`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobRequest {
+    /// Restore the snapshot onto the iPhone `target`, attached to this workstation.
+    Restore { target: Udid, source: JobSource },
+    /// Export the snapshot's files to this workstation.
+    Export { source: JobSource },
+}
+
+/// Which snapshot a job reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobSource {
+    Snapshot(SnapshotId),
+    /// The device's newest snapshot.
+    LatestOf(Udid),
 }
 
 /// How a restore job ended.
@@ -608,9 +642,9 @@ mod tests {
     #[test]
     fn versions_are_negotiated_or_refused() {
         assert_eq!(negotiate(&[2]), Some(2));
-        assert_eq!(negotiate(&[1, 2, 3, 4, 5, 6]), Some(5));
+        assert_eq!(negotiate(&[1, 2, 3, 4, 5, 6, 7]), Some(6));
         assert_eq!(negotiate(&[1]), None, "v1 is no longer spoken");
-        assert_eq!(negotiate(&[6]), None);
+        assert_eq!(negotiate(&[7]), None);
         assert_eq!(negotiate(&[]), None);
     }
 

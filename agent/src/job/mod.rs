@@ -11,6 +11,9 @@
 
 pub mod export;
 pub mod service;
+pub mod started;
+
+pub use started::{run_started, start};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -180,6 +183,9 @@ pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>)
     let info = device_info(udid, &values)?;
     let client = agent.connect().await?;
     register(&client, &info, &values).await?;
+    // The run's lease comes first: the server gives a device's backup password only to
+    // the agent that holds it.
+    let (run, snapshot) = open_run(&client, &agent.state_dir, &info).await?;
     let prepared = match prepare_encryption(provider, &client, &info.udid).await {
         Ok(Prepared::Unknown) => {
             // The phone still makes its backup: into the mirror, where the next one builds
@@ -205,13 +211,13 @@ pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>)
             let (local_state, server_state) = e.states();
             local.finish(local_state);
             report(&client, &info.udid, server_state, &e.to_string()).await;
+            end_failed_run(&client, &agent.state_dir, udid, run, &e).await;
             client.close().await;
-            tracing::warn!(device.udid = %udid, reason = e.reason(), error = %e, "not backed up");
+            tracing::warn!(device.udid = %udid, run.id = %run, reason = e.reason(), error = %e, "not backed up");
             return Err(e);
         }
     };
     let tried = password.as_ref().map(digest);
-    let (run, snapshot) = open_run(&client, &agent.state_dir, &info).await?;
     tracing::info!(device.udid = %udid, run.id = %run, device.name = %info.name, "backup started");
     local.set("backing-up");
     report(&client, &info.udid, DeviceState::BackingUp, "backing up").await;
@@ -245,15 +251,21 @@ pub async fn backup(agent: &Agent, provider: &Provider, progress: Arc<Progress>)
             }
             local.finish(local_state);
             report(&client, &info.udid, server_state, &e.to_string()).await;
-            let end = RunEnd::Failed { reason: e.reason().into(), message: e.to_string() };
-            match client.request(&Request::EndRun { run, end }).await {
-                Ok(_) => RunFile::remove(&agent.state_dir, udid),
-                Err(err) => tracing::warn!(run.id = %run, error = %err, "could not report the failed run"),
-            }
+            end_failed_run(&client, &agent.state_dir, udid, run, &e).await;
             client.close().await;
             tracing::warn!(device.udid = %udid, run.id = %run, reason = e.reason(), error = %e, "backup failed");
             Err(e)
         }
+    }
+}
+
+/// Tells the server why the run failed (ending its lease); the run file stays if it
+/// cannot, so the next run resumes it.
+async fn end_failed_run(client: &Client, state_dir: &Path, udid: &str, run: RunId, e: &JobError) {
+    let end = RunEnd::Failed { reason: e.reason().into(), message: e.to_string() };
+    match client.request(&Request::EndRun { run, end }).await {
+        Ok(_) => RunFile::remove(state_dir, udid),
+        Err(err) => tracing::warn!(run.id = %run, error = %err, "could not report the failed run"),
     }
 }
 

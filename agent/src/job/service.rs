@@ -306,7 +306,7 @@ const RESTORE_RENEW: Duration = Duration::from_secs(10 * 60);
 
 /// Renews the lease of restore job `job` every [`RESTORE_RENEW`] — asking `NextRestore`
 /// again answers the same job and extends it — until dropped.
-async fn renew_restore_lease(agent: &Agent, udid: &str, job: RestoreJobId) -> std::convert::Infallible {
+pub(crate) async fn renew_restore_lease(agent: &Agent, udid: &str, job: RestoreJobId) -> std::convert::Infallible {
     let Ok(parsed) = udid.parse::<Udid>() else { return std::future::pending().await };
     loop {
         tokio::time::sleep(RESTORE_RENEW).await;

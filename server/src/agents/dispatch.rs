@@ -64,7 +64,7 @@ impl Agents {
             }
             Request::LatestSnapshot { udid } => respond(send, &restore::latest_snapshot(app, s, &udid).await?).await,
             Request::GetManifest { snapshot } => restore::get_manifest(app, s, snapshot, send).await,
-            Request::GetChunks { ids } => restore::get_chunks(app, s, ids, send).await,
+            Request::GetChunks { ids } => restore::get_chunks(app, &self.reads, s, ids, send).await,
             Request::GetPolicy => {
                 respond(send, &Response::Policy { backup_interval_seconds: app.backup_interval.as_secs() }).await
             }
@@ -73,7 +73,11 @@ impl Agents {
                 restore::end_restore(app, s, job, end).await?;
                 ok(send).await
             }
+            Request::StartJob { credential, job } => {
+                respond(send, &restore::start_job(app, s, &credential, job).await?).await
+            }
             Request::GetBackupPassword { udid } => {
+                holds_device(app, s, &udid, "GetBackupPassword").await?;
                 let password = backup_password(app, s, &udid).await?;
                 respond(send, &Response::BackupPassword { password }).await
             }
@@ -91,6 +95,7 @@ impl Agents {
                 ok(send).await
             }
             Request::PutBackupPassword { udid, password } => {
+                holds_device(app, s, &udid, "PutBackupPassword").await?;
                 let keys = tenant_keys(app, s).await?;
                 let mut client = app.db.get().await?;
                 escrow::set(&mut client, &keys, udid.as_str(), &password, Actor::Agent(s.agent.0))
@@ -100,6 +105,17 @@ impl Agents {
             }
         }
     }
+}
+
+/// Refuses, as if the device did not exist, a request on a device's backup password from
+/// an agent that holds neither its backup lease nor a job on one of its snapshots.
+async fn holds_device(app: &App, s: Session, udid: &lifeboat_shared::ids::Udid, request: &'static str) -> Reply {
+    let client = app.db.get().await?;
+    if crate::store::restore_jobs::holds_device(&client, s.tenant, s.agent, udid.as_str()).await? {
+        return Ok(());
+    }
+    restore::refused(app, s, request, udid);
+    Err(Rejection::new(ErrorCode::NotFound, EscrowError::NoDevice(udid.to_string()).to_string()))
 }
 
 async fn tenant_keys(app: &App, s: Session) -> Result<std::sync::Arc<TenantKeys>, Rejection> {

@@ -16,4 +16,6 @@ use crate::ingest::Ingest;
 pub struct Agents {
     pub app: Arc<App>,
     pub ingest: Ingest,
+    /// What agents may read (`restore::agent`).
+    pub reads: crate::restore::agent::Reads,
 }

@@ -103,7 +103,11 @@ pub struct MigrationReport {
 
 /// The migrations compiled into this binary: (version, name).
 pub fn known_migrations() -> Vec<(i32, String)> {
-    embedded::migrations::runner().get_migrations().iter().map(|m| (m.version(), m.name().to_string())).collect()
+    // refinery lists them in file-name order (V10 before V2): by version here.
+    let mut known: Vec<(i32, String)> =
+        embedded::migrations::runner().get_migrations().iter().map(|m| (m.version(), m.name().to_string())).collect();
+    known.sort_unstable();
+    known
 }
 
 /// Applies pending migrations under the advisory lock.

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub job_last_success: GaugeVec,
     /// Passes of each background job that failed or panicked.
     pub job_failures: IntCounterVec,
+    /// Agent requests for data the agent may not read (a snapshot, chunks or a backup
+    /// password outside its jobs and leases), answered as if it did not exist, by request.
+    pub reads_refused: IntCounterVec,
 }
 
 /// Gauges refreshed from PostgreSQL by the fleet task, so every replica exports the
@@ -201,6 +204,17 @@ impl Metrics {
             &["job"],
         )?;
         registry.register(Box::new(job_failures.clone()))?;
+        let reads_refused = IntCounterVec::new(
+            Opts::new(
+                "lifeboat_agent_reads_refused_total",
+                "Agent requests for data outside the agent's jobs and leases, answered NotFound.",
+            ),
+            &["request"],
+        )?;
+        for r in ["GetManifest", "GetChunks", "GetBackupPassword", "PutBackupPassword", "ReportKeybag"] {
+            reads_refused.with_label_values(&[r]);
+        }
+        registry.register(Box::new(reads_refused.clone()))?;
 
         Ok(Self {
             registry,
@@ -217,6 +231,7 @@ impl Metrics {
             restore_test_duration,
             job_last_success,
             job_failures,
+            reads_refused,
         })
     }
 

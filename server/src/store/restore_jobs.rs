@@ -68,11 +68,15 @@ pub struct JobRow {
     pub id: uuid::Uuid,
     pub snapshot_id: uuid::Uuid,
     pub source_udid: String,
-    pub target_udid: String,
+    /// `restore` (onto `target_udid`) or `export` (no target).
+    pub kind: String,
+    pub target_udid: Option<String>,
     pub status: String,
     pub reason: Option<String>,
     pub message: Option<String>,
     pub agent_id: Option<uuid::Uuid>,
+    /// The help-desk user who created it (none for jobs of schema 3 and before).
+    pub requested_by: Option<uuid::Uuid>,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -82,7 +86,7 @@ pub struct JobRow {
 const COLUMNS: &str = concat!(
     "SELECT j.id, j.snapshot_id, s.udid, j.target_udid, ",
     "CASE WHEN j.status = 'running' AND j.lease_expires_at < now() THEN 'stuck' ELSE j.status END, ",
-    "j.reason, j.message, j.agent_id, ",
+    "j.reason, j.message, j.agent_id, j.kind, j.requested_by, ",
     ts!("j.created_at"),
     ", ",
     ts!("j.started_at"),
@@ -103,10 +107,12 @@ fn row(r: &tokio_postgres::Row) -> JobRow {
         reason: r.get(5),
         message: r.get(6),
         agent_id: r.get(7),
-        created_at: r.get(8),
-        started_at: r.get(9),
-        finished_at: r.get(10),
-        lease_expires_at: r.get(11),
+        kind: r.get(8),
+        requested_by: r.get(9),
+        created_at: r.get(10),
+        started_at: r.get(11),
+        finished_at: r.get(12),
+        lease_expires_at: r.get(13),
     }
 }
 
@@ -141,6 +147,33 @@ pub async fn create(
     requested_by: uuid::Uuid,
 ) -> Result<Queued, Error> {
     let tx = client.transaction().await?;
+    end_stuck(&tx, tenant, target).await?;
+    let sql = "INSERT INTO restore_jobs (tenant_id, snapshot_id, target_udid, requested_by) VALUES ($1, $2, $3, $4) \
+               RETURNING id";
+    commit_insert(tx, sql, &[&tenant.0, &snapshot.0, &target, &requested_by]).await
+}
+
+/// Inserts a job (`sql` ends in `RETURNING id`) and commits `tx`; `Busy` when its target
+/// already has an open job (and then nothing of `tx` is kept).
+async fn commit_insert(
+    tx: tokio_postgres::Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Queued, Error> {
+    match tx.query_one(sql, params).await {
+        Ok(r) => {
+            tx.commit().await?;
+            Ok(Queued::Job(r.get(0)))
+        }
+        Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) && constraint(&e) == Some("restore_jobs_one_open_per_target") => {
+            Ok(Queued::Busy)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Ends (failed, `lease-expired`) a running job of `target` whose lease expired.
+async fn end_stuck(tx: &tokio_postgres::Transaction<'_>, tenant: TenantId, target: &str) -> Result<(), Error> {
     let ended = tx
         .execute(
             "UPDATE restore_jobs SET status = 'failed', reason = 'lease-expired', \
@@ -150,23 +183,72 @@ pub async fn create(
             &[&tenant.0, &target],
         )
         .await?;
-    let inserted = tx
-        .query_one(
-            "INSERT INTO restore_jobs (tenant_id, snapshot_id, target_udid, requested_by) VALUES ($1, $2, $3, $4) RETURNING id",
-            &[&tenant.0, &snapshot.0, &target, &requested_by],
-        )
-        .await;
-    match inserted {
-        Ok(r) => {
-            tx.commit().await?;
-            if ended > 0 {
-                tracing::info!(tenant.id = %tenant, device.udid = target, "ended a stuck restore job");
-            }
-            Ok(Queued::Job(r.get(0)))
-        }
-        Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) && constraint(&e) == Some("restore_jobs_one_open_per_target") => {
-            Ok(Queued::Busy)
-        }
-        Err(e) => Err(e),
+    if ended > 0 {
+        tracing::info!(tenant.id = %tenant, device.udid = target, "ended a stuck restore job");
     }
+    Ok(())
+}
+
+/// What a job started at a workstation reads: onto which phone, if a restore.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind<'a> {
+    Restore { target: &'a str },
+    Export,
+}
+
+/// Creates a job already claimed by `agent` (running, under its lease): a restore or
+/// export a help-desk user started at that agent's workstation. A restore first ends a
+/// stuck job of its target, as [`create`] does.
+pub async fn start(
+    client: &mut Client,
+    tenant: TenantId,
+    agent: AgentId,
+    snapshot: SnapshotId,
+    kind: Kind<'_>,
+    requested_by: uuid::Uuid,
+) -> Result<Queued, Error> {
+    let tx = client.transaction().await?;
+    let (kind, target) = match kind {
+        Kind::Restore { target } => ("restore", Some(target)),
+        Kind::Export => ("export", None),
+    };
+    if let Some(target) = target {
+        end_stuck(&tx, tenant, target).await?;
+    }
+    let sql = "INSERT INTO restore_jobs (tenant_id, snapshot_id, kind, target_udid, requested_by, status, agent_id, \
+               started_at, lease_expires_at) \
+               VALUES ($1, $2, $3, $4, $5, 'running', $6, now(), now() + make_interval(secs => $7)) RETURNING id";
+    let lease = RESTORE_LEASE.as_secs_f64();
+    commit_insert(tx, sql, &[&tenant.0, &snapshot.0, &kind, &target, &requested_by, &agent.0, &lease]).await
+}
+
+/// The snapshots `agent` may read now: those of its running jobs under a live lease,
+/// while the agent is not revoked. Everything else is refused as if it did not exist.
+pub async fn readable_snapshots(client: &Client, tenant: TenantId, agent: AgentId) -> Result<Vec<SnapshotId>, Error> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT j.snapshot_id FROM restore_jobs j JOIN agents a ON a.tenant_id = j.tenant_id AND a.id = j.agent_id \
+             WHERE j.tenant_id = $1 AND j.agent_id = $2 AND j.status = 'running' AND j.lease_expires_at > now() \
+             AND a.revoked_at IS NULL",
+            &[&tenant.0, &agent.0],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| SnapshotId(r.get(0))).collect())
+}
+
+/// Whether `agent` (not revoked) holds the device now: a live backup lease on it, or a
+/// running job on one of its snapshots. Only then does it get the device's backup password.
+pub async fn holds_device(client: &Client, tenant: TenantId, agent: AgentId, udid: &str) -> Result<bool, Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL) AND ( \
+               EXISTS (SELECT 1 FROM backup_runs WHERE tenant_id = $1 AND udid = $3 AND agent_id = $2 \
+                       AND status = 'running' AND lease_expires_at > now()) \
+               OR EXISTS (SELECT 1 FROM restore_jobs j JOIN snapshots s ON s.tenant_id = j.tenant_id AND s.id = j.snapshot_id \
+                       WHERE j.tenant_id = $1 AND j.agent_id = $2 AND j.status = 'running' \
+                       AND j.lease_expires_at > now() AND s.udid = $3))",
+            &[&tenant.0, &agent.0, &udid],
+        )
+        .await?;
+    Ok(row.get(0))
 }

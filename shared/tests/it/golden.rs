@@ -8,7 +8,8 @@ use lifeboat_shared::Secret;
 use lifeboat_shared::ids::{AgentId, ChunkId, RestoreJobId, RunId, SnapshotId, TenantId, Udid};
 use lifeboat_shared::manifest::DeviceInfo;
 use lifeboat_shared::wire::{
-    self, Auth, Data, DeviceState, Enrolled, ErrorCode, Hello, Request, Response, RestoreEnd, RunEnd, VERSIONS, Welcome,
+    self, Auth, Data, DeviceState, Enrolled, ErrorCode, Hello, JobRequest, JobSource, Request, Response, RestoreEnd,
+    RunEnd, VERSIONS, Welcome,
 };
 
 fn uuid(n: u128) -> uuid::Uuid {
@@ -184,6 +185,13 @@ fn frames() -> Vec<(String, Vec<u8>)> {
         Request,
         Request::ReportKeybag { udid: udid(), keybag: b"VERS\0\0\0\x04\0\0\0\x05".to_vec() }
     );
+    for (name, job) in [
+        ("restore", JobRequest::Restore { target: udid(), source: JobSource::Snapshot(snapshot) }),
+        ("export", JobRequest::Export { source: JobSource::LatestOf(udid()) }),
+    ] {
+        let credential = Secret::new("lbu1_0123456789abcdef".into());
+        frame!(format!("request-start-job-{name}"), Request, Request::StartJob { credential, job });
+    }
     frame!("response-run-opened", Response, Response::RunOpened { run, snapshot, lease_seconds: 600 });
     frame!("response-missing", Response, Response::Missing { ids: vec![chunk(0x80)] });
     frame!("response-stored", Response, Response::Stored { chunks: 300, new_chunks: 200, new_bytes: 1 << 33 });
@@ -309,11 +317,13 @@ fn the_specs_worked_examples_are_the_real_bytes() {
 }
 
 #[test]
-fn this_build_speaks_versions_2_to_5() {
-    assert_eq!(VERSIONS, &[2, 3, 4, 5]);
+fn this_build_speaks_versions_2_to_6() {
+    assert_eq!(VERSIONS, &[2, 3, 4, 5, 6]);
     assert_eq!(wire::ESCROW_VERSION, 3);
     assert_eq!(wire::ENCRYPTION_POLICY_VERSION, 4);
     assert_eq!(wire::KEYBAG_VERSION, 5);
+    assert_eq!(wire::START_JOB_VERSION, 6);
+    assert_eq!(wire::negotiate(&[2, 3, 4, 5, 6]), Some(6));
     assert_eq!(wire::negotiate(&[2, 3, 4, 5]), Some(5));
     assert_eq!(wire::negotiate(&[2, 3, 4]), Some(4));
     assert_eq!(wire::negotiate(&[1]), None, "a v1 agent is refused");

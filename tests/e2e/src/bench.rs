@@ -70,6 +70,9 @@ pub struct Rig {
     pub mux: String,
     /// The agent's state directory.
     pub state: std::path::PathBuf,
+    /// A help-desk user's credential, which the agent's restores and exports present
+    /// (`LIFEBOAT_CREDENTIAL_FILE`).
+    pub helpdesk_file: std::path::PathBuf,
 }
 
 impl Rig {
@@ -86,6 +89,11 @@ impl Rig {
         // password (`Rig::encrypt`).
         let (ok, _, err) = crate::server_cli(&server.data_dir, &["tenant", "encryption", "bench", "off"]);
         anyhow::ensure!(ok, "tenant encryption bench off: {err}");
+        let (ok, out, err) =
+            crate::server_cli(&server.data_dir, &["user", "create", "--tenant", "bench", "--role", "helpdesk"]);
+        anyhow::ensure!(ok, "user create: {err}");
+        let helpdesk_file = dir.join("helpdesk.credential");
+        std::fs::write(&helpdesk_file, out.trim())?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let mux = listener.local_addr()?.to_string();
         let profile = match std::env::var("LIFEBOAT_BENCH_PROFILE") {
@@ -101,7 +109,7 @@ impl Rig {
         let config = virtual_iphone::Config { seed: 9, devices, profile, state_dir: dir.join("phones"), kdf_rounds };
         let registry = std::sync::Arc::new(virtual_iphone::Registry::new(config)?);
         tokio::spawn(virtual_iphone::usbmuxd::serve(listener, registry.clone()));
-        let rig = Self { server, registry, profile, mux, state: dir.join("agent") };
+        let rig = Self { server, registry, profile, mux, state: dir.join("agent"), helpdesk_file };
         tokio::task::block_in_place(|| timed(rig.agent(&["enroll", &token])))?;
         Ok(rig)
     }
@@ -139,6 +147,7 @@ impl Rig {
     pub fn agent(&self, args: &[&str]) -> Command {
         let mut c = Command::new(crate::bin("lifeboat-agent"));
         c.arg("--state-dir").arg(&self.state).args(args).env("USBMUXD_SOCKET_ADDRESS", &self.mux);
+        c.env("LIFEBOAT_CREDENTIAL_FILE", &self.helpdesk_file);
         c
     }
 }

@@ -498,3 +498,51 @@ pub fn cached_bytes(path: &Path) -> std::io::Result<Option<u64>> {
     let text = String::from_utf8_lossy(&out.stdout);
     text.trim().parse().map(Some).map_err(|e| std::io::Error::other(format!("fincore said {text:?}: {e}")))
 }
+
+/// A new help-desk user's API credential in `tenant` (`lifeboat-server user create
+/// --role helpdesk`, done on the database).
+pub async fn helpdesk_credential(db: &tokio_postgres::Client, tenant: lifeboat_shared::ids::TenantId) -> String {
+    lifeboat_server::users::create(db, tenant, "e2e help desk", lifeboat_server::users::Role::Helpdesk)
+        .await
+        .expect("creating a help-desk user")
+        .1
+}
+
+/// Starts an export of `snapshot` for a new help-desk user, so `client`'s agent may read
+/// it (a server serves a snapshot only within a job of the agent's); returns the job.
+pub async fn start_export(
+    client: &lifeboat_agent::net::Client,
+    db: &tokio_postgres::Client,
+    snapshot: lifeboat_shared::ids::SnapshotId,
+) -> lifeboat_shared::ids::RestoreJobId {
+    use lifeboat_shared::wire::{JobRequest, JobSource, Request, Response};
+    let credential = helpdesk_credential(db, client.accepted.tenant).await;
+    let job = JobRequest::Export { source: JobSource::Snapshot(snapshot) };
+    match client.request(&Request::StartJob { credential: credential.into(), job }).await {
+        Ok(Response::RestoreJob { job, snapshot: s }) if s == snapshot => job,
+        other => panic!("starting an export of {snapshot}: {other:?}"),
+    }
+}
+
+/// Ends `job` as succeeded: the agent reads nothing more of its snapshot.
+pub async fn end_job(client: &lifeboat_agent::net::Client, job: lifeboat_shared::ids::RestoreJobId) {
+    use lifeboat_shared::wire::{Request, RestoreEnd};
+    client.request(&Request::EndRestore { job, end: RestoreEnd::Succeeded }).await.expect("ending the job");
+}
+
+/// Downloads `snapshot` into `dest` as a help-desk export (started and ended around it),
+/// every chunk verified.
+pub async fn download_as_export(
+    client: &lifeboat_agent::net::Client,
+    db: &tokio_postgres::Client,
+    keys: &lifeboat_agent::pipeline::transfer::Keys,
+    snapshot: lifeboat_shared::ids::SnapshotId,
+    dest: &Path,
+) -> lifeboat_shared::manifest::Manifest {
+    let job = start_export(client, db, snapshot).await;
+    let manifest = lifeboat_agent::pipeline::transfer::download_snapshot(client, keys, snapshot, dest)
+        .await
+        .expect("downloading the snapshot");
+    end_job(client, job).await;
+    manifest
+}

@@ -69,6 +69,18 @@ pub async fn create(
         .await
         .map_err(|e| internal("reading the restore job", e))?
         .ok_or_else(|| internal("reading the restore job", "it is gone"))?;
+    // A restore puts an employee's data onto a phone: who asked for it is in the audit log.
+    let actor = format!("user {}", caller.user);
+    let event = store::audit::Event {
+        tenant: caller.tenant,
+        actor_user: Some(caller.user),
+        actor_agent: None,
+        actor: &actor,
+        action: "restore.create",
+        udid: Some(&job.source_udid),
+        detail: json!({ "job": id, "snapshot": snapshot.0, "target": target.as_str() }),
+    };
+    store::audit::record(&**client, &event).await.map_err(|e| internal("writing the audit log", e))?;
     Ok((StatusCode::CREATED, Json(json!(job))))
 }
 

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use lifeboat_agent::net::Client;
-use lifeboat_agent::pipeline::transfer;
 use lifeboat_agent::state::AgentState;
 use lifeboat_e2e::{
     ServerProcess, bin, embedded_db, have_postgres, iphone_backup_content, sealed_chunks, server_cli, tempdir,
@@ -120,7 +119,8 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
             .unwrap();
     let restored = tempfile::tempdir().unwrap();
     let dest = restored.path().join("snap");
-    transfer::download_snapshot(&client, &agent_state.keys().unwrap(), snapshot, &dest).await.unwrap();
+    let db = embedded_db(&data).await;
+    lifeboat_e2e::download_as_export(&client, &db, &agent_state.keys().unwrap(), snapshot, &dest).await;
     client.close().await;
     assert_eq!(iphone_backup_content(&dest), phone.expect().unwrap());
     let info: plist::Dictionary = plist::from_file(dest.join("Info.plist")).unwrap();
@@ -128,7 +128,6 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
 
     // A little use, then an incremental backup: the phone sends only the changes, and the
     // agent sends exactly the chunks of the backup directory the server lacks, sealed.
-    let db = embedded_db(&data).await;
     let indexed_before = chunk_index(&db).await;
     let used = phone.simulate_use(0.01, 5).unwrap();
     let (ok, out, err) = run(vec!["backup".into(), "--device".into(), udid.clone(), "--json".into()]).await.unwrap();
@@ -167,18 +166,51 @@ async fn agent_enrols_and_backs_up_a_virtual_iphone_then_sends_only_changes() {
     // phone restarts, and then holds exactly the old phone's data.
     let replacement = registry.all()[1].clone();
     assert_ne!(replacement.product_type, registry.all()[0].product_type);
-    let (ok, out, err) = run(vec![
-        "restore".into(),
-        "--device".into(),
-        replacement.udid.clone(),
-        "--from-device".into(),
-        udid.clone(),
-        "--json".into(),
-    ])
-    .await
-    .unwrap();
+    let restore_args = |credential: Option<&Path>| {
+        let mut args: Vec<String> =
+            vec!["restore".into(), "--device".into(), replacement.udid.clone(), "--from-device".into(), udid.clone()];
+        if let Some(file) = credential {
+            args.extend(["--credential".into(), file.display().to_string()]);
+        }
+        args.push("--json".into());
+        args
+    };
+    // Reading a snapshot needs a person: without a help-desk credential the agent refuses
+    // and says what to do; a viewer's credential is refused by the server.
+    let (ok, _, err) = run(restore_args(None)).await.unwrap();
+    assert!(
+        !ok && err.contains("a restore reads an employee's data, so it needs a help-desk user: pass --credential FILE"),
+        "{err}"
+    );
+    let credential_file = |role: &str| {
+        let (ok, out, err) = server_cli(&data, &["user", "create", "--tenant", "acme", "--role", role, "--json"]);
+        assert!(ok, "{err}");
+        let user: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let file = dir.path().join(format!("{role}.credential"));
+        std::fs::write(&file, format!("{}\n", user["credential"].as_str().unwrap())).unwrap();
+        (user["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap(), file)
+    };
+    let (_, viewer_file) = credential_file("viewer");
+    let (ok, _, err) = run(restore_args(Some(&viewer_file))).await.unwrap();
+    assert!(!ok && err.contains("restores and exports need the helpdesk or admin role"), "{err}");
+    let (helpdesk, helpdesk_file) = credential_file("helpdesk");
+    let (ok, out, err) = run(restore_args(Some(&helpdesk_file))).await.unwrap();
     assert!(ok, "{err}");
     let restored: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The job records who asked, and is over: the agent reads nothing more of it.
+    let job: uuid::Uuid = restored["job"].as_str().unwrap().parse().unwrap();
+    let row = db
+        .query_one("SELECT requested_by, kind, status, target_udid FROM restore_jobs WHERE id = $1", &[&job])
+        .await
+        .unwrap();
+    let recorded: (uuid::Uuid, String, String, String) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(recorded, (helpdesk, "restore".into(), "succeeded".into(), replacement.udid.clone()));
+    let audited: i64 = db
+        .query_one("SELECT count(*) FROM audit_events WHERE action = 'restore.start' AND actor_user = $1", &[&helpdesk])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, 1);
     assert_eq!(restored["source"], udid.as_str());
     assert_eq!(restored["snapshot"], second["snapshot"]);
     let new_phone = registry.state_by_udid(&replacement.udid).unwrap();

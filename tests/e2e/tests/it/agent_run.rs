@@ -33,6 +33,8 @@ pub(crate) struct World {
     pub(crate) mux: String,
     pub(crate) viewer: String,
     pub(crate) helpdesk: String,
+    /// A file holding `helpdesk`, for `restore|export --credential`.
+    pub(crate) helpdesk_file: PathBuf,
     pub(crate) registry: Arc<Registry>,
     _phones: tempfile::TempDir,
     _dir: tempfile::TempDir,
@@ -49,6 +51,8 @@ pub(crate) async fn world(server_args: &[&str], devices: u32, seed: u64) -> Worl
     let (ok, out, err) = server_cli(&data, &["user", "create", "--tenant", "acme", "--role", "helpdesk"]);
     assert!(ok, "{err}");
     let helpdesk = out.split_whitespace().find(|w| w.starts_with("lbu1_")).unwrap().to_string();
+    let helpdesk_file = dir.path().join("helpdesk.credential");
+    std::fs::write(&helpdesk_file, &helpdesk).unwrap();
 
     let phones = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -61,7 +65,7 @@ pub(crate) async fn world(server_args: &[&str], devices: u32, seed: u64) -> Worl
     let state = dir.path().join("agent");
     let (ok, _, err) = agent(&state, &mux, &["enroll", &token]).await;
     assert!(ok, "{err}");
-    World { server, state, mux, viewer, helpdesk, registry, _phones: phones, _dir: dir }
+    World { server, state, mux, viewer, helpdesk, helpdesk_file, registry, _phones: phones, _dir: dir }
 }
 
 /// Runs the agent binary to completion.
@@ -155,11 +159,13 @@ pub(crate) async fn until<T, F: Future<Output = Option<T>>>(
 }
 
 /// A snapshot's files in `expect`'s format (domain, path, size, sha256).
-pub(crate) async fn snapshot_content(state: &Path, snapshot: SnapshotId) -> Vec<String> {
+/// (Read as a help-desk export: the server serves a snapshot only within a job.)
+pub(crate) async fn snapshot_content(state: &Path, data_dir: &Path, snapshot: SnapshotId) -> Vec<String> {
     let (c, s) = client(state).await;
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("snap");
-    transfer::download_snapshot(&c, &s.keys().unwrap(), snapshot, &dest).await.unwrap();
+    let db = lifeboat_e2e::embedded_db(data_dir).await;
+    lifeboat_e2e::download_as_export(&c, &db, &s.keys().unwrap(), snapshot, &dest).await;
     c.close().await;
     iphone_backup_content(&dest)
 }
@@ -233,7 +239,7 @@ async fn run_backs_up_on_attach_asks_for_trust_survives_an_unplug_and_takes_rest
     // A is backed up on its own; the snapshot holds exactly the phone.
     let first = until(Duration::from_secs(240), "A's first snapshot", || latest(&w.state, &a)).await;
     let before_use = phone_a.expect().unwrap();
-    same(&snapshot_content(&w.state, first).await, &before_use, "the first snapshot");
+    same(&snapshot_content(&w.state, &w.server.data_dir, first).await, &before_use, "the first snapshot");
 
     step("first backup of A checked");
     // B arrives without trusting this computer: needs-trust, through the API and in
@@ -252,7 +258,11 @@ async fn run_backs_up_on_attach_asks_for_trust_survives_an_unplug_and_takes_rest
     step("needs-trust seen");
     w.registry.trust(&b);
     let b_snap = until(Duration::from_secs(240), "B's first snapshot", || latest(&w.state, &b)).await;
-    same(&snapshot_content(&w.state, b_snap).await, &phone_b.expect().unwrap(), "B's first snapshot");
+    same(
+        &snapshot_content(&w.state, &w.server.data_dir, b_snap).await,
+        &phone_b.expect().unwrap(),
+        "B's first snapshot",
+    );
 
     step("B backed up");
     // A slow backup of A after some use, unplugged in the middle. First A goes away, so
@@ -263,7 +273,7 @@ async fn run_backs_up_on_attach_asks_for_trust_survives_an_unplug_and_takes_rest
     })
     .await;
     let previous = latest(&w.state, &a).await.unwrap();
-    same(&snapshot_content(&w.state, previous).await, &before_use, "A's latest snapshot");
+    same(&snapshot_content(&w.state, &w.server.data_dir, previous).await, &before_use, "A's latest snapshot");
     phone_a.set_faults(Faults { throttle_mb_per_s: Some(1.0), ..Faults::default() });
     phone_a.simulate_use(0.05, 7).unwrap();
     step("A quiet, used");
@@ -287,7 +297,11 @@ async fn run_backs_up_on_attach_asks_for_trust_survives_an_unplug_and_takes_rest
     .await;
     assert_eq!((failed["status"].as_str(), failed["reason"].as_str()), (Some("failed"), Some("device-disconnected")));
     assert_eq!(latest(&w.state, &a).await, Some(previous), "no snapshot from the unplugged backup");
-    same(&snapshot_content(&w.state, previous).await, &before_use, "the previous snapshot after the unplug");
+    same(
+        &snapshot_content(&w.state, &w.server.data_dir, previous).await,
+        &before_use,
+        "the previous snapshot after the unplug",
+    );
 
     step("unplugged run failed, previous intact");
     // Plugged in again: backed up, with the use.
@@ -297,7 +311,11 @@ async fn run_backs_up_on_attach_asks_for_trust_survives_an_unplug_and_takes_rest
         latest(&w.state, &a).await.filter(|s| *s != previous)
     })
     .await;
-    same(&snapshot_content(&w.state, after).await, &phone_a.expect().unwrap(), "A's snapshot after the unplug");
+    same(
+        &snapshot_content(&w.state, &w.server.data_dir, after).await,
+        &phone_a.expect().unwrap(),
+        "A's snapshot after the unplug",
+    );
 
     step("A backed up after the unplug");
     // The help desk asks for A's latest snapshot on B: the service restores it (B restarts)
@@ -330,7 +348,13 @@ async fn run_backs_up_on_attach_asks_for_trust_survives_an_unplug_and_takes_rest
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(phone_b.stats().restores, 1);
     same(&phone_b.expect().unwrap(), &phone_a.expect().unwrap(), "B after the restore of A");
-    assert_eq!(api(&w, "/api/v1/restores").await["restores"].as_array().unwrap().len(), 1);
+    // Beside it, the help-desk exports this test read snapshots through, each ended.
+    let jobs = api(&w, "/api/v1/restores").await["restores"].as_array().unwrap().clone();
+    let restores: Vec<_> = jobs.iter().filter(|j| j["kind"] == "restore").collect();
+    assert_eq!(restores.len(), 1, "{jobs:?}");
+    assert_eq!(restores[0]["requested_by"], done["requested_by"]);
+    assert!(done["requested_by"].is_string(), "{done}");
+    assert!(jobs.iter().all(|j| j["kind"] == "restore" || (j["kind"] == "export" && j["status"] == "succeeded")));
 
     step("restore job done");
     // SIGTERM stops the service promptly.
@@ -388,7 +412,7 @@ async fn incremental_backups_send_only_changes_and_a_killed_agent_resumes() {
     assert!(quic * 100 <= changed * 105, "{quic} bytes over QUIC for {changed} changed bytes");
     assert!(second["cached_files"].as_u64().unwrap() > 4_000, "unchanged files were not read again: {second}");
     same(
-        &snapshot_content(&w.state, second["snapshot"].as_str().unwrap().parse().unwrap()).await,
+        &snapshot_content(&w.state, &w.server.data_dir, second["snapshot"].as_str().unwrap().parse().unwrap()).await,
         &phone_a.expect().unwrap(),
         "A's incremental snapshot",
     );
@@ -423,7 +447,7 @@ async fn incremental_backups_send_only_changes_and_a_killed_agent_resumes() {
     assert_eq!(runs.len(), 1, "one run, resumed: {runs:?}");
     assert_eq!(runs[0]["status"], "succeeded");
     same(
-        &snapshot_content(&w.state, resumed["snapshot"].as_str().unwrap().parse().unwrap()).await,
+        &snapshot_content(&w.state, &w.server.data_dir, resumed["snapshot"].as_str().unwrap().parse().unwrap()).await,
         &phone_b.expect().unwrap(),
         "B's resumed snapshot",
     );

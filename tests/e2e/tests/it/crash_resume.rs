@@ -168,6 +168,6 @@ async fn sigkill_mid_upload_leaves_no_snapshot_and_the_run_resumes() {
     let packed: i64 = db.query_one("SELECT coalesce(sum(blob_count), 0)::bigint FROM packs", &[]).await.unwrap().get(0);
     assert_eq!(packed, tree_chunks.len() as i64, "blobs in packs");
     let out = tempfile::tempdir().unwrap();
-    transfer::download_snapshot(&client, &keys, snapshot, out.path()).await.unwrap();
+    lifeboat_e2e::download_as_export(&client, &db, &keys, snapshot, out.path()).await;
     assert!(read_tree(tree.path()) == read_tree(out.path()), "restored tree differs");
 }

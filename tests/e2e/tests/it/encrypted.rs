@@ -70,7 +70,11 @@ async fn run_encrypts_escrows_and_asks_for_an_unknown_password() {
         let password = revealed(&w, udid);
         assert_eq!(password.len(), 29, "a generated password: {password:?}");
         assert!(p.encryption().keys().is_some());
-        same(&snapshot_content(&w.state, snapshot).await, &p.expect().unwrap(), "the encrypted snapshot's plaintext");
+        same(
+            &snapshot_content(&w.state, &w.server.data_dir, snapshot).await,
+            &p.expect().unwrap(),
+            "the encrypted snapshot's plaintext",
+        );
         let (code, body) =
             http_get(w.server.http_addr, &format!("/api/v1/devices/{udid}/snapshots"), Some(&w.viewer)).await.unwrap();
         assert_eq!(code, 200, "{body}");
@@ -130,7 +134,11 @@ async fn run_encrypts_escrows_and_asks_for_an_unknown_password() {
     assert_eq!((set["source"].as_str(), set["verified"].as_bool()), (Some("admin"), Some(true)), "{text}");
     let snapshot =
         until(Duration::from_secs(240), "the snapshot after the password", || latest(&w.state, &unknown)).await;
-    same(&snapshot_content(&w.state, snapshot).await, &phone(&unknown).expect().unwrap(), "its plaintext");
+    same(
+        &snapshot_content(&w.state, &w.server.data_dir, snapshot).await,
+        &phone(&unknown).expect().unwrap(),
+        "its plaintext",
+    );
     assert_eq!(revealed(&w, &unknown), "the user's own", "the agent left the user's password as it was");
     drop(service);
 }
@@ -155,7 +163,11 @@ async fn encrypted_snapshots_dedup_export_as_the_phone_made_them_and_restore() {
     assert!(ok, "{err}");
     let second: serde_json::Value = serde_json::from_str(&out).unwrap();
     let snapshot = latest(&w.state, &udid).await.unwrap();
-    same(&snapshot_content(&w.state, snapshot).await, &phone.expect().unwrap(), "the incremental snapshot");
+    same(
+        &snapshot_content(&w.state, &w.server.data_dir, snapshot).await,
+        &phone.expect().unwrap(),
+        "the incremental snapshot",
+    );
     // Plaintext chunks: what changed, plus the backup's own metadata (Manifest.db
     // decrypted, a few KiB of plists), never the whole phone again.
     let mirror = w.state.join("mirror").join(&udid);
@@ -171,7 +183,12 @@ async fn encrypted_snapshots_dedup_export_as_the_phone_made_them_and_restore() {
 
     // Export: the phone's own bytes, every file as in the mirror the phone wrote into.
     let out = tempfile::tempdir().unwrap();
-    let (ok, text, err) = agent(&w.state, &w.mux, &["export", "--device", &udid, "--json", path(out.path())]).await;
+    let (ok, text, err) = agent(
+        &w.state,
+        &w.mux,
+        &["export", "--device", &udid, "--credential", path(&w.helpdesk_file), "--json", path(out.path())],
+    )
+    .await;
     assert!(ok, "{err}");
     let exported: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!((exported["encrypted"].as_bool(), exported["plaintext"].as_bool()), (Some(true), Some(false)));
@@ -182,7 +199,12 @@ async fn encrypted_snapshots_dedup_export_as_the_phone_made_them_and_restore() {
     for (rel, bytes) in &mine {
         assert!(theirs.get(rel) == Some(bytes), "{rel} is not the phone's bytes");
     }
-    let (ok, _, err) = agent(&w.state, &w.mux, &["export", "--device", &udid, path(out.path())]).await;
+    let (ok, _, err) = agent(
+        &w.state,
+        &w.mux,
+        &["export", "--device", &udid, "--credential", path(&w.helpdesk_file), path(out.path())],
+    )
+    .await;
     assert!(!ok && err.contains("exists and is not empty: export into another directory"), "{err}");
     // Opened by the reader forensic and export tools build on, with the revealed password.
     let password = revealed(&w, &udid);
@@ -197,9 +219,20 @@ async fn encrypted_snapshots_dedup_export_as_the_phone_made_them_and_restore() {
     }
     // --decrypted: the plaintext, under a Manifest.plist that says it is not encrypted.
     let plain = tempfile::tempdir().unwrap();
-    let (ok, _, err) =
-        agent(&w.state, &w.mux, &["export", "--snapshot", &snapshot.to_string(), "--decrypted", path(plain.path())])
-            .await;
+    let (ok, _, err) = agent(
+        &w.state,
+        &w.mux,
+        &[
+            "export",
+            "--snapshot",
+            &snapshot.to_string(),
+            "--decrypted",
+            "--credential",
+            path(&w.helpdesk_file),
+            path(plain.path()),
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     same(&lifeboat_e2e::iphone_backup_content(&plain.path().join(&udid)), &truth, "the decrypted export");
     let plist = plist::Value::from_file(plain.path().join(&udid).join("Manifest.plist")).unwrap();
@@ -208,8 +241,12 @@ async fn encrypted_snapshots_dedup_export_as_the_phone_made_them_and_restore() {
     // Restore onto another phone: it asks for the password, gets the escrowed one, and
     // ends up with exactly the source's data.
     w.registry.set_plugged(&target, true);
-    let (ok, text, err) =
-        agent(&w.state, &w.mux, &["restore", "--device", &target, "--from-device", &udid, "--json"]).await;
+    let (ok, text, err) = agent(
+        &w.state,
+        &w.mux,
+        &["restore", "--device", &target, "--from-device", &udid, "--credential", path(&w.helpdesk_file), "--json"],
+    )
+    .await;
     assert!(ok, "{err}");
     assert!(text.contains(&snapshot.to_string()), "{text}");
     let restored = w.registry.state_by_udid(&target).unwrap();

@@ -140,7 +140,7 @@ async fn backup_passwords_are_escrowed_and_revealed_to_admins_only_and_audited()
         .iter()
         .map(|e| (e["action"].as_str().unwrap().to_string(), e["actor"].as_str().unwrap().to_string()))
         .collect();
-    assert_eq!(client.accepted.version, 5, "this build negotiates version 5");
+    assert_eq!(client.accepted.version, 6, "this build negotiates version 6");
     let agent_actor = format!("agent {}", client.accepted.agent);
     assert_eq!(
         actions[..2],

@@ -144,7 +144,8 @@ async fn a_snapshot_round_trips_byte_identical_and_a_second_upload_sends_almost_
     }
 
     let out = tempfile::tempdir().unwrap();
-    transfer::download_snapshot(&client, &keys, snapshot, &out.path().join("restored")).await.unwrap();
+    lifeboat_e2e::download_as_export(&client, &fx.db.client().await, &keys, snapshot, &out.path().join("restored"))
+        .await;
     assert!(read_tree(tree.path()) == read_tree(&out.path().join("restored")), "restored tree differs");
 
     let (run2, snapshot2) = open_run(&client, &dev).await;
@@ -252,8 +253,10 @@ async fn tenants_see_nothing_of_each_other_and_do_not_share_chunks() {
 
     let (run_a, snap_a) = open_run(&ca, &dev).await;
     transfer::upload_dir(&ca, &ka, run_a, snap_a, dev.clone(), tree.path(), 0).await.unwrap();
-    // A's chunk ids, from its manifest. A reads its snapshot and every chunk back, and each
-    // chunk verifies.
+    // A's chunk ids, from its manifest. A reads its snapshot and every chunk back (within
+    // an export a help-desk user of A's started), and each chunk verifies.
+    let db = fx.db.client().await;
+    let _job_a = lifeboat_e2e::start_export(&ca, &db, snap_a).await;
     let sealed_a = ca.get_manifest(snap_a).await.unwrap();
     let a_ids = chunk_ids(&lifeboat_shared::manifest::Manifest::open(&ka.data, &snap_a, &sealed_a).unwrap());
     assert!(a_ids.len() > 1, "{a_ids:?}");
@@ -281,6 +284,11 @@ async fn tenants_see_nothing_of_each_other_and_do_not_share_chunks() {
         let one = cb.get_chunks(&[*id]).await.unwrap_err();
         assert_eq!(one.code(), Some(ErrorCode::NotFound), "chunk {id}: {one}");
     }
+    // Nor can B's help desk start a job on it.
+    let credential = lifeboat_e2e::helpdesk_credential(&db, b).await.into();
+    let job = lifeboat_shared::wire::JobRequest::Export { source: lifeboat_shared::wire::JobSource::Snapshot(snap_a) };
+    let err = cb.request(&Request::StartJob { credential, job }).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
     // A's finished run is over for A, and is none of B's.
     let over = ca.request(&Request::OpenRun { udid: dev.udid.clone(), resume: Some(run_a) }).await.unwrap_err();
     assert_eq!(over.code(), Some(ErrorCode::LeaseLost), "{over}");
@@ -298,6 +306,7 @@ async fn tenants_see_nothing_of_each_other_and_do_not_share_chunks() {
 
     // B's upload of the same tree stores chunks of B's own, which A cannot read.
     let (report_b, _) = transfer::upload_dir(&cb, &kb, run_b, snap_b, dev.clone(), tree.path(), 0).await.unwrap();
+    let _job_b = lifeboat_e2e::start_export(&cb, &db, snap_b).await;
     let sealed_b = cb.get_manifest(snap_b).await.unwrap();
     let b_ids = chunk_ids(&lifeboat_shared::manifest::Manifest::open(&kb.data, &snap_b, &sealed_b).unwrap());
     assert_eq!(report_b.chunks_sent, b_ids.len() as u64, "no cross-tenant dedup: {report_b:?}");
@@ -306,6 +315,7 @@ async fn tenants_see_nothing_of_each_other_and_do_not_share_chunks() {
     assert_eq!(fx.count(&stored(a)).await, a_ids.len() as i64);
     assert_eq!(fx.count(&stored(b)).await, b_ids.len() as i64);
     assert_eq!(fx.count("SELECT count(*) FROM chunks").await, (a_ids.len() + b_ids.len()) as i64);
+    // Even while A holds a job of its own.
     let err = ca.get_chunks(&b_ids).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
     let err = ca.get_manifest(snap_b).await.unwrap_err();
@@ -464,7 +474,7 @@ async fn a_snapshot_round_trips_through_s3_storage() {
     let (run, snapshot) = open_run(&client, &dev).await;
     transfer::upload_dir(&client, &keys, run, snapshot, dev, tree.path(), 0).await.unwrap();
     let out = tempfile::tempdir().unwrap();
-    transfer::download_snapshot(&client, &keys, snapshot, out.path()).await.unwrap();
+    lifeboat_e2e::download_as_export(&client, &fx.db.client().await, &keys, snapshot, out.path()).await;
     assert!(read_tree(tree.path()) == read_tree(out.path()), "restored tree differs");
     let (status, body) = lifeboat_test_support::http_get(fx.server.http_addr, "/readyz", None).await.unwrap();
     assert_eq!(status, 200, "{body}");
@@ -487,7 +497,7 @@ async fn a_file_with_two_names_is_in_the_snapshot_under_both() {
     assert_eq!(report.files, 11);
     assert_eq!(committed, Response::Committed { snapshot, files: 11, logical_bytes: report.logical_bytes });
     let out = tempfile::tempdir().unwrap();
-    transfer::download_snapshot(&client, &keys, snapshot, out.path()).await.unwrap();
+    lifeboat_e2e::download_as_export(&client, &fx.db.client().await, &keys, snapshot, out.path()).await;
     assert!(read_tree(tree.path()) == read_tree(out.path()), "restored tree differs");
     fx.server.stop().await.unwrap();
 }

@@ -12,6 +12,7 @@ mod escrow;
 mod ingest;
 mod jobs;
 mod leases;
+mod least_privilege;
 mod monitoring;
 mod operator_cli;
 mod server_lifecycle;
