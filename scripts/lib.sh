@@ -39,18 +39,21 @@ ensure_moto() {
   python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
 }
 
-# Prometheus and promtool (Debian package), for the alert-rule tests and the end-to-end
-# monitoring test. Its service is not started: policy-rc.d refuses service starts
-# during the install.
+# Prometheus, promtool, Alertmanager and amtool (Debian packages), for the alert-rule
+# tests and the end-to-end monitoring tests. Their services are not started: policy-rc.d
+# refuses service starts during the install.
 ensure_prometheus() {
-  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return 0; fi
-  echo "==> installing prometheus (Debian package)"
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+    && command -v prometheus-alertmanager >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "==> installing prometheus and prometheus-alertmanager (Debian packages)"
   local policy=/usr/sbin/policy-rc.d
   local had_policy=""
   [ -e "$policy" ] && had_policy=1
   [ -n "$had_policy" ] || printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
   as_root chmod +x "$policy"
-  apt_install prometheus
+  apt_install prometheus prometheus-alertmanager
   [ -n "$had_policy" ] || as_root rm -f "$policy"
 }
 

@@ -14,6 +14,7 @@ pub const DEFAULT_STATE_DIR: &str = "./lifeboat-agent";
 pub const DEFAULT_MAX_CONCURRENT: usize = 2;
 pub const DEFAULT_RETRY_INITIAL_SECONDS: u64 = 30;
 pub const DEFAULT_RETRY_MAX_SECONDS: u64 = 3600;
+pub const DEFAULT_HEARTBEAT_SECONDS: u64 = 300;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +26,7 @@ pub struct FileConfig {
     pub mirror_budget_mb: Option<u64>,
     pub retry_initial_seconds: Option<u64>,
     pub retry_max_seconds: Option<u64>,
+    pub heartbeat_seconds: Option<u64>,
     pub log: Option<String>,
 }
 
@@ -56,6 +58,10 @@ pub struct Overrides {
     /// The longest delay between retries [default: 3600].
     #[arg(long, env = "LIFEBOAT_AGENT_RETRY_MAX_SECONDS", value_name = "SECONDS", global = true)]
     pub retry_max_seconds: Option<u64>,
+    /// How often `run` reports in to the server with no iPhone attached, so an idle
+    /// workstation is not taken for a dead one [default: 300; 5 to 3600].
+    #[arg(long, env = "LIFEBOAT_AGENT_HEARTBEAT_SECONDS", value_name = "SECONDS", global = true)]
+    pub heartbeat_seconds: Option<u64>,
     /// Log filter, e.g. `info` or `lifeboat_agent=debug` [default: warn, info for `run`].
     #[arg(long, env = "LIFEBOAT_LOG", value_name = "FILTER", global = true)]
     pub log: Option<String>,
@@ -125,6 +131,10 @@ impl Config {
                 "retry_initial_seconds ({retry_initial}) must be at least 1 and at most retry_max_seconds ({retry_max})"
             )));
         }
+        let heartbeat = o.heartbeat_seconds.or(file.heartbeat_seconds).unwrap_or(DEFAULT_HEARTBEAT_SECONDS);
+        if !(5..=3600).contains(&heartbeat) {
+            return Err(ConfigError::Invalid(format!("heartbeat_seconds must be between 5 and 3600, not {heartbeat}")));
+        }
         let usbmuxd = o.usbmuxd.clone().or(file.usbmuxd).filter(|a| !a.is_empty());
         Ok(Self {
             state_dir,
@@ -134,6 +144,7 @@ impl Config {
                 max_concurrent,
                 retry_initial: Duration::from_secs(retry_initial),
                 retry_max: Duration::from_secs(retry_max),
+                heartbeat: Duration::from_secs(heartbeat),
             },
             log: o.log.clone().or(file.log),
         })

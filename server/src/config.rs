@@ -81,6 +81,7 @@ pub struct BackupSection {
 pub struct MonitoringSection {
     pub refresh_seconds: Option<u64>,
     pub stale_after_hours: Option<u64>,
+    pub needs_action_after_hours: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -401,6 +402,12 @@ impl Config {
                 defaults.stale_after,
                 3600,
             )?,
+            needs_action_after: positive(
+                file.monitoring.needs_action_after_hours,
+                "monitoring.needs_action_after_hours",
+                defaults.needs_action_after,
+                3600,
+            )?,
             restore_tests: file.restore_tests.enabled.unwrap_or(defaults.restore_tests),
             restore_test_interval: positive(
                 file.restore_tests.interval_seconds,
@@ -472,6 +479,8 @@ pub struct FleetConfig {
     pub refresh: Duration,
     /// A device without a committed snapshot for this long is stale.
     pub stale_after: Duration,
+    /// A device waiting this long for a person raises the needs-action alert.
+    pub needs_action_after: Duration,
     pub restore_tests: bool,
     /// How often the runner looks for work.
     pub restore_test_interval: Duration,
@@ -487,6 +496,7 @@ impl Default for FleetConfig {
         Self {
             refresh: Duration::from_secs(15),
             stale_after: Duration::from_secs(3 * 86400),
+            needs_action_after: Duration::from_secs(4 * 3600),
             restore_tests: true,
             restore_test_interval: Duration::from_secs(60),
             restore_test_sample_percent: 100,

@@ -38,6 +38,8 @@ pub struct ServiceConfig {
     /// The first retry's delay; each further failure doubles it, up to `retry_max`.
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// How often the service reports in with no iPhone attached.
+    pub heartbeat: Duration,
 }
 
 impl ServiceConfig {
@@ -76,6 +78,7 @@ pub async fn run(
     let mut workers = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     tracing::info!(agent.id = %agent.state.agent, server = %agent.state.server, "agent running; waiting for iPhones");
+    let heartbeat = tokio::spawn(heartbeat(agent.clone(), config.heartbeat));
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -113,8 +116,27 @@ pub async fn run(
             },
         }
     }
+    heartbeat.abort();
     workers.shutdown().await;
     Ok(())
+}
+
+/// Reports in every `every` (a connection, which the server records as the agent's last
+/// sighting, and the backup policy), phone or not, until aborted.
+async fn heartbeat(agent: Arc<Agent>, every: Duration) {
+    loop {
+        let seen = async {
+            let client = agent.connect().await?;
+            let r = client.request(&Request::GetPolicy).await;
+            client.close().await;
+            r.map_err(JobError::from)
+        }
+        .await;
+        if let Err(e) = seen {
+            tracing::warn!(error = %e, "could not report in to the server");
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Forwards usbmuxd's attach and detach events, listening again whenever usbmuxd goes
@@ -479,6 +501,7 @@ mod tests {
             max_concurrent: 1,
             retry_initial: Duration::from_secs(30),
             retry_max: Duration::from_secs(3600),
+            heartbeat: Duration::from_secs(300),
         };
         let delays: Vec<u64> = (1..=9).map(|n| c.backoff(n).as_secs()).collect();
         assert_eq!(delays, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);

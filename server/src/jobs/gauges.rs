@@ -23,6 +23,8 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
     let client = app.db.get().await.map_err(|e| e.to_string())?;
     let m: &FleetMetrics = &app.metrics.fleet;
     let stale = config.stale_after.as_secs_f64();
+    m.stale_after.set(stale);
+    m.needs_action_after.set(config.needs_action_after.as_secs_f64());
     let rows = store::fleet::devices(&client).await.map_err(|e| e.to_string())?;
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let mut by_status: std::collections::HashMap<(String, &str), i64> = std::collections::HashMap::new();
@@ -33,11 +35,16 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
             tenant,
             udid,
             state,
-            state_changed_unix: changed,
+            state_changed_unix: _,
+            needs_action_since_unix: waiting_since,
+            first_seen_unix: first_seen,
             last_success_unix: last,
             failed_since_success: failed,
         } = r;
-        let waiting = matches!(state.as_str(), "needs-trust" | "needs-passcode" | "needs-backup-password");
+        // Waiting for a person from the first time in this episode until the next
+        // successful backup, through the agent's retries.
+        let waiting = waiting_since.is_some()
+            || matches!(state.as_str(), "needs-trust" | "needs-passcode" | "needs-backup-password");
         let status = if waiting {
             "needs-action"
         } else if state == "failing" || failed > 0 {
@@ -56,7 +63,8 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
             }
         }
         m.device_failed_runs.with_label_values(&labels).set(failed);
-        m.device_needs_action_since.with_label_values(&labels).set(if waiting { changed } else { 0.0 });
+        m.device_needs_action_since.with_label_values(&labels).set(waiting_since.unwrap_or(0.0));
+        m.device_first_seen.with_label_values(&labels).set(first_seen);
         tenants.insert(tenant.clone());
         devices.insert((tenant, udid));
     }
@@ -65,6 +73,7 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
         let _ = m.device_last_success.remove_label_values(&labels);
         let _ = m.device_failed_runs.remove_label_values(&labels);
         let _ = m.device_needs_action_since.remove_label_values(&labels);
+        let _ = m.device_first_seen.remove_label_values(&labels);
     }
     known.devices = devices;
 
@@ -79,6 +88,7 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
             }
         }
         m.restore_tests_failing.with_label_values(&t).set(r.restore_tests_failing);
+        m.latest_unrestorable.with_label_values(&t).set(r.latest_unrestorable);
         let (devices, covered) = (r.devices, r.devices_covered);
         m.restore_test_coverage.with_label_values(&t).set(if devices == 0 {
             1.0
@@ -97,6 +107,7 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
         let t = [gone.as_str()];
         let _ = m.restore_test_last_success.remove_label_values(&t);
         let _ = m.restore_tests_failing.remove_label_values(&t);
+        let _ = m.latest_unrestorable.remove_label_values(&t);
         let _ = m.restore_test_coverage.remove_label_values(&t);
         let _ = m.storage_bytes.remove_label_values(&t);
         let _ = m.snapshots.remove_label_values(&t);

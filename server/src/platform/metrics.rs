@@ -4,7 +4,8 @@
 //! `dashboards/` and `deploy/prometheus/` use these names.
 
 use prometheus::{
-    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 #[derive(Debug, Clone)]
@@ -52,14 +53,24 @@ pub struct FleetMetrics {
     pub device_last_success: GaugeVec,
     /// Failed runs of each device since its last successful one.
     pub device_failed_runs: IntGaugeVec,
-    /// Unix time since which a device has waited for a person (trust, passcode); 0 if not.
+    /// Unix time since which a device has waited for a person (trust, passcode, backup
+    /// password), kept across its agent's retries; 0 if not.
     pub device_needs_action_since: GaugeVec,
+    /// Unix time an agent first registered the device (stale is measured from it for a
+    /// device that never backed up).
+    pub device_first_seen: GaugeVec,
     /// Unix time each (not revoked) agent was last seen.
     pub agent_last_seen: GaugeVec,
     /// Unix time of the newest passing restore test, per tenant.
     pub restore_test_last_success: GaugeVec,
     /// Snapshots whose latest restore test failed, per tenant.
     pub restore_tests_failing: IntGaugeVec,
+    /// Devices whose newest snapshot failed its latest restore test, per tenant.
+    pub latest_unrestorable: IntGaugeVec,
+    /// The server's `[monitoring] stale_after_hours`, in seconds, for the alert rules.
+    pub stale_after: Gauge,
+    /// The server's `[monitoring] needs_action_after_hours`, in seconds.
+    pub needs_action_after: Gauge,
     /// Share of devices with a passing restore test within the coverage window, per tenant.
     pub restore_test_coverage: GaugeVec,
     /// Bytes in packs, per tenant.
@@ -135,6 +146,11 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
+        let plain_gauge = |name: &str, help: &str| -> Result<Gauge, prometheus::Error> {
+            let g = Gauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
         let fleet = FleetMetrics {
             devices: int_gauge(
                 "lifeboat_devices",
@@ -153,7 +169,12 @@ impl Metrics {
             )?,
             device_needs_action_since: gauge(
                 "lifeboat_device_needs_action_since_timestamp_seconds",
-                "Unix time since which the device has waited for a person (trust, passcode); 0 when it is not waiting.",
+                "Unix time since which the device has waited for a person (trust, passcode, backup password), kept across retries; 0 when it is not waiting.",
+                &["tenant", "udid"],
+            )?,
+            device_first_seen: gauge(
+                "lifeboat_device_first_seen_timestamp_seconds",
+                "Unix time an agent first registered the device.",
                 &["tenant", "udid"],
             )?,
             agent_last_seen: gauge(
@@ -170,6 +191,19 @@ impl Metrics {
                 "lifeboat_restore_tests_failing",
                 "Snapshots whose latest restore test failed.",
                 &["tenant"],
+            )?,
+            latest_unrestorable: int_gauge(
+                "lifeboat_devices_latest_snapshot_unrestorable",
+                "Devices whose newest snapshot failed its latest restore test.",
+                &["tenant"],
+            )?,
+            stale_after: plain_gauge(
+                "lifeboat_stale_after_seconds",
+                "A device without a successful backup for this long is stale ([monitoring] stale_after_hours).",
+            )?,
+            needs_action_after: plain_gauge(
+                "lifeboat_needs_action_after_seconds",
+                "A device waiting for a person this long raises LifeboatDeviceNeedsAction ([monitoring] needs_action_after_hours).",
             )?,
             restore_test_coverage: gauge(
                 "lifeboat_restore_test_coverage_ratio",

@@ -28,7 +28,9 @@ pub async fn register(
 }
 
 /// Sets a device's state (its change time moves only when the state changes); false if
-/// the device is not registered.
+/// the device is not registered. Entering a state that waits for a person starts
+/// `needs_action_since` unless it runs already; only `idle` (backed up) ends it, so the
+/// retries in between do not reset it.
 pub async fn set_state(
     client: &Client,
     tenant: TenantId,
@@ -39,6 +41,9 @@ pub async fn set_state(
     let n = client
         .execute(
             "UPDATE devices SET state_changed_at = CASE WHEN state <> $3 THEN now() ELSE state_changed_at END, \
+             needs_action_since = CASE \
+               WHEN $3 IN ('needs-trust', 'needs-passcode', 'needs-backup-password') THEN coalesce(needs_action_since, now()) \
+               WHEN $3 = 'idle' THEN NULL ELSE needs_action_since END, \
              state = $3, last_seen_at = now(), last_agent_id = $4 WHERE tenant_id = $1 AND udid = $2",
             &[&tenant.0, &udid.as_str(), &state, &agent.0],
         )

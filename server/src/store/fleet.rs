@@ -11,6 +11,9 @@ pub struct DeviceStanding {
     pub udid: String,
     pub state: String,
     pub state_changed_unix: f64,
+    /// Since when it has waited for a person, across retries (`devices.needs_action_since`).
+    pub needs_action_since_unix: Option<f64>,
+    pub first_seen_unix: f64,
     pub last_success_unix: Option<f64>,
     /// Failed runs since the last success.
     pub failed_since_success: i64,
@@ -22,6 +25,7 @@ pub async fn devices(client: &Client) -> Result<Vec<DeviceStanding>, Error> {
             "WITH last AS (SELECT tenant_id, udid, max(committed_at) AS at FROM snapshots GROUP BY tenant_id, udid) \
              SELECT t.name, d.udid, d.state, extract(epoch FROM d.state_changed_at)::float8, \
                     extract(epoch FROM l.at)::float8, \
+                    extract(epoch FROM d.needs_action_since)::float8, extract(epoch FROM d.first_seen_at)::float8, \
                     (SELECT count(*) FROM backup_runs r WHERE r.tenant_id = d.tenant_id AND r.udid = d.udid \
                        AND r.status = 'failed' AND r.finished_at > coalesce(l.at, '-infinity')) \
              FROM devices d JOIN tenants t ON t.id = d.tenant_id \
@@ -37,7 +41,9 @@ pub async fn devices(client: &Client) -> Result<Vec<DeviceStanding>, Error> {
             state: r.get(2),
             state_changed_unix: r.get(3),
             last_success_unix: r.get(4),
-            failed_since_success: r.get(5),
+            needs_action_since_unix: r.get(5),
+            first_seen_unix: r.get(6),
+            failed_since_success: r.get(7),
         })
         .collect())
 }
@@ -48,6 +54,8 @@ pub struct TenantTotals {
     pub tenant: String,
     pub restore_test_last_success_unix: Option<f64>,
     pub restore_tests_failing: i64,
+    /// Devices whose newest snapshot failed its latest restore test.
+    pub latest_unrestorable: i64,
     pub devices: i64,
     /// Devices with a passed restore test within the window.
     pub devices_covered: i64,
@@ -62,6 +70,10 @@ pub async fn tenants(client: &Client, window: Duration) -> Result<Vec<TenantTota
                (SELECT extract(epoch FROM max(finished_at))::float8 FROM restore_tests r WHERE r.tenant_id = t.id AND r.passed), \
                (SELECT count(*) FROM (SELECT DISTINCT ON (snapshot_id) passed FROM restore_tests r \
                   WHERE r.tenant_id = t.id ORDER BY snapshot_id, finished_at DESC) latest WHERE NOT passed), \
+               (SELECT count(*) FROM (SELECT DISTINCT ON (s.udid) s.id FROM snapshots s WHERE s.tenant_id = t.id \
+                  ORDER BY s.udid, s.committed_at DESC) newest \
+                  WHERE (SELECT r.passed FROM restore_tests r WHERE r.tenant_id = t.id AND r.snapshot_id = newest.id \
+                         ORDER BY r.finished_at DESC LIMIT 1) = false), \
                (SELECT count(*) FROM devices d WHERE d.tenant_id = t.id), \
                (SELECT count(DISTINCT s.udid) FROM restore_tests r JOIN snapshots s ON s.tenant_id = r.tenant_id AND s.id = r.snapshot_id \
                   WHERE r.tenant_id = t.id AND r.passed AND r.finished_at > now() - make_interval(secs => $1)), \
@@ -77,10 +89,11 @@ pub async fn tenants(client: &Client, window: Duration) -> Result<Vec<TenantTota
             tenant: r.get(0),
             restore_test_last_success_unix: r.get(1),
             restore_tests_failing: r.get(2),
-            devices: r.get(3),
-            devices_covered: r.get(4),
-            stored_bytes: r.get(5),
-            snapshots: r.get(6),
+            latest_unrestorable: r.get(3),
+            devices: r.get(4),
+            devices_covered: r.get(5),
+            stored_bytes: r.get(6),
+            snapshots: r.get(7),
         })
         .collect())
 }

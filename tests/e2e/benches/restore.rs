@@ -9,7 +9,8 @@
 //! Run: `cargo build --release --workspace --bins && cargo bench -p lifeboat-e2e --bench restore`
 //! (needs PostgreSQL; idevicebackup2 and restic are optional: the comparison is skipped
 //! without them). `LIFEBOAT_BENCH_DIR` puts the run's files elsewhere than /tmp;
-//! `LIFEBOAT_BENCH_PROFILE` restores another virtual iPhone than `medium`.
+//! `LIFEBOAT_BENCH_PROFILE` restores another virtual iPhone than `medium`;
+//! `LIFEBOAT_BENCH_LIFEBOAT_ONLY=1` skips the comparison.
 //! Results in docs/performance.md. Goal: Lifeboat at most half the time of the two tools.
 
 use std::process::Command;
@@ -45,6 +46,10 @@ async fn run(dir: &tempfile::TempDir) -> anyhow::Result<()> {
         peak >> 20
     );
 
+    if std::env::var_os("LIFEBOAT_BENCH_LIFEBOAT_ONLY").is_some() {
+        println!("LIFEBOAT_BENCH_LIFEBOAT_ONLY: the comparison is skipped");
+        return Ok(());
+    }
     if !have("idevicebackup2") || !have("restic") {
         println!("idevicebackup2 or restic: not installed, the comparison is skipped");
         return Ok(());

@@ -452,3 +452,35 @@ async fn incremental_backups_send_only_changes_and_a_killed_agent_resumes() {
         "B's resumed snapshot",
     );
 }
+
+/// `run` reports in on its own while no iPhone is attached, so the server can tell an
+/// idle workstation from a dead one (`LifeboatAgentNotSeen` is judged by this).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_reports_in_every_heartbeat() {
+    if !have_postgres() {
+        return;
+    }
+    let w = world(&[], 0, 41).await;
+    assert!(w.registry.all().is_empty());
+    let db = lifeboat_e2e::embedded_db(&w.server.data_dir).await;
+    let seen = async || -> f64 {
+        db.query_one("SELECT extract(epoch FROM last_seen_at)::float8 FROM agents", &[]).await.unwrap().get(0)
+    };
+    let enrolled = seen().await;
+    let service = AgentProcess::start(&w.state, &w.mux, &["--heartbeat-seconds", "5", "run"]);
+    let mut sightings = vec![enrolled];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sightings.len() < 3 {
+        assert!(Instant::now() < deadline, "seen at {sightings:?}: {}", service.log());
+        let now = seen().await;
+        if now > *sightings.last().unwrap() {
+            sightings.push(now);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The two reports after the first come one heartbeat apart.
+    let gap = sightings[2] - sightings[1];
+    assert!((4.0..8.0).contains(&gap), "{sightings:?}");
+    let (ok, _, err) = agent(&w.state, &w.mux, &["--heartbeat-seconds", "2", "status"]).await;
+    assert!(!ok && err.contains("heartbeat_seconds must be between 5 and 3600, not 2"), "{err}");
+}

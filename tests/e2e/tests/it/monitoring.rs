@@ -43,7 +43,7 @@ async fn until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bo
     }
 }
 
-/// Every PromQL expression of every dashboard, with `$udid` replaced.
+/// Every PromQL expression of every dashboard, with `$udid` replaced and every tenant.
 fn dashboard_queries(udid: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(repo().join("dashboards")).unwrap() {
@@ -52,7 +52,7 @@ fn dashboard_queries(udid: &str) -> Vec<(String, String)> {
             let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
             for p in d["panels"].as_array().unwrap() {
                 for t in p["targets"].as_array().unwrap() {
-                    let expr = t["expr"].as_str().unwrap().replace("$udid", udid);
+                    let expr = t["expr"].as_str().unwrap().replace("$udid", udid).replace("$tenant", ".*");
                     out.push((format!("{} / {}", d["title"].as_str().unwrap(), p["title"].as_str().unwrap()), expr));
                 }
             }
@@ -62,18 +62,29 @@ fn dashboard_queries(udid: &str) -> Vec<(String, String)> {
     out
 }
 
+/// Each rule's name and expression: `expr: …` on one line, or `expr: >-` folding the
+/// more-indented lines after it into one.
 fn alert_exprs() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(repo().join("deploy/prometheus/lifeboat.rules.yml")).unwrap();
     let mut out = Vec::new();
     let mut name = String::new();
-    for line in text.lines() {
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let indent = line.len() - line.trim_start().len();
         if let Some(n) = line.trim().strip_prefix("- alert: ") {
             name = n.to_string();
+        } else if line.trim() == "expr: >-" {
+            let mut folded = Vec::new();
+            while let Some(next) = lines.next_if(|l| l.len() - l.trim_start().len() > indent) {
+                folded.push(next.trim());
+            }
+            out.push((name.clone(), folded.join(" ")));
         } else if let Some(e) = line.trim().strip_prefix("expr: ") {
             out.push((name.clone(), e.to_string()));
         }
     }
-    assert_eq!(out.len(), 8, "every rule of lifeboat.rules.yml");
+    assert_eq!(out.len(), 14, "every rule of lifeboat.rules.yml");
+    assert!(out.iter().all(|(_, e)| !e.is_empty() && !e.starts_with('>')), "{out:?}");
     out
 }
 
@@ -192,24 +203,30 @@ async fn prometheus_scrapes_the_server_and_every_panel_and_alert_works() {
     assert!(!report.passed);
     verify::record(&pg, tenant, &report, std::time::SystemTime::now()).await.unwrap();
 
-    until("LifeboatDeviceStale and LifeboatRestoreTestFailed fire", Duration::from_secs(60), async || {
-        let (_, body) = http_get(prom, "/api/v1/alerts", None).await.unwrap();
-        let v: Value = serde_json::from_str(&body).unwrap();
-        let firing: Vec<(String, String)> = v["data"]["alerts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|a| a["state"] == "firing")
-            .map(|a| {
-                (
-                    a["labels"]["alertname"].as_str().unwrap().to_string(),
-                    a["labels"]["udid"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect();
-        firing.contains(&("LifeboatDeviceStale".into(), ok_dev.udid.to_string()))
-            && firing.iter().any(|(a, _)| a == "LifeboatRestoreTestFailed")
-    })
+    // Pending: each rule waits its `for:` before it fires.
+    until(
+        "LifeboatDeviceStale and LifeboatLatestBackupUnrestorable are pending",
+        Duration::from_secs(60),
+        async || {
+            let (_, body) = http_get(prom, "/api/v1/alerts", None).await.unwrap();
+            let v: Value = serde_json::from_str(&body).unwrap();
+            let firing: Vec<(String, String)> = v["data"]["alerts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["state"] == "pending" || a["state"] == "firing")
+                .map(|a| {
+                    (
+                        a["labels"]["alertname"].as_str().unwrap().to_string(),
+                        a["labels"]["udid"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            firing.contains(&("LifeboatDeviceStale".into(), ok_dev.udid.to_string()))
+                && firing.iter().any(|(a, _)| a == "LifeboatRestoreTestFailed")
+                && firing.iter().any(|(a, _)| a == "LifeboatLatestBackupUnrestorable")
+        },
+    )
     .await;
     fx.server.stop().await.unwrap();
 }
@@ -230,4 +247,275 @@ fn find_pack(dir: &Path) -> Option<PathBuf> {
 
 fn which(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+/// The value of one series in the server's /metrics text, by its exact label text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// How long a phone has waited for its user is measured from when it began to wait:
+/// the agent's retries (backing-up, needs-passcode again) do not reset it, the next
+/// successful backup ends it. A phone that never backed up exports when it was first
+/// seen, and the server exports its own thresholds for the alert rules.
+#[tokio::test]
+async fn needs_action_is_measured_across_retries_and_thresholds_are_exported() {
+    let Some(db) = test_db().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server_config(&db.url, &dir.path().join("data"));
+    config.fleet.refresh = Duration::from_millis(200);
+    config.fleet.restore_tests = false;
+    config.fleet.stale_after = Duration::from_secs(5 * 3600);
+    let fx = Fixture { server: serve::start(config).await.unwrap(), db, _dir: dir };
+    let tenant = fx.tenant("acme").await;
+    let (client, _) = fx.enrolled_agent(tenant).await;
+    let phone = device("00008030-0000000000000009");
+    client.request(&Request::RegisterDevice { device: phone.clone(), serial_number: None }).await.unwrap();
+    let pg = fx.db.client().await;
+    let report = async |state: DeviceState| {
+        let req = Request::ReportState { udid: phone.udid.clone(), state, message: None };
+        client.request(&req).await.unwrap();
+        let row = pg
+            .query_one(
+                "SELECT extract(epoch FROM needs_action_since)::float8, extract(epoch FROM state_changed_at)::float8, \
+                 extract(epoch FROM first_seen_at)::float8 FROM devices WHERE udid = $1",
+                &[&phone.udid.as_str()],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, Option<f64>>(0), row.get::<_, f64>(1), row.get::<_, f64>(2))
+    };
+    let (since, changed, first_seen) = report(DeviceState::NeedsPasscode).await;
+    let since = since.expect("waiting since it asked for its passcode");
+    // Retries: the state and its change time move, the waiting does not start over.
+    for state in [DeviceState::BackingUp, DeviceState::NeedsPasscode, DeviceState::Failing, DeviceState::NeedsTrust] {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (again, moved, _) = report(state).await;
+        assert_eq!(again, Some(since), "{state:?} kept the start of the wait");
+        assert!(moved > changed, "{state:?} moved state_changed_at");
+    }
+    // The server's /metrics says so, with the thresholds the rules compare against.
+    let udid = phone.udid.as_str();
+    let labels = format!(r#"{{tenant="acme",udid="{udid}"}}"#);
+    let scrape = async || http_get(fx.server.http_addr, "/metrics", None).await.unwrap().1;
+    let mut text = scrape().await;
+    for _ in 0..100 {
+        if metric(&text, &format!("lifeboat_device_needs_action_since_timestamp_seconds{labels}")).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        text = scrape().await;
+    }
+    assert_eq!(metric(&text, &format!("lifeboat_device_needs_action_since_timestamp_seconds{labels}")), Some(since));
+    assert_eq!(metric(&text, &format!("lifeboat_device_first_seen_timestamp_seconds{labels}")), Some(first_seen));
+    assert_eq!(
+        metric(&text, &format!("lifeboat_device_last_success_timestamp_seconds{labels}")),
+        None,
+        "never backed up"
+    );
+    assert_eq!(metric(&text, r#"lifeboat_devices{status="needs-action",tenant="acme"}"#), Some(1.0));
+    assert_eq!(metric(&text, "lifeboat_stale_after_seconds"), Some(5.0 * 3600.0));
+    assert_eq!(metric(&text, "lifeboat_needs_action_after_seconds"), Some(4.0 * 3600.0));
+    // Backed up (the agent reports idle): the wait is over.
+    let (ended, _, _) = report(DeviceState::Idle).await;
+    assert_eq!(ended, None);
+    let mut cleared = false;
+    for _ in 0..100 {
+        text = scrape().await;
+        if metric(&text, &format!("lifeboat_device_needs_action_since_timestamp_seconds{labels}")) == Some(0.0) {
+            cleared = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cleared, "{text}");
+    fx.server.stop().await.unwrap();
+}
+
+/// The example Alertmanager configuration, in a real Alertmanager: pages and tickets go
+/// to their receivers; a tenant's fleet-wide failure inhibits its per-device tickets (not
+/// another tenant's); the server down inhibits every other Lifeboat alert.
+#[tokio::test]
+async fn alertmanager_routes_pages_and_tickets_and_inhibits_the_rest_while_the_server_is_down() {
+    let Some(binary) = which("prometheus-alertmanager").or_else(|| which("alertmanager")) else {
+        skip_or_fail("alertmanager is not installed (Debian package prometheus-alertmanager)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = repo().join("deploy/prometheus/alertmanager.example.yml");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap();
+    let _am = spawn_stopped_on_exit(&[
+        binary.to_str().unwrap(),
+        &format!("--config.file={}", config.display()),
+        &format!("--storage.path={}", dir.path().display()),
+        &format!("--web.listen-address={addr}"),
+        "--cluster.listen-address=",
+    ])
+    .unwrap();
+    until("Alertmanager is ready", Duration::from_secs(30), async || {
+        http_get(addr, "/-/ready", None).await.is_ok_and(|(s, _)| s == 200)
+    })
+    .await;
+    let post = async |alerts: Value| {
+        let (status, body) =
+            lifeboat_e2e::http_post_json(addr, "/api/v2/alerts", None, &alerts.to_string()).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    };
+    let alert = |name: &str, severity: &str, tenant: &str, udid: &str| serde_json::json!({ "labels": { "alertname": name, "severity": severity, "tenant": tenant, "udid": udid } });
+    // (alertname, tenant) → (state, receivers).
+    let states = async || -> std::collections::BTreeMap<(String, String), (String, Vec<String>)> {
+        let (_, body) = http_get(addr, "/api/v2/alerts", None).await.unwrap();
+        let list: Value = serde_json::from_str(&body).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let l = &a["labels"];
+                let receivers = a["receivers"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().into());
+                (
+                    (l["alertname"].as_str().unwrap().into(), l["tenant"].as_str().unwrap_or("").into()),
+                    (a["status"]["state"].as_str().unwrap().into(), receivers.collect()),
+                )
+            })
+            .collect()
+    };
+    let entry = |state: &str, receiver: &str| (state.to_string(), vec![receiver.to_string()]);
+    let key = |a: &str, t: &str| (a.to_string(), t.to_string());
+
+    post(serde_json::json!([
+        alert("LifeboatFleetBackupsFailing", "page", "acme", ""),
+        alert("LifeboatBackupsFailing", "ticket", "acme", "A"),
+        alert("LifeboatBackupsFailing", "ticket", "globex", "G"),
+    ]))
+    .await;
+    until("the three alerts are in", Duration::from_secs(30), async || states().await.len() == 3).await;
+    let seen = states().await;
+    assert_eq!(seen[&key("LifeboatFleetBackupsFailing", "acme")], entry("active", "oncall-pager"));
+    assert_eq!(seen[&key("LifeboatBackupsFailing", "acme")], entry("suppressed", "helpdesk-tickets"));
+    assert_eq!(seen[&key("LifeboatBackupsFailing", "globex")], entry("active", "helpdesk-tickets"));
+
+    post(serde_json::json!([
+        { "labels": { "alertname": "LifeboatServerDown", "severity": "page", "job": "lifeboat" } },
+        alert("LifeboatDeviceStale", "ticket", "globex", "G"),
+    ]))
+    .await;
+    until("the five alerts are in", Duration::from_secs(30), async || states().await.len() == 5).await;
+    let seen = states().await;
+    assert_eq!(seen[&key("LifeboatServerDown", "")], entry("active", "oncall-pager"));
+    for (name, tenant) in [
+        ("LifeboatFleetBackupsFailing", "acme"),
+        ("LifeboatBackupsFailing", "acme"),
+        ("LifeboatBackupsFailing", "globex"),
+        ("LifeboatDeviceStale", "globex"),
+    ] {
+        assert_eq!(seen[&key(name, tenant)].0, "suppressed", "{name} {tenant} while the server is down: {seen:?}");
+    }
+}
+
+/// What is wrong with a dashboard for a 500-phone fleet, or how it breaks on import:
+/// table panels must run instant queries formatted as a table (a range query gives a
+/// row per sample), stats and gauges need thresholds (Grafana's default is red at 80),
+/// a `dateTime*` unit wants milliseconds (`* 1000`) and `s` wants seconds, every query
+/// goes through the `$datasource` variable, which `__inputs` lets a UI import choose.
+fn dashboard_problems(d: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let title = d["title"].as_str().unwrap_or("?");
+    let inputs = d["__inputs"].as_array().map(|i| i.iter().any(|i| i["name"] == "DS_PROMETHEUS"));
+    if inputs != Some(true) {
+        out.push(format!("{title}: no __inputs entry DS_PROMETHEUS"));
+    }
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|v| v["name"].as_str()).collect())
+        .unwrap_or_default();
+    for v in ["datasource", "tenant"] {
+        if !vars.contains(&v) {
+            out.push(format!("{title}: no ${v} variable"));
+        }
+    }
+    for v in d["templating"]["list"].as_array().into_iter().flatten() {
+        if v["name"] == "udid"
+            && !v["definition"].as_str().unwrap_or("").contains("lifeboat_device_first_seen_timestamp_seconds")
+        {
+            out.push(format!("{title}: the device picker misses devices that never backed up"));
+        }
+    }
+    for p in d["panels"].as_array().into_iter().flatten() {
+        let name = format!("{title} / {}", p["title"].as_str().unwrap_or("?"));
+        let kind = p["type"].as_str().unwrap_or("");
+        let unit = p["fieldConfig"]["defaults"]["unit"].as_str().unwrap_or("");
+        if p["datasource"]["uid"] != "${datasource}" {
+            out.push(format!("{name}: data source is not $datasource"));
+        }
+        if matches!(kind, "stat" | "gauge" | "bargauge")
+            && p["fieldConfig"]["defaults"]["thresholds"]["steps"].as_array().is_none_or(|s| s.is_empty())
+        {
+            out.push(format!("{name}: a {kind} without thresholds"));
+        }
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or("");
+            if t["datasource"]["uid"] != "${datasource}" {
+                out.push(format!("{name}: a query's data source is not $datasource"));
+            }
+            if kind == "table" && (t["instant"] != true || t["format"] != "table") {
+                out.push(format!("{name}: a table whose query is not instant with format table"));
+            }
+            let in_ms = expr.trim_end().ends_with("* 1000");
+            if unit.starts_with("dateTime") && !in_ms {
+                out.push(format!("{name}: unit {unit} wants milliseconds, the query gives seconds"));
+            }
+            if unit == "s" && in_ms {
+                out.push(format!("{name}: unit s, but the query gives milliseconds"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_shipped_dashboard_has_instant_tables_thresholds_right_units_and_inputs() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo().join("dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            assert_eq!(dashboard_problems(&d), Vec::<String>::new(), "{}", path.display());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4);
+}
+
+#[test]
+fn the_dashboard_check_finds_range_tables_bare_stats_and_seconds_shown_as_dates() {
+    let ds = serde_json::json!({ "type": "prometheus", "uid": "${datasource}" });
+    let d = serde_json::json!({
+        "title": "T",
+        "templating": { "list": [{ "name": "udid", "definition": "label_values(lifeboat_device_last_success_timestamp_seconds, udid)" }] },
+        "panels": [
+            { "title": "table", "type": "table", "datasource": ds,
+              "targets": [{ "expr": "up", "datasource": ds }] },
+            { "title": "stat", "type": "stat", "datasource": { "uid": "lifeboat-prometheus" },
+              "fieldConfig": { "defaults": { "unit": "dateTimeFromNow" } },
+              "targets": [{ "expr": "max(lifeboat_device_needs_action_since_timestamp_seconds)", "datasource": ds }] },
+            { "title": "age", "type": "timeseries", "datasource": ds,
+              "fieldConfig": { "defaults": { "unit": "s" } },
+              "targets": [{ "expr": "time() * 1000", "datasource": { "uid": "x" } }] },
+        ],
+    });
+    assert_eq!(
+        dashboard_problems(&d),
+        [
+            "T: no __inputs entry DS_PROMETHEUS",
+            "T: no $datasource variable",
+            "T: no $tenant variable",
+            "T: the device picker misses devices that never backed up",
+            "T / table: a table whose query is not instant with format table",
+            "T / stat: data source is not $datasource",
+            "T / stat: a stat without thresholds",
+            "T / stat: unit dateTimeFromNow wants milliseconds, the query gives seconds",
+            "T / age: a query's data source is not $datasource",
+            "T / age: unit s, but the query gives milliseconds",
+        ]
+    );
 }
