@@ -82,7 +82,25 @@ pub struct MonitoringSection {
     pub refresh_seconds: Option<u64>,
     pub stale_after_hours: Option<u64>,
     pub needs_action_after_hours: Option<u64>,
+    pub per_device_series: Option<PerDeviceSeries>,
 }
+
+/// Whether the fleet gauges have a series per device and per agent (`[monitoring]
+/// per_device_series`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PerDeviceSeries {
+    /// While the fleet has at most [`PER_DEVICE_AUTO_LIMIT`] devices and as many agents.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// Above this many devices (or agents), `auto` turns per-device series off: at 10,000
+/// devices they would be about 50,000 series per replica, for alerts the fleet-wide
+/// gauges carry too.
+pub const PER_DEVICE_AUTO_LIMIT: usize = 1000;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +144,7 @@ pub struct S3Section {
 #[serde(deny_unknown_fields)]
 pub struct HttpSection {
     pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +207,10 @@ pub struct Overrides {
     /// Address of the HTTP API, /healthz, /readyz and /metrics [default: 127.0.0.1:8080].
     #[arg(long, env = "LIFEBOAT_HTTP_LISTEN", value_name = "ADDR", global = true)]
     pub http_listen: Option<SocketAddr>,
+    /// Serve /metrics on this address of its own instead of the API's (it shows tenant
+    /// names and UDIDs: keep it where only Prometheus reaches) [default: on the API's].
+    #[arg(long, env = "LIFEBOAT_METRICS_LISTEN", value_name = "ADDR", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
     /// UDP address of the QUIC endpoint agents connect to [default: 0.0.0.0:4433].
     #[arg(long, env = "LIFEBOAT_QUIC_LISTEN", value_name = "ADDR", global = true)]
     pub quic_listen: Option<SocketAddr>,
@@ -277,6 +300,8 @@ pub struct Config {
     pub db_max_connections: usize,
     pub storage: StorageConfig,
     pub http_listen: SocketAddr,
+    /// A listener of its own for /metrics (then not on `http_listen`).
+    pub metrics_listen: Option<SocketAddr>,
     pub quic_listen: SocketAddr,
     /// `host:port` for enrolment tokens.
     pub quic_advertise: String,
@@ -402,6 +427,7 @@ impl Config {
                 defaults.stale_after,
                 3600,
             )?,
+            per_device_series: file.monitoring.per_device_series.unwrap_or_default(),
             needs_action_after: positive(
                 file.monitoring.needs_action_after_hours,
                 "monitoring.needs_action_after_hours",
@@ -448,6 +474,7 @@ impl Config {
             db_max_connections,
             storage,
             http_listen,
+            metrics_listen: o.metrics_listen.or(file.http.metrics_listen),
             quic_listen,
             quic_advertise,
             quic_cert,
@@ -481,6 +508,7 @@ pub struct FleetConfig {
     pub stale_after: Duration,
     /// A device waiting this long for a person raises the needs-action alert.
     pub needs_action_after: Duration,
+    pub per_device_series: PerDeviceSeries,
     pub restore_tests: bool,
     /// How often the runner looks for work.
     pub restore_test_interval: Duration,
@@ -497,6 +525,7 @@ impl Default for FleetConfig {
             refresh: Duration::from_secs(15),
             stale_after: Duration::from_secs(3 * 86400),
             needs_action_after: Duration::from_secs(4 * 3600),
+            per_device_series: PerDeviceSeries::Auto,
             restore_tests: true,
             restore_test_interval: Duration::from_secs(60),
             restore_test_sample_percent: 100,

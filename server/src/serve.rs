@@ -30,6 +30,8 @@ const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Running {
     pub http_addr: SocketAddr,
+    /// The metrics listener's address, when it has one of its own.
+    pub metrics_addr: Option<SocketAddr>,
     pub quic_addr: SocketAddr,
     /// SHA-256 of the QUIC certificate, which agents pin.
     pub cert_fingerprint: [u8; 32],
@@ -39,6 +41,7 @@ pub struct Running {
     pub agents: Arc<Agents>,
     stop_tx: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
+    metrics_http: Option<JoinHandle<std::io::Result<()>>>,
     quic: JoinHandle<()>,
     fleet: JoinHandle<()>,
     pool: deadpool_postgres::Pool,
@@ -52,6 +55,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
     let http_addr = listener.local_addr().context("reading the HTTP listener's address")?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            Some((l.local_addr().context("reading the metrics listener's address")?, l))
+        }
+        None => None,
+    };
     tls::install_default_provider();
     let identity = Identity::for_config(&config)?;
     let endpoint = tls::quic_endpoint(config.quic_listen, identity.quic_server_config()?)
@@ -71,7 +83,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         DatabaseConfig::External(url) => (db::parse_url(url.expose())?, None),
     };
-    let sockets = Sockets { http_addr, listener, endpoint, fingerprint: identity.fingerprint };
+    let sockets = Sockets { http_addr, listener, metrics, endpoint, fingerprint: identity.fingerprint };
     match bring_up(&config, pg_config, sockets, data_dir, cluster.clone(), master).await {
         Ok(running) => Ok(running),
         Err(e) => {
@@ -87,6 +99,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 struct Sockets {
     http_addr: SocketAddr,
     listener: tokio::net::TcpListener,
+    metrics: Option<(SocketAddr, tokio::net::TcpListener)>,
     endpoint: quinn::Endpoint,
     fingerprint: [u8; 32],
 }
@@ -99,7 +112,7 @@ async fn bring_up(
     cluster: Option<Arc<Cluster>>,
     master: Arc<crate::keys::MasterKey>,
 ) -> anyhow::Result<Running> {
-    let Sockets { http_addr, listener, endpoint, fingerprint } = sockets;
+    let Sockets { http_addr, listener, metrics: metrics_listener, endpoint, fingerprint } = sockets;
     let quic_addr = endpoint.local_addr().context("reading the QUIC endpoint's address")?;
     let mut client = db::connect(&pg_config, DB_CONNECT_TIMEOUT).await?;
     let report = db::migrate(&mut client).await?;
@@ -119,7 +132,7 @@ async fn bring_up(
     let mut ingest = Ingest::new(app.clone());
     ingest.local_root = objects::local_root(&config.storage);
     let agents = Arc::new(Agents { app: app.clone(), ingest, reads: Default::default() });
-    let router = crate::http::router(app.clone());
+    let router = crate::http::router(app.clone(), metrics_listener.is_none());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -128,6 +141,11 @@ async fn bring_up(
         }
     };
     let http = tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stopped()).into_future());
+    let metrics_addr = metrics_listener.as_ref().map(|(addr, _)| *addr);
+    let metrics_http = metrics_listener.map(|(_, l)| {
+        let r = crate::http::metrics_router(app.clone());
+        tokio::spawn(axum::serve(l, r).with_graceful_shutdown(stopped()).into_future())
+    });
     let quic = tokio::spawn(crate::agents::endpoint::serve(endpoint, agents.clone(), stopped()));
     let fleet = {
         let (app, config, stop) = (app.clone(), config.fleet.clone(), stopped());
@@ -145,6 +163,7 @@ async fn bring_up(
     };
     tracing::info!(
         http.addr = %http_addr,
+        metrics.addr = %metrics_addr.unwrap_or(http_addr),
         quic.addr = %quic_addr,
         data_dir = %data_dir.path().display(),
         database = %match &cluster {
@@ -153,10 +172,12 @@ async fn bring_up(
         },
         db.schema_version = report.current.unwrap_or(0),
         storage = %storage,
-        "lifeboat-server is ready: http://{http_addr}/readyz, /metrics"
+        "lifeboat-server is ready: http://{http_addr}/readyz, http://{}/metrics",
+        metrics_addr.unwrap_or(http_addr)
     );
     Ok(Running {
         http_addr,
+        metrics_addr,
         quic_addr,
         cert_fingerprint: fingerprint,
         cluster,
@@ -164,6 +185,7 @@ async fn bring_up(
         agents,
         stop_tx,
         http,
+        metrics_http,
         quic,
         fleet,
         pool,
@@ -181,6 +203,9 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop_tx.send(true);
         let served = self.http.await;
+        if let Some(m) = self.metrics_http {
+            let _ = m.await;
+        }
         let _ = self.quic.await;
         let _ = self.fleet.await;
         self.pool.close();

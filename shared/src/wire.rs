@@ -188,6 +188,29 @@ impl DeviceState {
     }
 }
 
+/// The reason codes a run or restore job ends with: those `lifeboat-agent` sends
+/// (`RunEnd`, `RestoreEnd`) and those the server sets itself. Another well-formed code is
+/// stored and shown as sent, but a metric counts it as `other`, so what an agent sends
+/// cannot create series.
+pub const REASONS: &[&str] = &[
+    "backup-failed",
+    "device-disconnected",
+    "device-error",
+    "download-failed",
+    "lease-expired",
+    "needs-backup-password",
+    "needs-passcode",
+    "needs-trust",
+    "out-of-space",
+    "restore-failed",
+    "upload-failed",
+];
+
+/// `reason` as a metric label: itself if it is one of [`REASONS`], else `other`.
+pub fn metric_reason(reason: &str) -> &str {
+    if REASONS.contains(&reason) { reason } else { "other" }
+}
+
 /// How a run ended, when it did not commit a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunEnd {

@@ -813,3 +813,35 @@ impl LocalState {
         }
     }
 }
+
+#[cfg(test)]
+mod reason_tests {
+    use lifeboat_shared::wire::REASONS;
+
+    use super::*;
+    use crate::pipeline::transfer::TransferError;
+
+    /// Every reason the agent reports is one the server counts by name (others are
+    /// counted as `other`).
+    #[test]
+    fn every_reason_the_agent_sends_is_a_known_one() {
+        let device = [
+            DeviceError::NotAttached("u".into()),
+            DeviceError::Locked,
+            DeviceError::NotTrusted,
+            DeviceError::Refused { code: 105, description: "full".into() },
+            DeviceError::Refused { code: 1, description: "no".into() },
+            DeviceError::WrongBackupPassword("no".into()),
+            DeviceError::Failed("x".into()),
+            DeviceError::Address("x".into()),
+        ];
+        let mut errors: Vec<JobError> = device.into_iter().map(JobError::Device).collect();
+        errors.push(JobError::Upload(TransferError::Invalid("x".into())));
+        errors.push(JobError::NeedsBackupPassword("x".into()));
+        errors.push(JobError::Other("x".into()));
+        for e in &errors {
+            assert!(REASONS.contains(&e.reason()), "{} from {e:?}", e.reason());
+            assert!(REASONS.contains(&e.restore_reason()), "{} from {e:?}", e.restore_reason());
+        }
+    }
+}

@@ -23,14 +23,19 @@ use crate::app::App;
 /// How long each dependency may take to answer a readiness check.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .merge(api::router())
-        .layer(axum::middleware::from_fn_with_state(app.clone(), record_latency))
-        .with_state(app)
+/// The API listener's routes; `/metrics` among them unless it has a listener of its own.
+pub fn router(app: Arc<App>, with_metrics: bool) -> Router {
+    let mut r = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz));
+    if with_metrics {
+        r = r.route("/metrics", get(metrics));
+    }
+    r.merge(api::router()).layer(axum::middleware::from_fn_with_state(app.clone(), record_latency)).with_state(app)
+}
+
+/// The routes of a metrics listener of its own (`--metrics-listen`): `/metrics` and
+/// `/healthz`, nothing of the API.
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(app)
 }
 
 /// Alive: the process answers. Says nothing about dependencies (that is `/readyz`).

@@ -3,7 +3,7 @@
 
 use lifeboat_shared::ids::{RunId, Udid};
 use lifeboat_shared::manifest::DeviceInfo;
-use lifeboat_shared::wire::{DeviceState, ErrorCode, Response, RunEnd};
+use lifeboat_shared::wire::{self, DeviceState, ErrorCode, Response, RunEnd};
 
 use super::Ingest;
 use crate::app::lock;
@@ -49,7 +49,7 @@ impl Ingest {
         match opened {
             Opened::Run { run, snapshot, replaced } => {
                 if let Some((old, reason)) = replaced {
-                    self.app.metrics.backup_runs.with_label_values(&["failed", reason]).inc();
+                    self.app.metrics.backup_runs.with_label_values(&["failed", wire::metric_reason(reason)]).inc();
                     // After the transaction: flushing writes packs to storage.
                     self.discard_buffer(old).await;
                 }
@@ -104,7 +104,7 @@ impl Ingest {
         }
         let client = self.app.db.get().await?;
         store::runs::end(&client, s.tenant, s.agent, run, status, reason, message).await?;
-        self.app.metrics.backup_runs.with_label_values(&[status, reason]).inc();
+        self.app.metrics.backup_runs.with_label_values(&[status, wire::metric_reason(reason)]).inc();
         tracing::info!(agent.id = %s.agent, run.id = %run, run.status = status, run.reason = reason, "run ended");
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use super::FleetConfig;
 use crate::app::App;
+use crate::config::{PER_DEVICE_AUTO_LIMIT, PerDeviceSeries};
 use crate::platform::metrics::FleetMetrics;
 use crate::store;
 
@@ -26,6 +27,13 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
     m.stale_after.set(stale);
     m.needs_action_after.set(config.needs_action_after.as_secs_f64());
     let rows = store::fleet::devices(&client).await.map_err(|e| e.to_string())?;
+    let agent_rows = store::fleet::agents(&client).await.map_err(|e| e.to_string())?;
+    let per_device = match config.per_device_series {
+        PerDeviceSeries::On => true,
+        PerDeviceSeries::Off => false,
+        PerDeviceSeries::Auto => rows.len() <= PER_DEVICE_AUTO_LIMIT && agent_rows.len() <= PER_DEVICE_AUTO_LIMIT,
+    };
+    m.per_device_series.set(i64::from(per_device));
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let mut by_status: std::collections::HashMap<(String, &str), i64> = std::collections::HashMap::new();
     let mut devices = HashSet::new();
@@ -55,6 +63,10 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
             "stale"
         };
         *by_status.entry((tenant.clone(), status)).or_default() += 1;
+        tenants.insert(tenant.clone());
+        if !per_device {
+            continue;
+        }
         let labels = [tenant.as_str(), udid.as_str()];
         match last {
             Some(t) => m.device_last_success.with_label_values(&labels).set(t),
@@ -65,7 +77,6 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
         m.device_failed_runs.with_label_values(&labels).set(failed);
         m.device_needs_action_since.with_label_values(&labels).set(waiting_since.unwrap_or(0.0));
         m.device_first_seen.with_label_values(&labels).set(first_seen);
-        tenants.insert(tenant.clone());
         devices.insert((tenant, udid));
     }
     for gone in known.devices.difference(&devices) {
@@ -117,9 +128,8 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
     }
     known.tenants = tenants;
 
-    let agent_rows = store::fleet::agents(&client).await.map_err(|e| e.to_string())?;
     let mut agents = HashSet::new();
-    for (tenant, agent, seen) in agent_rows {
+    for (tenant, agent, seen) in agent_rows.into_iter().filter(|_| per_device) {
         m.agent_last_seen.with_label_values(&[tenant.as_str(), agent.as_str()]).set(seen);
         agents.insert((tenant, agent));
     }

@@ -71,6 +71,8 @@ pub struct FleetMetrics {
     pub stale_after: Gauge,
     /// The server's `[monitoring] needs_action_after_hours`, in seconds.
     pub needs_action_after: Gauge,
+    /// 1 while per-device and per-agent series are exported, 0 when they are off.
+    pub per_device_series: IntGauge,
     /// Share of devices with a passing restore test within the coverage window, per tenant.
     pub restore_test_coverage: GaugeVec,
     /// Bytes in packs, per tenant.
@@ -201,6 +203,14 @@ impl Metrics {
                 "lifeboat_stale_after_seconds",
                 "A device without a successful backup for this long is stale ([monitoring] stale_after_hours).",
             )?,
+            per_device_series: {
+                let g = IntGauge::new(
+                    "lifeboat_per_device_series",
+                    "1 while per-device and per-agent series are exported ([monitoring] per_device_series), 0 when off.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             needs_action_after: plain_gauge(
                 "lifeboat_needs_action_after_seconds",
                 "A device waiting for a person this long raises LifeboatDeviceNeedsAction ([monitoring] needs_action_after_hours).",

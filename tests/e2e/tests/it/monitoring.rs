@@ -83,7 +83,7 @@ fn alert_exprs() -> Vec<(String, String)> {
             out.push((name.clone(), e.to_string()));
         }
     }
-    assert_eq!(out.len(), 14, "every rule of lifeboat.rules.yml");
+    assert_eq!(out.len(), 15, "every rule of lifeboat.rules.yml");
     assert!(out.iter().all(|(_, e)| !e.is_empty() && !e.starts_with('>')), "{out:?}");
     out
 }
@@ -518,4 +518,95 @@ fn the_dashboard_check_finds_range_tables_bare_stats_and_seconds_shown_as_dates(
             "T / age: unit s, but the query gives milliseconds",
         ]
     );
+}
+
+/// At 10,000 devices the per-device series switch themselves off (`auto`) and /metrics
+/// stays under 100 KB, the fleet gauges still counting every device; and reasons an
+/// agent makes up are counted as `other`, so 1,000 of them add one series, not 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_stay_bounded_at_ten_thousand_devices_and_a_thousand_reasons() {
+    let Some(db) = test_db().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server_config(&db.url, &dir.path().join("data"));
+    config.fleet.refresh = Duration::from_millis(200);
+    config.fleet.restore_tests = false;
+    let fx = Fixture { server: serve::start(config).await.unwrap(), db, _dir: dir };
+    let tenant = fx.tenant("acme").await;
+    let (client, _) = fx.enrolled_agent(tenant).await;
+    let scrape = async || http_get(fx.server.http_addr, "/metrics", None).await.unwrap().1;
+    let until_metric = async |series: &str, want: f64| {
+        let mut text = String::new();
+        for _ in 0..150 {
+            text = scrape().await;
+            if metric(&text, series) == Some(want) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{series} never became {want}: {text}");
+    };
+
+    // A few devices: per-device series on.
+    let dev = device("00008030-0000000000000001");
+    let (run, _) = open_run(&client, &dev).await;
+    client
+        .request(&Request::EndRun {
+            run,
+            end: RunEnd::Failed { reason: "device-disconnected".into(), message: String::new() },
+        })
+        .await
+        .unwrap();
+    until_metric("lifeboat_per_device_series", 1.0).await;
+    // 1,000 reasons nobody knows: one `other` series.
+    for i in 0..1000 {
+        let (run, _) = open_run(&client, &dev).await;
+        let end = RunEnd::Failed { reason: format!("made-up-{i}"), message: String::new() };
+        client.request(&Request::EndRun { run, end }).await.unwrap();
+    }
+    let text = scrape().await;
+    let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("lifeboat_backup_runs_total{")).collect();
+    assert_eq!(
+        runs,
+        [
+            r#"lifeboat_backup_runs_total{reason="device-disconnected",result="failed"} 1"#,
+            r#"lifeboat_backup_runs_total{reason="other",result="failed"} 1000"#,
+        ]
+    );
+
+    // 10,000 devices: `auto` turns the per-device series off.
+    let pg = fx.db.client().await;
+    pg.execute(
+        "INSERT INTO devices (tenant_id, udid) \
+         SELECT $1, '00009000-' || lpad(to_hex(g), 16, '0') FROM generate_series(1, 10000) g",
+        &[&tenant.0],
+    )
+    .await
+    .unwrap();
+    until_metric("lifeboat_per_device_series", 0.0).await;
+    let text = until_metric(r#"lifeboat_devices{status="stale",tenant="acme"}"#, 10_000.0).await;
+    assert!(text.len() < 100_000, "/metrics is {} bytes at 10,000 devices", text.len());
+    assert_eq!(metric(&text, r#"lifeboat_devices{status="failing",tenant="acme"}"#), Some(1.0));
+    assert!(!text.contains("udid="), "no per-device series");
+    assert!(!text.contains("agent=\""), "no per-agent series");
+    fx.server.stop().await.unwrap();
+}
+
+/// `--metrics-listen`: /metrics moves to a listener of its own and leaves the API's.
+#[tokio::test]
+async fn metrics_can_have_a_listener_of_their_own() {
+    let Some(db) = test_db().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server_config(&db.url, &dir.path().join("data"));
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.fleet.restore_tests = false;
+    let fx = Fixture { server: serve::start(config).await.unwrap(), db, _dir: dir };
+    let metrics = fx.server.metrics_addr.expect("a metrics listener");
+    assert_ne!(metrics, fx.server.http_addr);
+    let (status, body) = http_get(metrics, "/metrics", None).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("lifeboat_build_info{"), "{body}");
+    assert_eq!(http_get(fx.server.http_addr, "/metrics", None).await.unwrap().0, 404);
+    assert_eq!(http_get(metrics, "/api/v1/devices", None).await.unwrap().0, 404, "no API there");
+    assert_eq!(http_get(fx.server.http_addr, "/readyz", None).await.unwrap().0, 200);
+    fx.server.stop().await.unwrap();
 }
