@@ -42,6 +42,8 @@ pub struct Running {
     stop_tx: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     metrics_http: Option<JoinHandle<std::io::Result<()>>>,
+    /// Reloads the HTTP certificate on SIGHUP, with TLS on.
+    reload: Option<JoinHandle<()>>,
     quic: JoinHandle<()>,
     fleet: JoinHandle<()>,
     pool: deadpool_postgres::Pool,
@@ -65,6 +67,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => None,
     };
     tls::install_default_provider();
+    let http_tls = match &config.http_tls {
+        Some((cert, key)) => Some(Arc::new(crate::platform::https::ReloadableCert::load(cert, key)?)),
+        None => None,
+    };
     let identity = Identity::for_config(&config)?;
     let endpoint = tls::quic_endpoint(config.quic_listen, identity.quic_server_config()?)
         .with_context(|| format!("cannot listen for QUIC on {}", config.quic_listen))?;
@@ -83,7 +89,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         DatabaseConfig::External(url) => (db::parse_url(url.expose())?, None),
     };
-    let sockets = Sockets { http_addr, listener, metrics, endpoint, fingerprint: identity.fingerprint };
+    let sockets = Sockets { http_addr, listener, http_tls, metrics, endpoint, fingerprint: identity.fingerprint };
     match bring_up(&config, pg_config, sockets, data_dir, cluster.clone(), master).await {
         Ok(running) => Ok(running),
         Err(e) => {
@@ -99,6 +105,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 struct Sockets {
     http_addr: SocketAddr,
     listener: tokio::net::TcpListener,
+    http_tls: Option<Arc<crate::platform::https::ReloadableCert>>,
     metrics: Option<(SocketAddr, tokio::net::TcpListener)>,
     endpoint: quinn::Endpoint,
     fingerprint: [u8; 32],
@@ -112,7 +119,7 @@ async fn bring_up(
     cluster: Option<Arc<Cluster>>,
     master: Arc<crate::keys::MasterKey>,
 ) -> anyhow::Result<Running> {
-    let Sockets { http_addr, listener, metrics: metrics_listener, endpoint, fingerprint } = sockets;
+    let Sockets { http_addr, listener, http_tls, metrics: metrics_listener, endpoint, fingerprint } = sockets;
     let quic_addr = endpoint.local_addr().context("reading the QUIC endpoint's address")?;
     let mut client = db::connect(&pg_config, DB_CONNECT_TIMEOUT).await?;
     let report = db::migrate(&mut client).await?;
@@ -140,7 +147,15 @@ async fn bring_up(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let http = tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stopped()).into_future());
+    let (http, reload) = match &http_tls {
+        Some(cert) => {
+            use crate::platform::https;
+            let tls = https::TlsListener::new(listener, https::server_config(cert.clone())?)?;
+            let reload = https::reload_on_sighup(cert.clone()).context("watching for SIGHUP")?;
+            (tokio::spawn(axum::serve(tls, router).with_graceful_shutdown(stopped()).into_future()), Some(reload))
+        }
+        None => (tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stopped()).into_future()), None),
+    };
     let metrics_addr = metrics_listener.as_ref().map(|(addr, _)| *addr);
     let metrics_http = metrics_listener.map(|(_, l)| {
         let r = crate::http::metrics_router(app.clone());
@@ -163,6 +178,7 @@ async fn bring_up(
     };
     tracing::info!(
         http.addr = %http_addr,
+        http.tls = http_tls.is_some(),
         metrics.addr = %metrics_addr.unwrap_or(http_addr),
         quic.addr = %quic_addr,
         data_dir = %data_dir.path().display(),
@@ -186,6 +202,7 @@ async fn bring_up(
         stop_tx,
         http,
         metrics_http,
+        reload,
         quic,
         fleet,
         pool,
@@ -203,6 +220,9 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop_tx.send(true);
         let served = self.http.await;
+        if let Some(r) = self.reload {
+            r.abort();
+        }
         if let Some(m) = self.metrics_http {
             let _ = m.await;
         }
