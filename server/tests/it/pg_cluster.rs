@@ -176,3 +176,59 @@ fn as_root_a_directory_postgres_cannot_reach_is_named() {
     }
     assert!(err.to_string().contains("chmod o+x"), "{err}");
 }
+
+/// Every file under `dir` with its length and modification time.
+fn listing(dir: &Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((e.path(), m.len(), m.modified().unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Data created by another major version than the binaries found (here: the data says
+/// 14, the machine has newer binaries) is refused before anything touches it, with the
+/// documented way out; with its own version back it starts as before.
+#[tokio::test]
+async fn data_of_another_postgresql_major_version_is_refused_untouched() {
+    if !have_postgres() {
+        return;
+    }
+    let dir = tempdir();
+    let cluster = Cluster::start(&ClusterOptions::new(dir.path())).unwrap();
+    let client = db::connect(&cluster.config("postgres"), Duration::from_secs(10)).await.unwrap();
+    client.batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)").await.unwrap();
+    drop(client);
+    tokio::task::spawn_blocking(move || cluster.stop()).await.unwrap().unwrap();
+
+    let data = std::fs::canonicalize(dir.path()).unwrap().join("data");
+    let version_file = data.join("PG_VERSION");
+    let ours = std::fs::read_to_string(&version_file).unwrap();
+    let binaries: u32 = ours.trim().parse().unwrap();
+    std::fs::write(&version_file, "14\n").unwrap();
+    let before = listing(dir.path());
+    match Cluster::start(&ClusterOptions::new(dir.path())) {
+        Err(e @ ClusterError::VersionMismatch { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&format!("{} was created by PostgreSQL 14", data.display())), "{text}");
+            assert!(text.contains(&format!("is version {binaries}: nothing was changed")), "{text}");
+            assert!(text.contains("upgrade the data with pg_upgrade as docs/operations.md says"), "{text}");
+        }
+        other => panic!("expected VersionMismatch, got {other:?}"),
+    }
+    assert_eq!(listing(dir.path()), before, "the data directory was touched");
+
+    std::fs::write(&version_file, ours).unwrap();
+    let cluster = Cluster::start(&ClusterOptions::new(dir.path())).unwrap();
+    assert_eq!(query_i64(&cluster, "postgres", "SELECT sum(v)::bigint FROM kept").await, 7);
+}

@@ -43,6 +43,27 @@ impl BinDir {
             .ok_or(BinDirError::NotInstalled)
     }
 
+    /// The binaries for a data directory PostgreSQL `major` created: `$LIFEBOAT_PG_BINDIR`
+    /// if set, else `/usr/lib/postgresql/<major>/bin` if installed, else [`Self::locate`]'s
+    /// (whose version the caller compares).
+    pub fn for_major(major: u32) -> Result<Self, BinDirError> {
+        if std::env::var_os(BINDIR_ENV).is_none()
+            && let Some(dir) = Self::check(&Path::new("/usr/lib/postgresql").join(major.to_string()).join("bin"))
+        {
+            return Ok(dir);
+        }
+        Self::locate()
+    }
+
+    /// The major version of these binaries, from `postgres --version`
+    /// (`postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)` → 15).
+    pub fn major(&self) -> Option<u32> {
+        let out = Command::new(self.postgres()).arg("--version").output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        let version = text.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
+        version.split(['.', '-']).next()?.parse().ok()
+    }
+
     pub fn path(&self) -> &Path {
         &self.0
     }

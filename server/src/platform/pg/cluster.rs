@@ -91,6 +91,13 @@ pub enum ClusterError {
     Io { path: PathBuf, cause: std::io::Error },
     #[error("{0} exists but is not a PostgreSQL data directory (no PG_VERSION); move it away")]
     NotACluster(PathBuf),
+    #[error(
+        "the embedded PostgreSQL data in {data_dir} was created by PostgreSQL {data_major}, and the \
+         PostgreSQL found ({bindir}) is {binaries}: nothing was changed. Install PostgreSQL {data_major} \
+         beside it (its binaries are then used), or upgrade the data with pg_upgrade as \
+         docs/operations.md says (\"Upgrading the embedded PostgreSQL\")"
+    )]
+    VersionMismatch { data_dir: PathBuf, data_major: u32, bindir: PathBuf, binaries: String },
     #[error("initdb failed ({status}):\n{output}")]
     Initdb { status: std::process::ExitStatus, output: String },
     #[error("PostgreSQL did not start; the end of its log {log}:\n{tail}")]
@@ -148,9 +155,27 @@ impl Cluster {
     /// Starts the cluster in `opts.root`, creating it with initdb on first use.
     /// Blocking: call it from `spawn_blocking` inside an async runtime.
     pub fn start(opts: &ClusterOptions) -> Result<Self, ClusterError> {
-        let bindir = BinDir::locate()?;
-        let run_as = run_as_user()?;
         let root = &opts.root;
+        // Data made by one major version runs only on its binaries: pinned to them, or
+        // refused before anything touches it.
+        let data_major = fs::read_to_string(root.join("data/PG_VERSION")).ok().and_then(|v| v.trim().parse().ok());
+        let bindir = match data_major {
+            Some(major) => {
+                let bindir = BinDir::for_major(major)?;
+                let found = bindir.major();
+                if found != Some(major) {
+                    return Err(ClusterError::VersionMismatch {
+                        data_dir: root.join("data"),
+                        data_major: major,
+                        bindir: bindir.path().to_path_buf(),
+                        binaries: found.map_or("of an unknown version".into(), |v| format!("version {v}")),
+                    });
+                }
+                bindir
+            }
+            None => BinDir::locate()?,
+        };
+        let run_as = run_as_user()?;
         fs::create_dir_all(root).map_err(io_err(root))?;
         let root = fs::canonicalize(root).map_err(io_err(root))?;
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(io_err(&root))?;
