@@ -39,12 +39,7 @@ type ChunkSet = Arc<HashSet<ChunkId>>;
 const CHUNK_SETS: usize = 32;
 
 impl Reads {
-    async fn chunks_of(
-        &self,
-        app: &App,
-        tenant: TenantId,
-        snapshot: SnapshotId,
-    ) -> Result<Arc<HashSet<ChunkId>>, Rejection> {
+    async fn chunks_of(&self, app: &App, tenant: TenantId, snapshot: SnapshotId) -> Result<ChunkSet, Rejection> {
         if let Some(set) = crate::app::lock(&self.chunk_sets).get(&(tenant, snapshot)) {
             return Ok(set.clone());
         }
@@ -129,19 +124,24 @@ pub async fn get_chunks<W: AsyncWrite + Unpin>(
     if ids.len() > MAX_IDS_PER_REQUEST {
         return Err(Rejection::new(ErrorCode::TooLarge, format!("at most {MAX_IDS_PER_REQUEST} ids per request")));
     }
+    // One pool connection at a time: a chunk set not yet known takes one of its own.
+    let readable = {
+        let client = app.db.get().await?;
+        store::restore_jobs::readable_snapshots(&client, s.tenant, s.agent).await?
+    };
+    let mut sets = Vec::new();
+    for snapshot in readable {
+        sets.push(reads.chunks_of(app, s.tenant, snapshot).await?);
+    }
+    let asked: HashSet<&ChunkId> = ids.iter().collect();
+    let outside = asked.iter().filter(|id| !sets.iter().any(|set| set.contains(**id))).count();
+    if outside > 0 {
+        refused(app, s, "GetChunks", &format_args!("{outside} chunks"));
+        let as_missing = IndexError::Missing { missing: outside, asked: asked.len() };
+        return Err(Rejection::new(ErrorCode::NotFound, as_missing.to_string()));
+    }
     let locations = {
         let client = app.db.get().await?;
-        let mut sets = Vec::new();
-        for snapshot in store::restore_jobs::readable_snapshots(&client, s.tenant, s.agent).await? {
-            sets.push(reads.chunks_of(app, s.tenant, snapshot).await?);
-        }
-        let asked: HashSet<&ChunkId> = ids.iter().collect();
-        let outside = asked.iter().filter(|id| !sets.iter().any(|set| set.contains(**id))).count();
-        if outside > 0 {
-            refused(app, s, "GetChunks", &format_args!("{outside} chunks"));
-            let as_missing = IndexError::Missing { missing: outside, asked: asked.len() };
-            return Err(Rejection::new(ErrorCode::NotFound, as_missing.to_string()));
-        }
         match store::chunks::locate(&client, s.tenant, &ids).await {
             Ok(l) => l,
             Err(e @ IndexError::Missing { .. }) => return Err(Rejection::new(ErrorCode::NotFound, e.to_string())),

@@ -51,6 +51,22 @@ pub async fn set_state(
     Ok(n == 1)
 }
 
+/// Ends the device's wait for a person (`needs_action_since`): a snapshot of it was
+/// committed.
+pub async fn end_waiting(
+    client: &impl tokio_postgres::GenericClient,
+    tenant: TenantId,
+    udid: &str,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE devices SET needs_action_since = NULL WHERE tenant_id = $1 AND udid = $2 AND needs_action_since IS NOT NULL",
+            &[&tenant.0, &udid],
+        )
+        .await?;
+    Ok(())
+}
+
 pub async fn exists(client: &impl tokio_postgres::GenericClient, tenant: TenantId, udid: &str) -> Result<bool, Error> {
     Ok(client
         .query_opt("SELECT 1 FROM devices WHERE tenant_id = $1 AND udid = $2", &[&tenant.0, &udid])

@@ -184,6 +184,8 @@ pub async fn commit(
         ],
     )
     .await?;
+    // Backed up: whatever it waited for is over, even if its agent never says idle.
+    super::devices::end_waiting(&tx, tenant, s.udid).await?;
     tx.commit().await?;
     Ok(true)
 }

@@ -268,7 +268,7 @@ async fn needs_action_is_measured_across_retries_and_thresholds_are_exported() {
     config.fleet.stale_after = Duration::from_secs(5 * 3600);
     let fx = Fixture { server: serve::start(config).await.unwrap(), db, _dir: dir };
     let tenant = fx.tenant("acme").await;
-    let (client, _) = fx.enrolled_agent(tenant).await;
+    let (client, keys) = fx.enrolled_agent(tenant).await;
     let phone = device("00008030-0000000000000009");
     client.request(&Request::RegisterDevice { device: phone.clone(), serial_number: None }).await.unwrap();
     let pg = fx.db.client().await;
@@ -329,6 +329,15 @@ async fn needs_action_is_measured_across_retries_and_thresholds_are_exported() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(cleared, "{text}");
+    // A committed snapshot ends a wait too, even if the agent never reports idle.
+    let (waiting, _, _) = report(DeviceState::NeedsTrust).await;
+    assert!(waiting.is_some());
+    let tree = tempfile::tempdir().unwrap();
+    lifeboat_e2e::make_tree(tree.path(), 3, 1 << 16, 5).unwrap();
+    let (run, snapshot) = open_run(&client, &phone).await;
+    transfer::upload_dir(&client, &keys, run, snapshot, phone.clone(), tree.path(), 0).await.unwrap();
+    let row = pg.query_one("SELECT needs_action_since FROM devices WHERE udid = $1", &[&phone.udid.as_str()]).await;
+    assert_eq!(row.unwrap().get::<_, Option<std::time::SystemTime>>(0), None);
     fx.server.stop().await.unwrap();
 }
 
