@@ -1,11 +1,13 @@
 //! lifeboat-shared's integration tests: golden bytes of every wire frame, the frozen
-//! fixtures of every released storage format version.
+//! fixtures of every released storage format version, and the playbook in
+//! docs/operations.md against the states and reasons there are.
 
 // Test code: an unwrap is an assertion, and its panic message is the failure report.
 #![allow(clippy::unwrap_used)]
 
 mod fixtures;
 mod golden;
+mod playbook;
 
 /// Writes expected files instead of comparing with them (review the diff).
 pub fn bless() -> bool {
