@@ -483,10 +483,7 @@ async fn verify(
     let scratch = lifeboat_server::ios::Scratch::for_command(&config.data_dir, "verify")?;
     let db = AdminDb::open(config).await?;
     let result = async {
-        let only = match tenant {
-            Some(name) => Some(tenants::by_name(&db.client, name).await?.id),
-            None => None,
-        };
+        let only = credentials::tenant_filter(&db.client, tenant).await?;
         // The newest matching snapshot of each device, in every tenant unless one is named.
         let rows =
             lifeboat_server::store::snapshots::newest_matching(&db.client, only, snapshot, device.as_deref()).await?;

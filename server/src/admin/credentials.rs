@@ -4,7 +4,7 @@
 use crate::store::tenants;
 
 /// `--tenant T` as a tenant id, or `None` for every tenant.
-async fn tenant_filter(
+pub async fn tenant_filter(
     client: &tokio_postgres::Client,
     tenant: Option<&str>,
 ) -> anyhow::Result<Option<lifeboat_shared::ids::TenantId>> {

@@ -43,7 +43,6 @@ pub async fn refresh(app: &App, config: &FleetConfig, known: &mut Known) -> Resu
             tenant,
             udid,
             state,
-            state_changed_unix: _,
             needs_action_since_unix: waiting_since,
             first_seen_unix: first_seen,
             last_success_unix: last,

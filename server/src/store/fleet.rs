@@ -10,7 +10,6 @@ pub struct DeviceStanding {
     pub tenant: String,
     pub udid: String,
     pub state: String,
-    pub state_changed_unix: f64,
     /// Since when it has waited for a person, across retries (`devices.needs_action_since`).
     pub needs_action_since_unix: Option<f64>,
     pub first_seen_unix: f64,
@@ -23,7 +22,7 @@ pub async fn devices(client: &Client) -> Result<Vec<DeviceStanding>, Error> {
     let rows = client
         .query(
             "WITH last AS (SELECT tenant_id, udid, max(committed_at) AS at FROM snapshots GROUP BY tenant_id, udid) \
-             SELECT t.name, d.udid, d.state, extract(epoch FROM d.state_changed_at)::float8, \
+             SELECT t.name, d.udid, d.state, \
                     extract(epoch FROM l.at)::float8, \
                     extract(epoch FROM d.needs_action_since)::float8, extract(epoch FROM d.first_seen_at)::float8, \
                     (SELECT count(*) FROM backup_runs r WHERE r.tenant_id = d.tenant_id AND r.udid = d.udid \
@@ -39,11 +38,10 @@ pub async fn devices(client: &Client) -> Result<Vec<DeviceStanding>, Error> {
             tenant: r.get(0),
             udid: r.get(1),
             state: r.get(2),
-            state_changed_unix: r.get(3),
-            last_success_unix: r.get(4),
-            needs_action_since_unix: r.get(5),
-            first_seen_unix: r.get(6),
-            failed_since_success: r.get(7),
+            last_success_unix: r.get(3),
+            needs_action_since_unix: r.get(4),
+            first_seen_unix: r.get(5),
+            failed_since_success: r.get(6),
         })
         .collect())
 }

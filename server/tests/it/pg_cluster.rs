@@ -67,17 +67,22 @@ async fn starts_answers_on_its_socket_only_and_stops() {
     assert!(dir.path().join("data/PG_VERSION").exists(), "a durable cluster keeps its data");
 }
 
+/// Creates a cluster in `root` holding table `kept` with the row 7, and stops it.
+async fn create_with_a_kept_row(root: &Path) {
+    let cluster = Cluster::start(&ClusterOptions::new(root)).unwrap();
+    let client = db::connect(&cluster.config("postgres"), Duration::from_secs(10)).await.unwrap();
+    client.batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)").await.unwrap();
+    drop(client);
+    tokio::task::spawn_blocking(move || cluster.stop()).await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_restarted_cluster_keeps_its_data() {
     if !have_postgres() {
         return;
     }
     let dir = tempdir();
-    let cluster = Cluster::start(&ClusterOptions::new(dir.path())).unwrap();
-    let client = db::connect(&cluster.config("postgres"), Duration::from_secs(10)).await.unwrap();
-    client.batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)").await.unwrap();
-    drop(client);
-    tokio::task::spawn_blocking(move || cluster.stop()).await.unwrap().unwrap();
+    create_with_a_kept_row(dir.path()).await;
 
     let cluster = Cluster::start(&ClusterOptions::new(dir.path())).unwrap();
     assert_eq!(query_i64(&cluster, "postgres", "SELECT sum(v)::bigint FROM kept").await, 7);
@@ -205,11 +210,7 @@ async fn data_of_another_postgresql_major_version_is_refused_untouched() {
         return;
     }
     let dir = tempdir();
-    let cluster = Cluster::start(&ClusterOptions::new(dir.path())).unwrap();
-    let client = db::connect(&cluster.config("postgres"), Duration::from_secs(10)).await.unwrap();
-    client.batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)").await.unwrap();
-    drop(client);
-    tokio::task::spawn_blocking(move || cluster.stop()).await.unwrap().unwrap();
+    create_with_a_kept_row(dir.path()).await;
 
     let data = std::fs::canonicalize(dir.path()).unwrap().join("data");
     let version_file = data.join("PG_VERSION");

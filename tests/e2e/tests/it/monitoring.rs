@@ -254,19 +254,39 @@ fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// Scrapes the server at `addr` until `series` is `want` (the fleet gauges refresh on
+/// their own clock); the /metrics text that showed it.
+async fn until_metric(addr: std::net::SocketAddr, series: &str, want: f64) -> String {
+    let mut text = String::new();
+    for _ in 0..150 {
+        text = http_get(addr, "/metrics", None).await.unwrap().1;
+        if metric(&text, series) == Some(want) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{series} never became {want}: {text}");
+}
+
+/// A server on a test database with no restore tests and fleet gauges refreshed every
+/// 200 ms, after `adjust` changed its configuration.
+async fn fleet_server(adjust: impl FnOnce(&mut lifeboat_server::config::Config)) -> Option<Fixture> {
+    let db = test_db().await?;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server_config(&db.url, &dir.path().join("data"));
+    config.fleet.refresh = Duration::from_millis(200);
+    config.fleet.restore_tests = false;
+    adjust(&mut config);
+    Some(Fixture { server: serve::start(config).await.unwrap(), db, _dir: dir })
+}
+
 /// How long a phone has waited for its user is measured from when it began to wait:
 /// the agent's retries (backing-up, needs-passcode again) do not reset it, the next
 /// successful backup ends it. A phone that never backed up exports when it was first
 /// seen, and the server exports its own thresholds for the alert rules.
 #[tokio::test]
 async fn needs_action_is_measured_across_retries_and_thresholds_are_exported() {
-    let Some(db) = test_db().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = server_config(&db.url, &dir.path().join("data"));
-    config.fleet.refresh = Duration::from_millis(200);
-    config.fleet.restore_tests = false;
-    config.fleet.stale_after = Duration::from_secs(5 * 3600);
-    let fx = Fixture { server: serve::start(config).await.unwrap(), db, _dir: dir };
+    let Some(fx) = fleet_server(|c| c.fleet.stale_after = Duration::from_secs(5 * 3600)).await else { return };
     let tenant = fx.tenant("acme").await;
     let (client, keys) = fx.enrolled_agent(tenant).await;
     let phone = device("00008030-0000000000000009");
@@ -297,16 +317,8 @@ async fn needs_action_is_measured_across_retries_and_thresholds_are_exported() {
     // The server's /metrics says so, with the thresholds the rules compare against.
     let udid = phone.udid.as_str();
     let labels = format!(r#"{{tenant="acme",udid="{udid}"}}"#);
-    let scrape = async || http_get(fx.server.http_addr, "/metrics", None).await.unwrap().1;
-    let mut text = scrape().await;
-    for _ in 0..100 {
-        if metric(&text, &format!("lifeboat_device_needs_action_since_timestamp_seconds{labels}")).is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        text = scrape().await;
-    }
-    assert_eq!(metric(&text, &format!("lifeboat_device_needs_action_since_timestamp_seconds{labels}")), Some(since));
+    let waiting_since = format!("lifeboat_device_needs_action_since_timestamp_seconds{labels}");
+    let text = until_metric(fx.server.http_addr, &waiting_since, since).await;
     assert_eq!(metric(&text, &format!("lifeboat_device_first_seen_timestamp_seconds{labels}")), Some(first_seen));
     assert_eq!(
         metric(&text, &format!("lifeboat_device_last_success_timestamp_seconds{labels}")),
@@ -319,16 +331,7 @@ async fn needs_action_is_measured_across_retries_and_thresholds_are_exported() {
     // Backed up (the agent reports idle): the wait is over.
     let (ended, _, _) = report(DeviceState::Idle).await;
     assert_eq!(ended, None);
-    let mut cleared = false;
-    for _ in 0..100 {
-        text = scrape().await;
-        if metric(&text, &format!("lifeboat_device_needs_action_since_timestamp_seconds{labels}")) == Some(0.0) {
-            cleared = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(cleared, "{text}");
+    until_metric(fx.server.http_addr, &waiting_since, 0.0).await;
     // A committed snapshot ends a wait too, even if the agent never reports idle.
     let (waiting, _, _) = report(DeviceState::NeedsTrust).await;
     assert!(waiting.is_some());
@@ -534,26 +537,11 @@ fn the_dashboard_check_finds_range_tables_bare_stats_and_seconds_shown_as_dates(
 /// agent makes up are counted as `other`, so 1,000 of them add one series, not 1,000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_stay_bounded_at_ten_thousand_devices_and_a_thousand_reasons() {
-    let Some(db) = test_db().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = server_config(&db.url, &dir.path().join("data"));
-    config.fleet.refresh = Duration::from_millis(200);
-    config.fleet.restore_tests = false;
-    let fx = Fixture { server: serve::start(config).await.unwrap(), db, _dir: dir };
+    let Some(fx) = fleet_server(|_| {}).await else { return };
     let tenant = fx.tenant("acme").await;
     let (client, _) = fx.enrolled_agent(tenant).await;
-    let scrape = async || http_get(fx.server.http_addr, "/metrics", None).await.unwrap().1;
-    let until_metric = async |series: &str, want: f64| {
-        let mut text = String::new();
-        for _ in 0..150 {
-            text = scrape().await;
-            if metric(&text, series) == Some(want) {
-                return text;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("{series} never became {want}: {text}");
-    };
+    let addr = fx.server.http_addr;
+    let scrape = async || http_get(addr, "/metrics", None).await.unwrap().1;
 
     // A few devices: per-device series on.
     let dev = device("00008030-0000000000000001");
@@ -565,7 +553,7 @@ async fn metrics_stay_bounded_at_ten_thousand_devices_and_a_thousand_reasons() {
         })
         .await
         .unwrap();
-    until_metric("lifeboat_per_device_series", 1.0).await;
+    until_metric(addr, "lifeboat_per_device_series", 1.0).await;
     // 1,000 reasons nobody knows: one `other` series.
     for i in 0..1000 {
         let (run, _) = open_run(&client, &dev).await;
@@ -591,8 +579,8 @@ async fn metrics_stay_bounded_at_ten_thousand_devices_and_a_thousand_reasons() {
     )
     .await
     .unwrap();
-    until_metric("lifeboat_per_device_series", 0.0).await;
-    let text = until_metric(r#"lifeboat_devices{status="stale",tenant="acme"}"#, 10_000.0).await;
+    until_metric(addr, "lifeboat_per_device_series", 0.0).await;
+    let text = until_metric(addr, r#"lifeboat_devices{status="stale",tenant="acme"}"#, 10_000.0).await;
     assert!(text.len() < 100_000, "/metrics is {} bytes at 10,000 devices", text.len());
     assert_eq!(metric(&text, r#"lifeboat_devices{status="failing",tenant="acme"}"#), Some(1.0));
     assert!(!text.contains("udid="), "no per-device series");
@@ -603,12 +591,7 @@ async fn metrics_stay_bounded_at_ten_thousand_devices_and_a_thousand_reasons() {
 /// `--metrics-listen`: /metrics moves to a listener of its own and leaves the API's.
 #[tokio::test]
 async fn metrics_can_have_a_listener_of_their_own() {
-    let Some(db) = test_db().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = server_config(&db.url, &dir.path().join("data"));
-    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-    config.fleet.restore_tests = false;
-    let fx = Fixture { server: serve::start(config).await.unwrap(), db, _dir: dir };
+    let Some(fx) = fleet_server(|c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await else { return };
     let metrics = fx.server.metrics_addr.expect("a metrics listener");
     assert_ne!(metrics, fx.server.http_addr);
     let (status, body) = http_get(metrics, "/metrics", None).await.unwrap();
