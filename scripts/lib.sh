@@ -72,6 +72,10 @@ ensure_pymobiledevice3() {
     echo "==> installing iphone_backup_decrypt (PyPI) into $venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'iphone_backup_decrypt>=0.9,<1'
   fi
+  if ! "$venv/bin/python" -c 'import typedstream' 2>/dev/null; then
+    echo "==> installing pytypedstream (PyPI, iLEAPP's attributedBody decoder) into $venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'pytypedstream>=0.1,<0.2'
+  fi
   export PYMOBILEDEVICE3="$venv/bin/pymobiledevice3"
   export BACKUP_DECRYPT_PYTHON="$venv/bin/python"
 }
@@ -88,4 +92,11 @@ ensure_fincore() {
   if command -v fincore >/dev/null 2>&1; then return 0; fi
   echo "==> installing util-linux-extra (Debian package, for fincore)"
   apt_install util-linux-extra
+}
+
+# Debian's chromium and its matching chromedriver: the console's tests drive a real browser.
+ensure_chromium() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then return 0; fi
+  echo "==> installing chromium and chromium-driver (Debian packages, for the console's browser tests)"
+  apt_install chromium chromium-driver
 }

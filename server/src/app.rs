@@ -29,7 +29,38 @@ pub struct App {
     /// The backup policy agents ask for: a device is due when its last successful backup
     /// is older than this.
     pub backup_interval: Duration,
+    /// How the console behaves (cookies, session lifetimes, what "stale" means).
+    pub console: ConsoleSettings,
+    /// Snapshots' datasets parsed for the console and the API.
+    pub previews: crate::ios::preview::Cache,
     keys: Mutex<HashMap<TenantId, Arc<TenantKeys>>>,
+}
+
+/// The console's settings.
+#[derive(Debug, Clone)]
+pub struct ConsoleSettings {
+    /// Cookies carry `Secure`: the HTTP listener speaks TLS.
+    pub secure_cookies: bool,
+    /// A session ends after this long without a request…
+    pub idle: Duration,
+    /// …and after this long whatever happens.
+    pub absolute: Duration,
+    /// How long a help-desk user's access to one device's content lasts.
+    pub grant: Duration,
+    /// A device without a successful backup for this long is stale.
+    pub stale_after: Duration,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            secure_cookies: false,
+            idle: Duration::from_secs(30 * 60),
+            absolute: Duration::from_secs(12 * 3600),
+            grant: Duration::from_secs(30 * 60),
+            stale_after: Duration::from_secs(3 * 86400),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +93,8 @@ impl App {
             metrics,
             scratch,
             backup_interval: DEFAULT_BACKUP_INTERVAL,
+            console: ConsoleSettings::default(),
+            previews: Default::default(),
             keys: Mutex::new(HashMap::new()),
         }
     }

@@ -67,6 +67,15 @@ pub struct FileConfig {
     pub restore_tests: RestoreTestsSection,
     #[serde(default)]
     pub backup: BackupSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// How long the audit log keeps events.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    pub retention_days: Option<u64>,
 }
 
 /// The backup policy agents follow.
@@ -474,6 +483,13 @@ impl Config {
                 defaults.restore_test_window,
                 86400,
             )?,
+            audit_retention: match file.audit.retention_days {
+                Some(d) if !(30..=3650).contains(&d) => {
+                    return Err(ConfigError::Invalid(format!("audit.retention_days must be 30 to 3650, not {d}")));
+                }
+                Some(d) => Duration::from_secs(d * 86400),
+                None => defaults.audit_retention,
+            },
         };
         let backup_interval = positive(
             o.backup_interval_seconds.or(file.backup.interval_seconds),
@@ -536,6 +552,8 @@ pub struct FleetConfig {
     /// A device's newest snapshot is tested again when its last test is older than this;
     /// also the coverage window.
     pub restore_test_window: Duration,
+    /// Audit events older than this are deleted (`[audit] retention_days`).
+    pub audit_retention: Duration,
 }
 
 impl Default for FleetConfig {
@@ -549,6 +567,7 @@ impl Default for FleetConfig {
             restore_test_interval: Duration::from_secs(60),
             restore_test_sample_percent: 100,
             restore_test_window: Duration::from_secs(7 * 86400),
+            audit_retention: Duration::from_secs(365 * 86400),
         }
     }
 }

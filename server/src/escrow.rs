@@ -87,7 +87,12 @@ impl Actor {
             Self::Agent(id) => (None, Some(id)),
             Self::Operator => (None, None),
         };
-        store::audit::Event { tenant, actor_user, actor_agent, actor, action, udid: Some(udid), detail: json!({}) }
+        store::audit::Event {
+            actor_user,
+            actor_agent,
+            udid: Some(udid),
+            ..store::audit::Event::new(tenant, actor, action)
+        }
     }
 }
 

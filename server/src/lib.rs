@@ -12,8 +12,10 @@
 pub mod admin;
 pub mod agents;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod escrow;
 pub mod http;
 pub mod ingest;

@@ -46,6 +46,9 @@ enum Command {
     /// Manage HTTP API users.
     #[command(subcommand)]
     User(UserCommand),
+    /// The audit log: check its hash chain.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Per-device secrets: the escrowed iOS backup password.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -72,16 +75,24 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum UserCommand {
-    /// Create an API user and print its credential (shown once; use it as
-    /// `Authorization: Bearer <credential>`).
+    /// Create a user and print its API credential (shown once; use it as
+    /// `Authorization: Bearer <credential>`). With --password or --password-file it is
+    /// also a console user, who signs in at /login with its name and password.
     Create {
         #[arg(long)]
         tenant: String,
         #[arg(long, value_enum)]
         role: lifeboat_server::users::Role,
-        /// Who or what uses it, for the audit trail.
+        /// Who or what uses it, for the audit trail; a console user signs in with it
+        /// (unique across tenants).
         #[arg(long, default_value = "api")]
         name: String,
+        /// A console user: prompt for its password (at least 12 characters).
+        #[arg(long, conflicts_with = "password_file")]
+        password: bool,
+        /// A console user whose password is the first line of FILE (`-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<std::path::PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -101,6 +112,19 @@ enum UserCommand {
         /// Only if the user belongs to this tenant.
         #[arg(long)]
         tenant: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute a tenant's audit chain: every event's hash from its contents and the
+    /// event before. Exits non-zero naming the first event altered, removed or reordered.
+    Verify {
+        #[arg(long)]
+        tenant: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -172,6 +196,33 @@ enum AgentCommand {
     },
     /// Revoke an agent: it is refused from its next connection on.
     Revoke { id: lifeboat_shared::ids::AgentId },
+}
+
+/// A console user's password: prompted for (twice) with `--password`, or the first line of
+/// `--password-file` (`-`: stdin). `None` for an API-only user.
+fn read_password(prompt: bool, file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    use anyhow::Context as _;
+    let first_line = |text: String| text.lines().next().unwrap_or_default().to_owned();
+    let password = match (prompt, file) {
+        (false, None) => return Ok(None),
+        (_, Some(path)) if path == std::path::Path::new("-") => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+            first_line(line)
+        }
+        (_, Some(path)) => first_line(
+            std::fs::read_to_string(path).with_context(|| format!("reading the password file {}", path.display()))?,
+        ),
+        (true, None) => {
+            let a = rpassword::prompt_password("console password: ").context("prompting for a password")?;
+            let b = rpassword::prompt_password("again: ").context("prompting for a password")?;
+            anyhow::ensure!(a == b, "the two passwords differ");
+            a
+        }
+    };
+    let min = lifeboat_server::users::MIN_PASSWORD;
+    anyhow::ensure!(password.chars().count() >= min, "a console password must be at least {min} characters");
+    Ok(Some(password))
 }
 
 /// `90s`, `30m`, `24h`, `7d`.
@@ -265,19 +316,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(AgentCommand::List { tenant, json }) => {
             with_db(&config, async |db| credentials::agent_list(db, tenant, json).await)
         }
-        Command::User(UserCommand::Create { tenant, role, name, json }) => with_db(&config, async |db| {
+        Command::User(UserCommand::Create { tenant, role, name, password, password_file, json }) => {
+            let password = read_password(password, password_file.as_deref())?;
+            with_db(&config, async |db| {
+                let t = tenants::by_name(db, &tenant).await?;
+                let (id, credential) =
+                    lifeboat_server::users::create(db, t.id, &name, role, password.as_deref()).await?;
+                let console = password.is_some();
+                let detail = serde_json::json!({ "user": id, "name": name, "role": role.as_str(), "console": console });
+                audit_operator(db, t.id, "user.create", detail).await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"id": id, "credential": credential, "role": role.as_str(), "console": console})
+                    );
+                } else {
+                    println!("{credential}");
+                    eprintln!(
+                        "API credential for user {name} ({id}), role {}, tenant {tenant}: shown once, keep it secret",
+                        role.as_str()
+                    );
+                    if console {
+                        eprintln!("{name} can sign in to the console at /login with the password given");
+                    }
+                }
+                Ok(())
+            })
+        }
+        Command::Audit(AuditCommand::Verify { tenant, json }) => with_db(&config, async |db| {
             let t = tenants::by_name(db, &tenant).await?;
-            let (id, credential) = lifeboat_server::users::create(db, t.id, &name, role).await?;
-            let detail = serde_json::json!({ "user": id, "name": name, "role": role.as_str() });
-            audit_operator(db, t.id, "user.create", detail).await?;
-            if json {
-                println!("{}", serde_json::json!({"id": id, "credential": credential, "role": role.as_str()}));
-            } else {
-                println!("{credential}");
-                eprintln!(
-                    "API credential for user {name} ({id}), role {}, tenant {tenant}: shown once, keep it secret",
-                    role.as_str()
-                );
+            match lifeboat_server::audit::verify(db, t.id).await {
+                Ok(v) if json => println!("{}", serde_json::json!({"tenant": tenant, "ok": true, "chain": v})),
+                Ok(v) => println!(
+                    "audit log of tenant {tenant}: {} events, chain intact (events {} to {}), head {}",
+                    v.events,
+                    v.first_seq.unwrap_or(0),
+                    v.last_seq.unwrap_or(0),
+                    v.head.as_deref().unwrap_or("-")
+                ),
+                Err(lifeboat_server::audit::VerifyError::Broken(b)) => {
+                    if json {
+                        println!("{}", serde_json::json!({"tenant": tenant, "ok": false, "broken": b}));
+                    }
+                    anyhow::bail!("the audit log of tenant {tenant} is broken at {b}");
+                }
+                Err(e) => return Err(e.into()),
             }
             Ok(())
         }),

@@ -135,6 +135,8 @@ async fn bring_up(
         .with_context(|| format!("preparing {}/scratch", data_dir.path().display()))?;
     let mut app = App::new(pool.clone(), op, master, signer, metrics, scratch);
     app.backup_interval = config.backup_interval;
+    app.console.secure_cookies = config.http_tls.is_some();
+    app.console.stale_after = config.fleet.stale_after;
     let app = Arc::new(app);
     let mut ingest = Ingest::new(app.clone());
     ingest.local_root = objects::local_root(&config.storage);
@@ -147,14 +149,19 @@ async fn bring_up(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
+    use crate::platform::https;
     let (http, reload) = match &http_tls {
         Some(cert) => {
-            use crate::platform::https;
             let tls = https::TlsListener::new(listener, https::server_config(cert.clone())?)?;
             let reload = https::reload_on_sighup(cert.clone()).context("watching for SIGHUP")?;
-            (tokio::spawn(axum::serve(tls, router).with_graceful_shutdown(stopped()).into_future()), Some(reload))
+            let service = router.into_make_service_with_connect_info::<https::ClientAddr>();
+            (tokio::spawn(axum::serve(tls, service).with_graceful_shutdown(stopped()).into_future()), Some(reload))
         }
-        None => (tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stopped()).into_future()), None),
+        None => {
+            // The caller's address reaches the audit log of the console.
+            let service = router.into_make_service_with_connect_info::<https::ClientAddr>();
+            (tokio::spawn(axum::serve(listener, service).with_graceful_shutdown(stopped()).into_future()), None)
+        }
     };
     let metrics_addr = metrics_listener.as_ref().map(|(addr, _)| *addr);
     let metrics_http = metrics_listener.map(|(_, l)| {

@@ -93,15 +93,8 @@ pub async fn audit_operator(
     action: &str,
     detail: serde_json::Value,
 ) -> anyhow::Result<()> {
-    let event = crate::store::audit::Event {
-        tenant,
-        actor_user: None,
-        actor_agent: None,
-        actor: "operator (CLI)",
-        action,
-        udid: None,
-        detail,
-    };
+    let event =
+        crate::store::audit::Event { detail, ..crate::store::audit::Event::new(tenant, "operator (CLI)", action) };
     crate::store::audit::record(client, &event).await?;
     Ok(())
 }

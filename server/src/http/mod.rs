@@ -29,7 +29,10 @@ pub fn router(app: Arc<App>, with_metrics: bool) -> Router {
     if with_metrics {
         r = r.route("/metrics", get(metrics));
     }
-    r.merge(api::router()).layer(axum::middleware::from_fn_with_state(app.clone(), record_latency)).with_state(app)
+    r.merge(api::router())
+        .merge(crate::console::router())
+        .layer(axum::middleware::from_fn_with_state(app.clone(), record_latency))
+        .with_state(app)
 }
 
 /// The routes of a metrics listener of its own (`--metrics-listen`): `/metrics` and

@@ -4,6 +4,9 @@
 //! Never here: SQL on the server's database, storage, or keys — only the bytes of a
 //! backup's own files.
 
+pub mod preview;
+pub mod vcard;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -11,6 +14,16 @@ use std::path::{Path, PathBuf};
 pub const SMS_DB: &str = "3d0d7e5fb2ce288813306e4d4636395e047a3d28";
 pub const ADDRESS_BOOK_DB: &str = "31bb7ba8914766d4ba40d6dfb6113c8b614be442";
 pub const PHOTOS_DB: &str = "12b144c0bd44f2b3dffd9186d3f9c05b917cee25";
+pub const CALL_HISTORY_DB: &str = "5a4935c78a5255723f707230a451d79c540d2741";
+
+/// Seconds between the Unix epoch and 2001-01-01T00:00:00Z, the epoch of Apple's dates.
+pub const APPLE_EPOCH: i64 = 978_307_200;
+
+/// A file's ID in a backup: SHA-1 of `domain-relativePath`, hex.
+pub fn file_id(domain: &str, path: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, format!("{domain}-{path}").as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Where a backup directory keeps the file with this fileID.
 pub fn backup_path(file_id: &str) -> String {
@@ -138,6 +151,14 @@ pub fn manifest_db_files(db: &rusqlite::Connection) -> rusqlite::Result<Vec<List
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn well_known_file_ids_are_sha1_of_domain_and_path() {
+        assert_eq!(super::file_id("HomeDomain", "Library/SMS/sms.db"), super::SMS_DB);
+        assert_eq!(super::file_id("HomeDomain", "Library/AddressBook/AddressBook.sqlitedb"), super::ADDRESS_BOOK_DB);
+        assert_eq!(super::file_id("HomeDomain", "Library/CallHistoryDB/CallHistory.storedata"), super::CALL_HISTORY_DB);
+        assert_eq!(super::file_id("CameraRollDomain", "Media/PhotoData/Photos.sqlite"), super::PHOTOS_DB);
+    }
 
     use super::Scratch;
 

@@ -1,5 +1,6 @@
-//! Background jobs, each on its own task under one runner: the fleet gauges (`gauges`)
-//! and restore tests (`restore_tests`); later retention, GC and copies.
+//! Background jobs, each on its own task under one runner: the fleet gauges (`gauges`),
+//! restore tests (`restore_tests`) and housekeeping (ended console sessions, expired
+//! audit events); later retention, GC and copies.
 //!
 //! Each job runs a pass on its interval, independently of the others (a slow restore
 //! test never delays the gauges). A job that must run once across replicas takes its
@@ -21,6 +22,8 @@ use crate::store::locks;
 
 /// Advisory lock key held by the restore-test runner ("lbverify").
 pub const RESTORE_TEST_LOCK_KEY: i64 = 0x6c62_7665_7269_6679;
+/// Advisory lock key held by housekeeping ("lbhouse!").
+pub const HOUSEKEEPING_LOCK_KEY: i64 = 0x6c62_686f_7573_6521;
 
 pub use crate::config::FleetConfig;
 
@@ -116,12 +119,32 @@ where
     }
 }
 
+/// Ended console sessions and old sign-in failures removed; audit events past their
+/// retention expired, tenant by tenant.
+async fn housekeeping(app: &App, retention: Duration) -> Result<(), String> {
+    let mut client = app.db.get().await.map_err(|e| e.to_string())?;
+    let sessions = crate::store::console::sweep(&client, app.console.idle.as_secs() as i64)
+        .await
+        .map_err(|e| format!("sweeping console sessions: {e}"))?;
+    let days = i32::try_from(retention.as_secs() / 86400).unwrap_or(i32::MAX);
+    let mut expired = 0;
+    for t in crate::store::tenants::list(&client).await.map_err(|e| e.to_string())? {
+        expired += crate::store::audit::expire(&mut client, t.id, days)
+            .await
+            .map_err(|e| format!("expiring audit events of tenant {}: {e}", t.name))?;
+    }
+    if sessions > 0 || expired > 0 {
+        tracing::info!(sessions, audit_events = expired, retention_days = days, "housekeeping done");
+    }
+    Ok(())
+}
+
 /// Runs every job until the future is dropped.
 pub async fn run(app: Arc<App>, config: FleetConfig) {
     // Until its first good pass, a job's last success is this start: a job that fails
     // from the start has a series that ages, so the alert on it can fire.
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    let mut names = vec!["fleet-gauges"];
+    let mut names = vec!["fleet-gauges", "housekeeping"];
     if config.restore_tests {
         names.push("restore-tests");
     }
@@ -135,6 +158,14 @@ pub async fn run(app: Arc<App>, config: FleetConfig) {
         every(app.clone(), Job { name: "fleet-gauges", every: config.refresh, lock: None }, move || {
             let (app, config, known) = (app.clone(), config.clone(), known.clone());
             async move { gauges::refresh(&app, &config, &mut *known.lock().await).await }
+        })
+    };
+    let housekeeping = {
+        let (app, retention) = (app.clone(), config.audit_retention);
+        let job = Job { name: "housekeeping", every: Duration::from_secs(900), lock: Some(HOUSEKEEPING_LOCK_KEY) };
+        every(app.clone(), job, move || {
+            let app = app.clone();
+            async move { housekeeping(&app, retention).await }
         })
     };
     let tests = async move {
@@ -155,6 +186,7 @@ pub async fn run(app: Arc<App>, config: FleetConfig) {
         .await;
     };
     // Each on its own task: one job's slow pass never delays another's.
-    let (mut g, mut t) = (AbortOnDrop(tokio::spawn(gauges)), AbortOnDrop(tokio::spawn(tests)));
-    let _ = tokio::join!(&mut g.0, &mut t.0);
+    let (mut g, mut t, mut h) =
+        (AbortOnDrop(tokio::spawn(gauges)), AbortOnDrop(tokio::spawn(tests)), AbortOnDrop(tokio::spawn(housekeeping)));
+    let _ = tokio::join!(&mut g.0, &mut t.0, &mut h.0);
 }

@@ -165,3 +165,20 @@ pub fn reload_on_sighup(cert: Arc<ReloadableCert>) -> std::io::Result<tokio::tas
         }
     }))
 }
+
+/// The address of the peer of an HTTP connection, plain or TLS, for handlers that record
+/// it (`ConnectInfo<ClientAddr>`; the console's audit log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, TlsListener>> for ClientAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'a, TlsListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+impl<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, TcpListener>> for ClientAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'a, TcpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}

@@ -254,13 +254,13 @@ pub async fn start_job(
     };
     let actor = format!("user {}", caller.user);
     let event = store::audit::Event {
-        tenant: s.tenant,
         actor_user: Some(caller.user),
         actor_agent: Some(s.agent.0),
-        actor: &actor,
-        action,
+        role: Some(caller.role.as_str()),
         udid: Some(&source_udid),
+        snapshot: Some(snapshot.0),
         detail: serde_json::json!({ "job": id.0, "snapshot": snapshot.0, "target": target, "at_agent": s.agent.0 }),
+        ..store::audit::Event::new(s.tenant, &actor, action)
     };
     store::audit::record(&**client, &event).await?;
     tracing::info!(

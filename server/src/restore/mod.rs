@@ -6,5 +6,6 @@
 //! Never here: writing to storage or changing the chunk index.
 
 pub mod agent;
+pub mod preview;
 pub mod read;
 pub mod verify;

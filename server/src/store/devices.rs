@@ -81,43 +81,56 @@ pub struct DeviceRow {
     pub name: Option<String>,
     pub product_type: Option<String>,
     pub ios_version: Option<String>,
+    pub serial_number: Option<String>,
     pub state: String,
     pub state_changed_at: String,
     pub last_seen_at: String,
+    /// The workstation (agent hostname) that saw it last.
+    pub last_seen_by: Option<String>,
     pub last_successful_backup_at: Option<String>,
     pub last_snapshot_id: Option<uuid::Uuid>,
+    /// Seconds since its last successful backup, or since it was first seen if it has none.
+    #[serde(skip)]
+    pub unprotected_secs: f64,
+}
+
+const DEVICE_ROWS: &str = concat!(
+    "SELECT d.udid, d.name, d.product_type, d.ios_version, d.serial_number, d.state, ",
+    ts!("d.state_changed_at"),
+    ", ",
+    ts!("d.last_seen_at"),
+    ", a.hostname, ",
+    ts!("s.committed_at"),
+    ", s.id, extract(epoch FROM now() - coalesce(s.committed_at, d.first_seen_at))::float8 ",
+    "FROM devices d LEFT JOIN LATERAL (SELECT id, committed_at FROM snapshots ",
+    "WHERE tenant_id = d.tenant_id AND udid = d.udid ORDER BY committed_at DESC LIMIT 1) s ON true ",
+    "LEFT JOIN agents a ON a.tenant_id = d.tenant_id AND a.id = d.last_agent_id ",
+    "WHERE d.tenant_id = $1 AND ($2::text IS NULL OR d.udid = $2) ORDER BY d.udid"
+);
+
+fn device_row(r: &tokio_postgres::Row) -> DeviceRow {
+    DeviceRow {
+        udid: r.get(0),
+        name: r.get(1),
+        product_type: r.get(2),
+        ios_version: r.get(3),
+        serial_number: r.get(4),
+        state: r.get(5),
+        state_changed_at: r.get(6),
+        last_seen_at: r.get(7),
+        last_seen_by: r.get(8),
+        last_successful_backup_at: r.get(9),
+        last_snapshot_id: r.get(10),
+        unprotected_secs: r.get(11),
+    }
 }
 
 /// The tenant's devices with their last successful backup, by UDID.
 pub async fn list(client: &Client, tenant: TenantId) -> Result<Vec<DeviceRow>, Error> {
-    let rows = client
-        .query(
-            concat!(
-                "SELECT d.udid, d.name, d.product_type, d.ios_version, d.state, ",
-                ts!("d.state_changed_at"),
-                ", ",
-                ts!("d.last_seen_at"),
-                ", ",
-                ts!("s.committed_at"),
-                ", s.id FROM devices d LEFT JOIN LATERAL (SELECT id, committed_at FROM snapshots ",
-                "WHERE tenant_id = d.tenant_id AND udid = d.udid ORDER BY committed_at DESC LIMIT 1) s ON true ",
-                "WHERE d.tenant_id = $1 ORDER BY d.udid"
-            ),
-            &[&tenant.0],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| DeviceRow {
-            udid: r.get(0),
-            name: r.get(1),
-            product_type: r.get(2),
-            ios_version: r.get(3),
-            state: r.get(4),
-            state_changed_at: r.get(5),
-            last_seen_at: r.get(6),
-            last_successful_backup_at: r.get(7),
-            last_snapshot_id: r.get(8),
-        })
-        .collect())
+    Ok(client.query(DEVICE_ROWS, &[&tenant.0, &None::<String>]).await?.iter().map(device_row).collect())
+}
+
+/// One device of the tenant.
+pub async fn get(client: &Client, tenant: TenantId, udid: &str) -> Result<Option<DeviceRow>, Error> {
+    Ok(client.query_opt(DEVICE_ROWS, &[&tenant.0, &udid]).await?.as_ref().map(device_row))
 }

@@ -18,6 +18,7 @@
 pub mod agents;
 pub mod audit;
 pub mod chunks;
+pub mod console;
 pub mod devices;
 pub mod escrow;
 pub mod fleet;

@@ -9,11 +9,13 @@ pub async fn insert(
     name: &str,
     role: &str,
     credential_hash: &[u8],
+    password_hash: Option<&str>,
 ) -> Result<uuid::Uuid, Error> {
     Ok(client
         .query_one(
-            "INSERT INTO users (tenant_id, name, role, credential_hash) VALUES ($1, $2, $3, $4) RETURNING id",
-            &[&tenant.0, &name, &role, &credential_hash],
+            "INSERT INTO users (tenant_id, name, role, credential_hash, password_hash) VALUES ($1, $2, $3, $4, $5) \
+             RETURNING id",
+            &[&tenant.0, &name, &role, &credential_hash, &password_hash],
         )
         .await?
         .get(0))
@@ -33,12 +35,41 @@ pub async fn by_credential(
     Ok(row.map(|r| (TenantId(r.get(0)), r.get(1), r.get(2))))
 }
 
+/// An unrevoked console user by name (names of console users are unique across
+/// tenants, case-insensitively): tenant, id, role, password hash.
+pub async fn by_console_name(
+    client: &Client,
+    name: &str,
+) -> Result<Option<(TenantId, uuid::Uuid, String, String)>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT tenant_id, id, role, password_hash FROM users \
+             WHERE lower(name) = lower($1) AND password_hash IS NOT NULL AND revoked_at IS NULL",
+            &[&name],
+        )
+        .await?;
+    Ok(row.map(|r| (TenantId(r.get(0)), r.get(1), r.get(2), r.get(3))))
+}
+
+/// An unrevoked user's name and role.
+pub async fn get(client: &Client, tenant: TenantId, user: uuid::Uuid) -> Result<Option<(String, String)>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT name, role FROM users WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
+            &[&tenant.0, &user],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// A user as `user list` shows it (never its credential, which is not stored).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UserRow {
     pub id: uuid::Uuid,
     pub name: String,
     pub role: String,
+    /// It can sign in to the console.
+    pub console: bool,
     pub created_at: String,
     pub revoked_at: Option<String>,
 }
@@ -48,7 +79,7 @@ pub async fn list(client: &Client, tenant: TenantId) -> Result<Vec<UserRow>, Err
     let rows = client
         .query(
             concat!(
-                "SELECT id, name, role, ",
+                "SELECT id, name, role, password_hash IS NOT NULL, ",
                 super::ts!("created_at"),
                 ", ",
                 super::ts!("revoked_at"),
@@ -59,7 +90,14 @@ pub async fn list(client: &Client, tenant: TenantId) -> Result<Vec<UserRow>, Err
         .await?;
     Ok(rows
         .iter()
-        .map(|r| UserRow { id: r.get(0), name: r.get(1), role: r.get(2), created_at: r.get(3), revoked_at: r.get(4) })
+        .map(|r| UserRow {
+            id: r.get(0),
+            name: r.get(1),
+            role: r.get(2),
+            console: r.get(3),
+            created_at: r.get(4),
+            revoked_at: r.get(5),
+        })
         .collect())
 }
 

@@ -15,6 +15,7 @@ const TIERS: &[(&str, u8)] = &[
     ("ios", 1),
     ("auth", 2),
     ("escrow", 2),
+    ("audit", 2),
     ("session", 2),
     ("app", 3),
     ("users", 3),
@@ -23,6 +24,7 @@ const TIERS: &[(&str, u8)] = &[
     ("agents", 5),
     ("jobs", 5),
     ("http", 5),
+    ("console", 5),
     ("serve", 6),
     ("admin", 6),
 ];

@@ -4,6 +4,7 @@
 // Test code: an unwrap is an assertion, and its panic message is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod audit;
 mod cli;
 mod http;
 mod layout;

@@ -502,7 +502,7 @@ pub fn cached_bytes(path: &Path) -> std::io::Result<Option<u64>> {
 /// A new help-desk user's API credential in `tenant` (`lifeboat-server user create
 /// --role helpdesk`, done on the database).
 pub async fn helpdesk_credential(db: &tokio_postgres::Client, tenant: lifeboat_shared::ids::TenantId) -> String {
-    lifeboat_server::users::create(db, tenant, "e2e help desk", lifeboat_server::users::Role::Helpdesk)
+    lifeboat_server::users::create(db, tenant, "e2e help desk", lifeboat_server::users::Role::Helpdesk, None)
         .await
         .expect("creating a help-desk user")
         .1

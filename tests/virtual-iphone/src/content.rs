@@ -2086,8 +2086,8 @@ impl Content {
         let mut message = tx.prepare(
             "INSERT INTO message (ROWID, guid, text, handle_id, service, account, account_guid, date, date_read, \
              date_delivered, is_delivered, is_finished, is_from_me, is_read, is_sent, cache_has_attachments, \
-             item_type, version, type) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'E:me@icloud.com', ?6, ?7, ?8, ?9, 1, 1, ?10, ?11, ?12, ?13, 0, 10, 0)",
+             item_type, version, type, attributedBody) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'E:me@icloud.com', ?6, ?7, ?8, ?9, 1, 1, ?10, ?11, ?12, ?13, 0, 10, 0, ?14)",
         )?;
         let mut chat_message =
             tx.prepare("INSERT INTO chat_message_join (chat_id, message_id, message_date) VALUES (?1, ?2, ?3)")?;
@@ -2111,10 +2111,17 @@ impl Content {
             let files = attachments.get(&r);
             let text = match files {
                 Some(_) => "\u{FFFC}".to_owned(),
+                // Attacker-controlled text, as anyone can send a phone: shown, never run.
+                None if r == 1 => HOSTILE_MESSAGE.to_owned(),
                 None => {
                     let n = rng.range(1, 4);
                     (0..n).map(|_| *rng.pick(SMS_PHRASES)).collect::<Vec<_>>().join(" ")
                 }
+            };
+            // Newer iOS often leaves `text` NULL and keeps the body only in `attributedBody`.
+            let (text, body) = match files {
+                None if r % 5 == 3 => (None, Some(attributed_body(&text))),
+                _ => (Some(text), None),
             };
             let service = services.get(h as usize - 1).copied().unwrap_or("iMessage");
             message.execute(rusqlite::params![
@@ -2130,7 +2137,8 @@ impl Content {
                 from_me,
                 !from_me,
                 from_me,
-                files.is_some()
+                files.is_some(),
+                body
             ])?;
             chat_message.execute(rusqlite::params![h, r, date])?;
             for (key, entry) in files.into_iter().flatten() {
@@ -2176,7 +2184,9 @@ impl Content {
         let mut uid = 0u32;
         for r in 1..=rows {
             let mut rng = Rng::new(mix(s, u64::from(r)));
-            let first = *rng.pick(FIRST_NAMES);
+            let picked = *rng.pick(FIRST_NAMES);
+            // One contact named by someone hostile (a shared contact card can be): shown, never run.
+            let first = if r == 2 { HOSTILE_CONTACT } else { picked };
             let last = *rng.pick(LAST_NAMES);
             let middle = rng.chance(0.15).then(|| *rng.pick(FIRST_NAMES));
             let organization = rng.chance(0.3).then(|| *rng.pick(COMPANIES));
@@ -2956,6 +2966,38 @@ const COMPANIES: &[&str] = &[
 ];
 
 const MAIL_DOMAINS: &[&str] = &["gmail.com", "icloud.com", "outlook.com", "yahoo.com", "proton.me", "me.com"];
+
+/// The body of message 1 of every device: markup that would run if a reader did not escape it.
+pub const HOSTILE_MESSAGE: &str = "<img src=x onerror=\"document.body.dataset.pwned='message'\">";
+/// The first name of contact 2 of every device, likewise.
+pub const HOSTILE_CONTACT: &str = "<script>document.body.dataset.pwned='contact'</script>";
+
+/// `text` as a typedstream-archived NSAttributedString, the `attributedBody` of sms.db: the
+/// archive header, the class chain NSAttributedString → NSObject, the NSString with its
+/// `+` type tag, length (one byte below 0x80, else 0x81 and a little-endian u16) and UTF-8
+/// bytes, then one attribute run (`__kIMMessagePartAttributeName` = 0) over the whole text.
+pub fn attributed_body(text: &str) -> Vec<u8> {
+    fn length(out: &mut Vec<u8>, n: usize) {
+        match u16::try_from(n) {
+            Ok(n) if n < 0x80 => out.push(n as u8),
+            Ok(n) => {
+                out.push(0x81);
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            Err(_) => {
+                out.push(0x82);
+                out.extend_from_slice(&(n as u32).to_le_bytes());
+            }
+        }
+    }
+    let mut out = b"\x04\x0bstreamtyped\x81\xe8\x03\x84\x01@\x84\x84\x84\x12NSAttributedString\x00\x84\x84\x08NSObject\x00\x85\x92\x84\x84\x84\x08NSString\x01\x94\x84\x01+".to_vec();
+    length(&mut out, text.len());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\x86\x84\x02iI\x01");
+    length(&mut out, text.encode_utf16().count());
+    out.extend_from_slice(b"\x92\x84\x84\x84\x0cNSDictionary\x00\x94\x84\x01i\x01\x92\x84\x96\x96\x1d__kIMMessagePartAttributeName\x86\x92\x84\x84\x84\x08NSNumber\x00\x84\x84\x07NSValue\x00\x94\x84\x01*\x84\x99\x99\x00\x86\x86\x86");
+    out
+}
 
 const SMS_PHRASES: &[&str] = &[
     "On my way!",

@@ -73,6 +73,9 @@ pub struct AuditQuery {
     limit: Option<i64>,
     /// Events older than this event id (the last `id` of the previous page).
     before: Option<i64>,
+    /// Only this device's events (an owner's access history, on request).
+    udid: Option<String>,
+    action: Option<String>,
 }
 
 /// The audit log, newest first: who revealed a backup password, who looked at what.
@@ -80,7 +83,13 @@ pub struct AuditQuery {
 pub async fn audit(State(app): State<Arc<App>>, caller: Caller, Query(q): Query<AuditQuery>) -> ApiResult {
     require(&caller, Role::Admin)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let events = store::audit::list(&**db(&app).await?, caller.tenant, limit, q.before)
+    let filter = store::audit::Filter {
+        before: q.before,
+        udid: q.udid.as_deref(),
+        action: q.action.as_deref(),
+        ..Default::default()
+    };
+    let events = store::audit::list(&**db(&app).await?, caller.tenant, limit, &filter)
         .await
         .map_err(|e| internal("listing the audit log", e))?;
     Ok(Json(json!({ "events": events })))

@@ -4,6 +4,7 @@
 //! gets 403; another tenant's objects are 404, exactly like objects that do not exist.
 //! One module per resource.
 
+mod content;
 mod devices;
 mod fleet;
 mod restores;
@@ -26,6 +27,13 @@ pub fn router() -> Router<Arc<App>> {
             "/api/v1/devices/{udid}/backup-password",
             get(devices::reveal_backup_password).put(devices::set_backup_password),
         )
+        .route("/api/v1/devices/{udid}/access", axum::routing::post(content::grant))
+        .route("/api/v1/snapshots/{id}/contacts", get(content::contacts))
+        .route("/api/v1/snapshots/{id}/contacts.vcf", get(content::contacts_vcard))
+        .route("/api/v1/snapshots/{id}/messages", get(content::conversations))
+        .route("/api/v1/snapshots/{id}/messages/{chat}", get(content::thread))
+        .route("/api/v1/snapshots/{id}/calls", get(content::calls))
+        .route("/api/v1/snapshots/{id}/file", get(content::file))
         .route("/api/v1/audit", get(fleet::audit))
         .route("/api/v1/snapshots/{id}", get(snapshots::get))
         .route("/api/v1/runs", get(fleet::runs))

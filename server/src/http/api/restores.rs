@@ -72,13 +72,12 @@ pub async fn create(
     // A restore puts an employee's data onto a phone: who asked for it is in the audit log.
     let actor = format!("user {}", caller.user);
     let event = store::audit::Event {
-        tenant: caller.tenant,
         actor_user: Some(caller.user),
-        actor_agent: None,
-        actor: &actor,
-        action: "restore.create",
+        role: Some(caller.role.as_str()),
         udid: Some(&job.source_udid),
+        snapshot: Some(snapshot.0),
         detail: json!({ "job": id, "snapshot": snapshot.0, "target": target.as_str() }),
+        ..store::audit::Event::new(caller.tenant, &actor, "restore.create")
     };
     store::audit::record(&**client, &event).await.map_err(|e| internal("writing the audit log", e))?;
     Ok((StatusCode::CREATED, Json(json!(job))))

@@ -50,9 +50,9 @@ async fn the_api_shows_devices_snapshots_runs_and_agents_by_role_and_tenant() {
     let Some(fx) = start_server().await else { return };
     let (a, b) = (fx.tenant("acme").await, fx.tenant("globex").await);
     let db = fx.db.client().await;
-    let (_, viewer) = users::create(&db, a, "grafana", Role::Viewer).await.unwrap();
-    let (_, helpdesk) = users::create(&db, a, "desk", Role::Helpdesk).await.unwrap();
-    let (_, other) = users::create(&db, b, "globex-admin", Role::Admin).await.unwrap();
+    let (_, viewer) = users::create(&db, a, "grafana", Role::Viewer, None).await.unwrap();
+    let (_, helpdesk) = users::create(&db, a, "desk", Role::Helpdesk, None).await.unwrap();
+    let (_, other) = users::create(&db, b, "globex-admin", Role::Admin, None).await.unwrap();
 
     let (client, keys) = fx.enrolled_agent(a).await;
     let tree = tempfile::tempdir().unwrap();

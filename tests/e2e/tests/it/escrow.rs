@@ -27,9 +27,9 @@ async fn backup_passwords_are_escrowed_and_revealed_to_admins_only_and_audited()
     let Some(fx) = start_server().await else { return };
     let (a, b) = (fx.tenant("acme").await, fx.tenant("globex").await);
     let db = fx.db.client().await;
-    let (admin_id, admin) = users::create(&db, a, "it-admin", Role::Admin).await.unwrap();
-    let (_, helpdesk) = users::create(&db, a, "desk", Role::Helpdesk).await.unwrap();
-    let (_, other) = users::create(&db, b, "globex-admin", Role::Admin).await.unwrap();
+    let (admin_id, admin) = users::create(&db, a, "it-admin", Role::Admin, None).await.unwrap();
+    let (_, helpdesk) = users::create(&db, a, "desk", Role::Helpdesk, None).await.unwrap();
+    let (_, other) = users::create(&db, b, "globex-admin", Role::Admin, None).await.unwrap();
     let (client, _) = fx.enrolled_agent(a).await;
     open_run(&client, &device(UDID)).await;
 

@@ -28,7 +28,7 @@ async fn a_stuck_restore_job_shows_as_stuck_is_claimed_again_and_a_new_restore_r
     let Some(fx) = start_server().await else { return };
     let tenant = fx.tenant("acme").await;
     let db = fx.db.client().await;
-    let (_, desk) = users::create(&db, tenant, "desk", Role::Helpdesk).await.unwrap();
+    let (_, desk) = users::create(&db, tenant, "desk", Role::Helpdesk, None).await.unwrap();
     let (first, keys) = fx.enrolled_agent(tenant).await;
     let tree = tempfile::tempdir().unwrap();
     make_tree(tree.path(), 5, 1 << 20, 1).unwrap();

@@ -91,15 +91,20 @@ async fn an_agent_reads_only_within_its_jobs_and_leases() {
 
     // A job needs a help-desk user of this tenant.
     let export = || JobRequest::Export { source: JobSource::LatestOf(UDID.parse().unwrap()) };
-    let viewer = lifeboat_server::users::create(&db, tenant, "front desk", lifeboat_server::users::Role::Viewer)
+    let viewer = lifeboat_server::users::create(&db, tenant, "front desk", lifeboat_server::users::Role::Viewer, None)
         .await
         .unwrap()
         .1;
     let elsewhere = lifeboat_e2e::helpdesk_credential(&db, other).await;
-    let (helpdesk, credential) =
-        lifeboat_server::users::create(&db, tenant, "anna at the help desk", lifeboat_server::users::Role::Helpdesk)
-            .await
-            .unwrap();
+    let (helpdesk, credential) = lifeboat_server::users::create(
+        &db,
+        tenant,
+        "anna at the help desk",
+        lifeboat_server::users::Role::Helpdesk,
+        None,
+    )
+    .await
+    .unwrap();
     let bad = "Some(BadCredential): the server refused: the help-desk credential is unknown, revoked or of another tenant \
                (BadCredential)";
     assert_eq!(start(&b, "lbu1_forged", export()).await.unwrap_err(), bad);

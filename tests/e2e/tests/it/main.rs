@@ -6,6 +6,7 @@
 mod agent;
 mod agent_run;
 mod api;
+mod console;
 mod crash_resume;
 mod encrypted;
 mod escrow;

@@ -82,7 +82,9 @@ async fn a_restore_test_passes_on_a_good_snapshot_and_names_the_file_when_a_pack
 
     // The API says so, naming the damaged file.
     let (_, viewer) =
-        lifeboat_server::users::create(&db, tenant, "grafana", lifeboat_server::users::Role::Viewer).await.unwrap();
+        lifeboat_server::users::create(&db, tenant, "grafana", lifeboat_server::users::Role::Viewer, None)
+            .await
+            .unwrap();
     let (status, body) =
         lifeboat_e2e::http_get(fx.server.http_addr, "/api/v1/restore-tests?passed=false", Some(&viewer)).await.unwrap();
     assert_eq!(status, 200, "{body}");
@@ -169,7 +171,7 @@ async fn restore_test_results_show_what_the_backup_holds_beside_the_previous_sna
         verify::record(&db, tenant, &report, std::time::SystemTime::now()).await.unwrap();
     }
     let (_, viewer) =
-        lifeboat_server::users::create(&db, tenant, "desk", lifeboat_server::users::Role::Viewer).await.unwrap();
+        lifeboat_server::users::create(&db, tenant, "desk", lifeboat_server::users::Role::Viewer, None).await.unwrap();
     let path = format!("/api/v1/restore-tests?udid={UDID}");
     let (status, body) = lifeboat_e2e::http_get(fx.server.http_addr, &path, Some(&viewer)).await.unwrap();
     assert_eq!(status, 200, "{body}");

@@ -10,6 +10,7 @@ mod cli;
 mod encryption;
 mod host_tools;
 mod provider;
+mod readers;
 mod usbmuxd;
 
 /// Whether a host tool (libimobiledevice-utils, pymobiledevice3) is installed; if not, the

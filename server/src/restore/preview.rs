@@ -1,0 +1,108 @@
+//! A snapshot's datasets for people (contacts, messages, calls): its databases read
+//! through the server's read path into private scratch copies, parsed once by
+//! `ios::preview` and cached per snapshot; and any one file of it by domain and path.
+
+use std::sync::Arc;
+
+use lifeboat_shared::ids::{SnapshotId, TenantId};
+use lifeboat_shared::manifest::Manifest;
+
+use crate::app::App;
+use crate::ios::{self, preview::Datasets};
+use crate::store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreviewError {
+    #[error("no snapshot {0}")]
+    NotFound(SnapshotId),
+    #[error("{0} is not in this snapshot")]
+    NoFile(String),
+    #[error("{0}")]
+    Read(String),
+}
+
+fn read_err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> PreviewError + '_ {
+    move |e| PreviewError::Read(format!("{what}: {e}"))
+}
+
+async fn manifest(app: &App, tenant: TenantId, snapshot: SnapshotId) -> Result<Manifest, PreviewError> {
+    let client = app.db.get().await.map_err(|e| read_err("getting a database connection")(&e))?;
+    let row = store::snapshots::get(&client, tenant, snapshot)
+        .await
+        .map_err(|e| read_err("finding the snapshot")(&e))?
+        .ok_or(PreviewError::NotFound(snapshot))?;
+    let keys = app.tenant_keys(tenant).await.map_err(|e| read_err("loading the tenant's keys")(&e))?;
+    crate::restore::read::manifest(&app.storage, &keys, snapshot, &row.manifest_key)
+        .await
+        .map_err(|e| read_err("opening the manifest")(&e))
+}
+
+/// The bytes of the file `domain`/`path` of a snapshot (`None` if it has no such file).
+async fn file_bytes(
+    app: &App,
+    tenant: TenantId,
+    manifest: &Manifest,
+    domain: &str,
+    path: &str,
+) -> Result<Option<Vec<u8>>, PreviewError> {
+    let stored = ios::backup_path(&ios::file_id(domain, path));
+    let Some(entry) = manifest.files.iter().find(|f| f.path == stored) else { return Ok(None) };
+    let client = app.db.get().await.map_err(|e| read_err("getting a database connection")(&e))?;
+    let keys = app.tenant_keys(tenant).await.map_err(|e| read_err("loading the tenant's keys")(&e))?;
+    crate::restore::read::file(&client, &app.storage, &keys, entry).await.map(Some).map_err(|e| read_err(path)(&e))
+}
+
+/// One file of a snapshot, by the phone's domain and path.
+pub async fn file(
+    app: &App,
+    tenant: TenantId,
+    snapshot: SnapshotId,
+    domain: &str,
+    path: &str,
+) -> Result<Vec<u8>, PreviewError> {
+    let m = manifest(app, tenant, snapshot).await?;
+    file_bytes(app, tenant, &m, domain, path).await?.ok_or_else(|| PreviewError::NoFile(format!("{domain}/{path}")))
+}
+
+/// The snapshot's contacts, messages and calls, parsed on first use and then cached. A
+/// database the snapshot lacks is an empty dataset.
+pub async fn datasets(app: &App, tenant: TenantId, snapshot: SnapshotId) -> Result<Arc<Datasets>, PreviewError> {
+    if let Some(d) = app.previews.get(snapshot.0) {
+        return Ok(d);
+    }
+    let m = manifest(app, tenant, snapshot).await?;
+    let start = std::time::Instant::now();
+    let mut d = Datasets::default();
+    let sources = [
+        ("HomeDomain", "Library/AddressBook/AddressBook.sqlitedb"),
+        ("HomeDomain", "Library/SMS/sms.db"),
+        ("HomeDomain", "Library/CallHistoryDB/CallHistory.storedata"),
+    ];
+    for (i, (domain, path)) in sources.into_iter().enumerate() {
+        let Some(bytes) = file_bytes(app, tenant, &m, domain, path).await? else { continue };
+        let scratch = app.scratch.clone();
+        let parsed = tokio::task::spawn_blocking(move || {
+            scratch.with_sqlite(&bytes, |db| match i {
+                0 => ios::preview::contacts(db).map(|c| (Some(c), None, None)),
+                1 => ios::preview::messages(db).map(|m| (None, Some(m), None)),
+                _ => ios::preview::calls(db).map(|c| (None, None, Some(c))),
+            })
+        })
+        .await
+        .map_err(|e| read_err(path)(&e))?
+        .map_err(|e| read_err(path)(&e))?;
+        match parsed {
+            (Some(c), _, _) => d.contacts = c,
+            (_, Some((conversations, messages)), _) => (d.conversations, d.messages) = (conversations, messages),
+            (_, _, Some(c)) => d.calls = c,
+            _ => {}
+        }
+    }
+    tracing::info!(
+        snapshot.id = %snapshot, contacts = d.contacts.len(), conversations = d.conversations.len(),
+        calls = d.calls.len(), seconds = start.elapsed().as_secs_f64(), "parsed a snapshot's datasets"
+    );
+    let d = Arc::new(d);
+    app.previews.put(snapshot.0, d.clone());
+    Ok(d)
+}
