@@ -14,11 +14,13 @@
 //! - Every view of content, export and download is written to the audit log before the
 //!   content is sent; if the audit write fails, nothing is shown.
 //!
-//! Pages: `pages` (fleet, device, snapshot), `content` (access and previews), `admin`.
+//! Pages: `pages` (fleet, device, snapshot), `content` (access and previews), `restore`
+//! (pick a phone, pre-flight, progress), `admin`.
 
 mod admin;
 mod content;
 mod pages;
+mod restore;
 mod session;
 
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub fn router() -> Router<Arc<App>> {
         .route("/snapshots/{id}/messages/{chat}", get(content::thread))
         .route("/snapshots/{id}/calls", get(content::calls))
         .route("/snapshots/{id}/file", get(content::download))
+        .route("/snapshots/{id}/restore", get(restore::page).post(restore::start))
+        .route("/restores/{id}", get(restore::job))
         .route("/admin/audit", get(admin::audit))
         .route("/admin/users", get(admin::users))
         .route("/static/console.css", get(stylesheet))

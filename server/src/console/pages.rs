@@ -15,12 +15,14 @@ use crate::store;
 use crate::store::devices::DeviceRow;
 use crate::users::Role;
 
-/// Where a device stands, as the fleet page counts it.
+/// Where a device stands, as the fleet page counts it: waiting for a person, failing,
+/// stale (no successful backup within `stale_after_secs`, or none at all yet), or
+/// protected.
 pub fn standing(d: &DeviceRow, stale_after_secs: f64) -> &'static str {
     match d.state.as_str() {
         "needs-trust" | "needs-passcode" | "needs-backup-password" => "needs-action",
         "failing" => "failing",
-        _ if d.unprotected_secs > stale_after_secs => "stale",
+        _ if d.last_snapshot_id.is_none() || d.unprotected_secs > stale_after_secs => "stale",
         _ => "protected",
     }
 }

@@ -92,6 +92,9 @@ pub struct DeviceRow {
     /// Seconds since its last successful backup, or since it was first seen if it has none.
     #[serde(skip)]
     pub unprotected_secs: f64,
+    /// Seconds since a workstation last reported it.
+    #[serde(skip)]
+    pub seen_secs_ago: f64,
 }
 
 const DEVICE_ROWS: &str = concat!(
@@ -101,7 +104,8 @@ const DEVICE_ROWS: &str = concat!(
     ts!("d.last_seen_at"),
     ", a.hostname, ",
     ts!("s.committed_at"),
-    ", s.id, extract(epoch FROM now() - coalesce(s.committed_at, d.first_seen_at))::float8 ",
+    ", s.id, extract(epoch FROM now() - coalesce(s.committed_at, d.first_seen_at))::float8, ",
+    "extract(epoch FROM now() - d.last_seen_at)::float8 ",
     "FROM devices d LEFT JOIN LATERAL (SELECT id, committed_at FROM snapshots ",
     "WHERE tenant_id = d.tenant_id AND udid = d.udid ORDER BY committed_at DESC LIMIT 1) s ON true ",
     "LEFT JOIN agents a ON a.tenant_id = d.tenant_id AND a.id = d.last_agent_id ",
@@ -122,6 +126,7 @@ fn device_row(r: &tokio_postgres::Row) -> DeviceRow {
         last_successful_backup_at: r.get(9),
         last_snapshot_id: r.get(10),
         unprotected_secs: r.get(11),
+        seen_secs_ago: r.get(12),
     }
 }
 

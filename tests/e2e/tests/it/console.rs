@@ -19,7 +19,7 @@ use lifeboat_test_support::{HttpAnswer, http_raw};
 use virtual_iphone::content::{FileKey, HOSTILE_CONTACT, HOSTILE_MESSAGE, Profile};
 use virtual_iphone::{Config, Registry, usbmuxd};
 
-use crate::agent_run::agent;
+use crate::agent_run::{AgentProcess, agent, same};
 
 const PASSWORD: &str = "correct horse battery staple";
 const REASON: &str = "INC-4711 stolen phone";
@@ -249,7 +249,8 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     let (ok, out, _) = server_cli(&data, &["user", "create", "--tenant", "acme", "--role", "admin", "--name", "api"]);
     assert!(ok);
     let admin_api = out.split_whitespace().find(|w| w.starts_with("lbu1_")).unwrap().to_string();
-    let (ok, out, _) = server_cli(&data, &["user", "create", "--tenant", "acme", "--role", "helpdesk", "--name", "script"]);
+    let (ok, out, _) =
+        server_cli(&data, &["user", "create", "--tenant", "acme", "--role", "helpdesk", "--name", "script"]);
     assert!(ok);
     let desk_api = out.split_whitespace().find(|w| w.starts_with("lbu1_")).unwrap().to_string();
     // Console names are unique across tenants: they sign in by name alone.
@@ -265,14 +266,16 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     let mux = listener.local_addr().unwrap().to_string();
     let config = Config {
         seed: 77,
-        devices: 1,
+        devices: 2,
         profile: Profile::Tiny,
         state_dir: phones.path().to_path_buf(),
         kdf_rounds: 1000,
     };
     let registry = Arc::new(Registry::new(config).unwrap());
     tokio::spawn(usbmuxd::serve(listener, registry.clone()));
-    let phone = registry.all().remove(0);
+    let mut all = registry.all();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    let (phone, new_phone) = (all[0].clone(), all[1].clone());
     let udid = phone.udid.clone();
     let state = dir.path().join("agent");
     let (ok, _, err) = agent(&state, &mux, &["enroll", &token]).await;
@@ -409,6 +412,43 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     assert_eq!(p.texts("#calls tr.call").await.len() as i64, calls);
     p.shot("09-calls").await;
 
+    // A restore onto the new phone: picked among attached ones, pre-flight shown, watched
+    // until it ends. The agent's service reports the new phone, backs it up and carries
+    // the restore out.
+    let service = AgentProcess::start(&state, &mux, &["run"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, text) = http_get(addr, "/api/v1/devices", Some(&admin_api)).await.unwrap();
+        if text.contains(&new_phone.udid) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the service never reported {}:\n{}", new_phone.udid, service.log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    p.goto(&format!("/snapshots/{snapshot}")).await;
+    p.click("#open-restore").await;
+    assert_eq!(p.texts("#targets tbody tr").await.len(), 2, "both phones are attached");
+    p.shot("10-restore").await;
+    p.c.find(Locator::Css(&format!("#target-{}", new_phone.udid))).await.unwrap().click().await.unwrap();
+    p.click("#start-restore").await;
+    assert!(p.path().await.starts_with("/restores/"));
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        let status = match p.c.find(Locator::Id("job-status")).await {
+            Ok(e) => e.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if status == "succeeded" || status == "failed" {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the restore did not end (status {status:?}):\n{}", service.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    p.shot("11-restored").await;
+    assert_eq!(status, "succeeded", "{}", service.log());
+    let (a, b) = (registry.state_by_udid(&udid).unwrap(), registry.state_by_udid(&new_phone.udid).unwrap());
+    same(&b.expect().unwrap(), &a.expect().unwrap(), "the new phone after the restore");
+
     // The vCard export parses and is the phone's contacts; a photo downloads byte for byte.
     let cookie = p.session_cookie().await;
     let vcf = get(addr, &format!("/snapshots/{snapshot}/contacts.vcf"), &cookie).await;
@@ -433,7 +473,7 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     p.goto("/").await;
     assert_eq!(p.path().await, "/login?next=/");
     assert_eq!(get(addr, "/", &cookie).await.status, 303, "the old cookie is dead");
-    p.shot("10-signed-out").await;
+    p.shot("12-signed-out").await;
     browser.close().await.unwrap();
 
     // A state-changing request without the CSRF token, or from another site, is refused.
@@ -500,7 +540,8 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
         serde_json::from_str(&api(format!("/api/v1/snapshots/{snapshot}/messages/1")).await.1).unwrap();
     assert_eq!(v["messages"].as_array().unwrap().len() as i64, in_chat_1);
     assert_eq!(v["messages"][0]["text"], HOSTILE_MESSAGE);
-    let v: serde_json::Value = serde_json::from_str(&api(format!("/api/v1/snapshots/{snapshot}/calls")).await.1).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&api(format!("/api/v1/snapshots/{snapshot}/calls")).await.1).unwrap();
     assert_eq!(v["calls"].as_array().unwrap().len() as i64, calls);
     assert_eq!(v["encrypted"], true);
     let (code, _) = http_get(addr, &format!("/api/v1/snapshots/{snapshot}/calls"), Some(&admin_api)).await.unwrap();
@@ -533,6 +574,7 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
             "messages.view",
             "contacts.view",
             "calls.view",
+            "restore.create",
             "contacts.export",
             "file.download",
             "sign-out",
@@ -549,7 +591,10 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
         assert_eq!(e["ip"], "127.0.0.1");
     }
     let objects: Vec<&str> = anna.iter().rev().filter_map(|e| e["object"].as_str()).collect();
-    assert_eq!(objects, ["chat 1", &format!("chat {attachment_chat}"), "vcard", file_object.as_str()]);
+    assert_eq!(
+        objects,
+        ["chat 1", &format!("chat {attachment_chat}"), new_phone.udid.as_str(), "vcard", file_object.as_str()]
+    );
     assert!(anna.iter().all(|e| !e.to_string().contains("onerror")), "no content in the log");
     let script: Vec<(&str, &str)> = events["events"]
         .as_array()
