@@ -1,6 +1,6 @@
 //! A device's content, for the help desk: access given with a reason, then the
 //! snapshot's contacts (and their vCard export), conversations and threads, call history,
-//! and single files. Each view is in the audit log — who, role, reason, snapshot,
+//! the camera roll, and single files. Each view is in the audit log — who, role, reason, snapshot,
 //! dataset, object — before its content is sent.
 
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::pages::parse_snapshot;
 use super::{ConsoleError, Frame, Viewer, html, urlencode, utc};
 use crate::app::App;
-use crate::ios::preview::{Attachment, Call, Contact, Conversation, Datasets, Message};
+use crate::ios::preview::{Attachment, Call, Contact, Conversation, Datasets, Message, Photo};
 use crate::restore::preview::{self, PreviewError};
 use crate::store;
 use crate::store::console::Grant;
@@ -324,6 +324,148 @@ pub async fn calls(State(app): State<Arc<App>>, v: Viewer, Path(id): Path<String
         })
         .collect();
     html(&CallsPage { frame: Frame::of(&v), reason: g.reason, s, calls })
+}
+
+struct PhotoTile<'a> {
+    p: &'a Photo,
+    original: String,
+    /// Shown as it is (JPEG, PNG); HEIC and videos are listed with their download.
+    inline: Option<String>,
+    taken: String,
+}
+
+#[derive(Template)]
+#[template(path = "photos.html")]
+struct PhotosPage<'a> {
+    frame: Frame,
+    s: SnapshotRow,
+    reason: String,
+    tiles: Vec<PhotoTile<'a>>,
+    total: usize,
+    page: usize,
+    pages: usize,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    page: Option<usize>,
+}
+
+const PHOTOS_PER_PAGE: usize = 60;
+
+/// `/snapshots/{id}/photos`: the camera roll, newest first, a page at a time.
+pub async fn photos(
+    State(app): State<Arc<App>>,
+    v: Viewer,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Response, ConsoleError> {
+    let id = parse_snapshot(&id, &v)?;
+    let (s, g) = match access(&app, &v, id, &format!("/snapshots/{id}/photos")).await? {
+        Access::Open(s, g) => (s, g),
+        Access::Ask(page) => return Ok(page),
+    };
+    let d = datasets(&app, &v, &s).await?;
+    let total = d.photos.len();
+    let pages = total.div_ceil(PHOTOS_PER_PAGE).max(1);
+    let page = q.page.unwrap_or(1).clamp(1, pages);
+    audit(&app, &v, &s, &g, "photos.view", "photos", Some(&format!("page {page}"))).await?;
+    let tiles = d
+        .photos
+        .iter()
+        .skip((page - 1) * PHOTOS_PER_PAGE)
+        .take(PHOTOS_PER_PAGE)
+        .map(|p| PhotoTile {
+            original: file_link(s.id, &p.domain, &p.path, false),
+            inline: p.browser_image().then(|| file_link(s.id, &p.domain, &p.path, true)),
+            taken: utc(p.taken),
+            p,
+        })
+        .collect();
+    html(&PhotosPage { frame: Frame::of(&v), reason: g.reason, s, tiles, total, page, pages })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SearchQuery {
+    #[serde(default)]
+    q: String,
+}
+
+/// What a search of one snapshot found, by dataset.
+struct Found<'a> {
+    contacts: Vec<&'a Contact>,
+    messages: Vec<(&'a Conversation, &'a Message, String)>,
+    calls: Vec<(&'a Call, String)>,
+    photos: Vec<(&'a Photo, String)>,
+}
+
+/// At most this many hits per dataset.
+const SEARCH_HITS: usize = 200;
+
+fn search_in<'a>(d: &'a Datasets, needle: &str) -> Found<'a> {
+    let has = |s: &str| s.to_lowercase().contains(needle);
+    let contacts = d
+        .contacts
+        .iter()
+        .filter(|c| {
+            has(&c.display_name())
+                || c.organization.as_deref().is_some_and(has)
+                || c.phones.iter().chain(&c.emails).chain(&c.addresses).any(|v| has(&v.value))
+        })
+        .take(SEARCH_HITS)
+        .collect();
+    let mut messages = Vec::new();
+    for c in &d.conversations {
+        for m in d.messages.get(&c.id).into_iter().flatten() {
+            if messages.len() < SEARCH_HITS && (has(&m.text) || m.attachments.iter().any(|a| has(&a.name))) {
+                messages.push((c, m, utc(m.at)));
+            }
+        }
+    }
+    let calls = d
+        .calls
+        .iter()
+        .filter(|c| has(&c.address) || c.name.as_deref().is_some_and(has))
+        .take(SEARCH_HITS)
+        .map(|c| (c, utc(c.at)))
+        .collect();
+    let photos =
+        d.photos.iter().filter(|p| has(&p.name) || has(&p.path)).take(SEARCH_HITS).map(|p| (p, utc(p.taken))).collect();
+    Found { contacts, messages, calls, photos }
+}
+
+#[derive(Template)]
+#[template(path = "search.html")]
+struct SearchPage<'a> {
+    frame: Frame,
+    s: SnapshotRow,
+    reason: String,
+    q: String,
+    found: Option<Found<'a>>,
+}
+
+/// `/snapshots/{id}/search?q=`: contacts, messages, calls and photos of one snapshot that
+/// mention the words. The query is in the audit log; what it found is not.
+pub async fn search(
+    State(app): State<Arc<App>>,
+    v: Viewer,
+    Path(id): Path<String>,
+    Query(q): Query<SearchQuery>,
+) -> Result<Response, ConsoleError> {
+    let id = parse_snapshot(&id, &v)?;
+    let next = format!("/snapshots/{id}/search?q={}", urlencode(&q.q));
+    let (s, g) = match access(&app, &v, id, &next).await? {
+        Access::Open(s, g) => (s, g),
+        Access::Ask(page) => return Ok(page),
+    };
+    let needle = q.q.trim().to_lowercase();
+    if needle.chars().count() < 2 {
+        return html(&SearchPage { frame: Frame::of(&v), reason: g.reason, s, q: q.q, found: None });
+    }
+    let d = datasets(&app, &v, &s).await?;
+    audit(&app, &v, &s, &g, "snapshot.search", "all", Some(&format!("query {:?}", q.q.trim()))).await?;
+    let found = search_in(&d, &needle);
+    html(&SearchPage { frame: Frame::of(&v), reason: g.reason, s, q: q.q, found: Some(found) })
 }
 
 #[derive(Debug, Deserialize)]

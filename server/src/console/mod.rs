@@ -47,6 +47,8 @@ pub fn router() -> Router<Arc<App>> {
         .route("/snapshots/{id}/messages", get(content::conversations))
         .route("/snapshots/{id}/messages/{chat}", get(content::thread))
         .route("/snapshots/{id}/calls", get(content::calls))
+        .route("/snapshots/{id}/photos", get(content::photos))
+        .route("/snapshots/{id}/search", get(content::search))
         .route("/snapshots/{id}/file", get(content::download))
         .route("/snapshots/{id}/restore", get(restore::page).post(restore::start))
         .route("/restores/{id}", get(restore::job))

@@ -1,6 +1,6 @@
 //! An iPhone backup's own databases read for people: Contacts (AddressBook.sqlitedb),
-//! Messages (sms.db, with `attributedBody` bodies decoded) and Call history
-//! (CallHistory.storedata). Queries follow the public readers (iLEAPP, MVT); dates count
+//! Messages (sms.db, with `attributedBody` bodies decoded), Call history
+//! (CallHistory.storedata) and the camera roll (Photos.sqlite). Queries follow the public readers (iLEAPP, MVT); dates count
 //! from 2001-01-01 UTC, in seconds or (newer sms.db) nanoseconds. A column a given iOS
 //! version lacks reads as empty, never as an error that hides the rest.
 
@@ -332,6 +332,72 @@ pub fn calls(db: &Connection) -> rusqlite::Result<Vec<Call>> {
     rows.collect()
 }
 
+/// A picture or video of the camera roll.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Photo {
+    /// `ZASSET.Z_PK`.
+    pub id: i64,
+    /// Where the original is in the backup: CameraRollDomain, `Media/<ZDIRECTORY>/<ZFILENAME>`.
+    pub domain: String,
+    pub path: String,
+    /// The name it had when it was taken or imported (`ZORIGINALFILENAME`), else its file name.
+    pub name: String,
+    pub uti: Option<String>,
+    /// Unix seconds.
+    pub taken: f64,
+    pub width: i64,
+    pub height: i64,
+    pub video: bool,
+    pub size: Option<i64>,
+}
+
+impl Photo {
+    /// A format every browser shows as it is (no HEIC, no video).
+    pub fn browser_image(&self) -> bool {
+        matches!(self.uti.as_deref(), Some("public.jpeg" | "public.png"))
+    }
+}
+
+/// The camera roll from Photos.sqlite (`ZASSET` on iOS 14 and later, `ZGENERICASSET` before),
+/// newest first, without what the user deleted (`ZTRASHEDSTATE`).
+pub fn photos(db: &Connection) -> rusqlite::Result<Vec<Photo>> {
+    let table =
+        if db.query_row("SELECT 1 FROM sqlite_master WHERE name = 'ZASSET'", [], |_| Ok(())).optional()?.is_some() {
+            "ZASSET"
+        } else {
+            "ZGENERICASSET"
+        };
+    let sql = format!(
+        "SELECT a.Z_PK, a.ZDIRECTORY, a.ZFILENAME, a.ZUNIFORMTYPEIDENTIFIER, a.ZDATECREATED, a.ZWIDTH, a.ZHEIGHT, \
+         a.ZKIND, x.ZORIGINALFILENAME, x.ZORIGINALFILESIZE FROM {table} a \
+         LEFT JOIN ZADDITIONALASSETATTRIBUTES x ON x.Z_PK = a.ZADDITIONALATTRIBUTES \
+         WHERE coalesce(a.ZTRASHEDSTATE, 0) = 0 ORDER BY a.ZDATECREATED DESC, a.Z_PK"
+    );
+    let mut stmt = db.prepare(&sql)?;
+    let rows = stmt.query_map([], |r| {
+        let dir: Option<String> = r.get(1)?;
+        let file: Option<String> = r.get(2)?;
+        let file = file.unwrap_or_default();
+        let path = match dir.filter(|d| !d.is_empty()) {
+            Some(d) => format!("Media/{d}/{file}"),
+            None => format!("Media/{file}"),
+        };
+        Ok(Photo {
+            id: r.get(0)?,
+            domain: "CameraRollDomain".into(),
+            name: r.get::<_, Option<String>>(8)?.filter(|n| !n.is_empty()).unwrap_or_else(|| file.clone()),
+            path,
+            uti: r.get(3)?,
+            taken: r.get::<_, Option<f64>>(4)?.unwrap_or(0.0) + APPLE_EPOCH as f64,
+            width: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+            height: r.get::<_, Option<i64>>(6)?.unwrap_or(0),
+            video: r.get::<_, Option<i64>>(7)?.unwrap_or(0) == 1,
+            size: r.get(9)?,
+        })
+    })?;
+    rows.collect()
+}
+
 /// A snapshot's datasets, parsed once.
 #[derive(Debug, Default)]
 pub struct Datasets {
@@ -339,6 +405,7 @@ pub struct Datasets {
     pub conversations: Vec<Conversation>,
     pub messages: HashMap<i64, Vec<Message>>,
     pub calls: Vec<Call>,
+    pub photos: Vec<Photo>,
 }
 
 /// The datasets of the snapshots looked at last, at most [`Cache::CAPACITY`]; the oldest

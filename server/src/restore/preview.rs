@@ -1,4 +1,4 @@
-//! A snapshot's datasets for people (contacts, messages, calls): its databases read
+//! A snapshot's datasets for people (contacts, messages, calls, photos): its databases read
 //! through the server's read path into private scratch copies, parsed once by
 //! `ios::preview` and cached per snapshot; and any one file of it by domain and path.
 
@@ -64,8 +64,16 @@ pub async fn file(
     file_bytes(app, tenant, &m, domain, path).await?.ok_or_else(|| PreviewError::NoFile(format!("{domain}/{path}")))
 }
 
-/// The snapshot's contacts, messages and calls, parsed on first use and then cached. A
-/// database the snapshot lacks is an empty dataset.
+/// One database's parse.
+enum Parsed {
+    Contacts(Vec<ios::preview::Contact>),
+    Messages(ios::preview::Threads),
+    Calls(Vec<ios::preview::Call>),
+    Photos(Vec<ios::preview::Photo>),
+}
+
+/// The snapshot's contacts, messages, calls and photos, parsed on first use and then
+/// cached. A database the snapshot lacks is an empty dataset.
 pub async fn datasets(app: &App, tenant: TenantId, snapshot: SnapshotId) -> Result<Arc<Datasets>, PreviewError> {
     if let Some(d) = app.previews.get(snapshot.0) {
         return Ok(d);
@@ -77,30 +85,32 @@ pub async fn datasets(app: &App, tenant: TenantId, snapshot: SnapshotId) -> Resu
         ("HomeDomain", "Library/AddressBook/AddressBook.sqlitedb"),
         ("HomeDomain", "Library/SMS/sms.db"),
         ("HomeDomain", "Library/CallHistoryDB/CallHistory.storedata"),
+        ("CameraRollDomain", "Media/PhotoData/Photos.sqlite"),
     ];
     for (i, (domain, path)) in sources.into_iter().enumerate() {
         let Some(bytes) = file_bytes(app, tenant, &m, domain, path).await? else { continue };
         let scratch = app.scratch.clone();
         let parsed = tokio::task::spawn_blocking(move || {
             scratch.with_sqlite(&bytes, |db| match i {
-                0 => ios::preview::contacts(db).map(|c| (Some(c), None, None)),
-                1 => ios::preview::messages(db).map(|m| (None, Some(m), None)),
-                _ => ios::preview::calls(db).map(|c| (None, None, Some(c))),
+                0 => ios::preview::contacts(db).map(Parsed::Contacts),
+                1 => ios::preview::messages(db).map(Parsed::Messages),
+                2 => ios::preview::calls(db).map(Parsed::Calls),
+                _ => ios::preview::photos(db).map(Parsed::Photos),
             })
         })
         .await
         .map_err(|e| read_err(path)(&e))?
         .map_err(|e| read_err(path)(&e))?;
         match parsed {
-            (Some(c), _, _) => d.contacts = c,
-            (_, Some((conversations, messages)), _) => (d.conversations, d.messages) = (conversations, messages),
-            (_, _, Some(c)) => d.calls = c,
-            _ => {}
+            Parsed::Contacts(c) => d.contacts = c,
+            Parsed::Messages((conversations, messages)) => (d.conversations, d.messages) = (conversations, messages),
+            Parsed::Calls(c) => d.calls = c,
+            Parsed::Photos(p) => d.photos = p,
         }
     }
     tracing::info!(
         snapshot.id = %snapshot, contacts = d.contacts.len(), conversations = d.conversations.len(),
-        calls = d.calls.len(), seconds = start.elapsed().as_secs_f64(), "parsed a snapshot's datasets"
+        calls = d.calls.len(), photos = d.photos.len(), seconds = start.elapsed().as_secs_f64(), "parsed a snapshot's datasets"
     );
     let d = Arc::new(d);
     app.previews.put(snapshot.0, d.clone());

@@ -354,7 +354,10 @@ pub enum Body {
 /// The header of a [`Body::Media`] file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MediaFormat {
-    /// `FF D8 FF E1` and an Exif APP1 segment, then scan data and `FF D9`.
+    /// `FF D8 FF E1` and an Exif APP1 segment, then a complete small baseline picture
+    /// (160×120, one of [`PICTURES`] by seed) ending in `FF D9`; then the body's bytes and
+    /// a final `FF D9`. Decoders stop at the first EOI, as they do for a real photo's
+    /// trailing data, so every JPEG decodes.
     Jpeg,
     /// An ISO-BMFF `ftyp` box of brand `heic`, a `meta` box and an `mdat` box.
     Heic,
@@ -1619,7 +1622,7 @@ struct MediaReader {
 
 impl MediaReader {
     fn new(format: MediaFormat, seed: u64, size: u64) -> MediaReader {
-        let (mut head, tail) = media_parts(format, size);
+        let (mut head, tail) = media_parts(format, size, seed);
         let fixed = (head.len() + tail.len()) as u64;
         if fixed >= size {
             // Too small for its header: the header, cut to size.
@@ -1682,8 +1685,54 @@ fn mdat_header(out: &mut Vec<u8>, total: u64, after: u64) {
     }
 }
 
+/// How many different pictures JPEG photos start with.
+const PICTURES: usize = 16;
+
+/// Picture `i` of [`PICTURES`]: a 160×120 baseline JPEG without its SOI and JFIF APP0 (a
+/// photo's own Exif APP1 goes there), from its DQT to its EOI. Made once per process.
+fn picture(i: usize) -> &'static [u8] {
+    static ALL: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    let all = ALL.get_or_init(|| {
+        (0..PICTURES)
+            .map(|n| {
+                let (w, h) = (160u16, 120u16);
+                let mut rgb = Vec::with_capacity(usize::from(w) * usize::from(h) * 3);
+                for y in 0..h {
+                    for x in 0..w {
+                        // A sky-to-ground gradient tinted per picture, with a sun in a corner.
+                        let (x, y, n) = (u32::from(x), u32::from(y), n as u32);
+                        let sun = (x as i32 - 30 - 6 * n as i32).pow(2) + (y as i32 - 30).pow(2) < 200;
+                        let (r, g, b) = if sun {
+                            (250, 220, 90)
+                        } else if y < 70 {
+                            (60 + 8 * n, 120 + y, 200 + y / 2)
+                        } else {
+                            (40 + x / 4, 110 + 4 * n, 40 + (y - 70))
+                        };
+                        rgb.extend([r.min(255) as u8, g.min(255) as u8, b.min(255) as u8]);
+                    }
+                }
+                let mut out = Vec::new();
+                let encoder = jpeg_encoder::Encoder::new(&mut out, 80);
+                // Encoding a small in-memory RGB buffer cannot fail; an empty picture would
+                // still leave a well-formed (undecodable) photo.
+                if encoder.encode(&rgb, w, h, jpeg_encoder::ColorType::Rgb).is_err() {
+                    return vec![0xFF, 0xD9];
+                }
+                // Drop SOI and, if there, the JFIF APP0 segment.
+                let mut at = 2;
+                if out.get(2..4) == Some(&[0xFF, 0xE0]) {
+                    at = 4 + usize::from(u16::from_be_bytes([out[4], out[5]]));
+                }
+                out.split_off(at)
+            })
+            .collect()
+    });
+    &all[i % PICTURES]
+}
+
 /// Header and trailer of a media file of `size` bytes.
-fn media_parts(format: MediaFormat, size: u64) -> (Vec<u8>, Vec<u8>) {
+fn media_parts(format: MediaFormat, size: u64, seed: u64) -> (Vec<u8>, Vec<u8>) {
     match format {
         MediaFormat::Bin => (Vec::new(), Vec::new()),
         MediaFormat::Jpeg => {
@@ -1692,12 +1741,7 @@ fn media_parts(format: MediaFormat, size: u64) -> (Vec<u8>, Vec<u8>) {
             head.extend_from_slice(&u16::try_from(2 + 6 + tiff.len()).unwrap_or(u16::MAX).to_be_bytes());
             head.extend_from_slice(b"Exif\0\0");
             head.extend_from_slice(&tiff);
-            // SOF0 4032x3024, three components; SOS.
-            head.extend_from_slice(&[0xFF, 0xC0, 0x00, 0x11, 0x08, 0x0B, 0xD0, 0x0F, 0xC0, 0x03]);
-            head.extend_from_slice(&[0x01, 0x22, 0x00, 0x02, 0x11, 0x01, 0x03, 0x11, 0x01]);
-            head.extend_from_slice(&[
-                0xFF, 0xDA, 0x00, 0x0C, 0x03, 0x01, 0x00, 0x02, 0x11, 0x03, 0x11, 0x00, 0x3F, 0x00,
-            ]);
+            head.extend_from_slice(picture((seed % PICTURES as u64) as usize));
             (head, vec![0xFF, 0xD9])
         }
         MediaFormat::Heic => {
@@ -3421,7 +3465,14 @@ mod tests {
         assert_eq!(&jpeg[6..12], b"Exif\0\0");
         assert_eq!(&jpeg[12..16], b"MM\0\x2A");
         let app1_len = usize::from(u16::from_be_bytes([jpeg[4], jpeg[5]]));
-        assert_eq!(jpeg[4 + app1_len..4 + app1_len + 2], [0xFF, 0xC0]);
+        // A whole picture follows the Exif: tables, frame, scan, and its end.
+        let picture = &jpeg[4 + app1_len..];
+        assert_eq!(picture[0], 0xFF, "a marker follows the Exif");
+        let eoi = picture.windows(2).position(|w| w == [0xFF, 0xD9]).unwrap();
+        for marker in [0xC0u8, 0xC4, 0xDA, 0xDB] {
+            assert!(picture[..eoi].windows(2).any(|w| w == [0xFF, marker]), "marker {marker:02X}");
+        }
+        assert!(eoi < 8_000, "a small picture, then the body");
         assert!(jpeg.windows(5).any(|w| w == b"Apple"));
         assert_eq!(jpeg[jpeg.len() - 2..], [0xFF, 0xD9]);
 
@@ -3440,7 +3491,7 @@ mod tests {
 
         // A video over 4 GiB uses a 64-bit mdat size; only its header is read.
         let huge = 5u64 << 30;
-        let (head, tail) = media_parts(MediaFormat::Mov, huge);
+        let (head, tail) = media_parts(MediaFormat::Mov, huge, 0);
         let b = boxes(&head, huge, true);
         assert_eq!(b[2], ("mdat".to_string(), huge - 28 - tail.len() as u64));
 

@@ -160,6 +160,12 @@ pub async fn calls(State(app): State<Arc<App>>, caller: Caller, Path(id): Path<S
     Ok(Json(json!({ "snapshot": s.id, "encrypted": s.encrypted, "calls": d.calls })))
 }
 
+pub async fn photos(State(app): State<Arc<App>>, caller: Caller, Path(id): Path<String>) -> ApiResult {
+    let (s, _) = open(&app, &caller, &id, "photos.view", "photos", None).await?;
+    let d = datasets(&app, &caller, &s).await?;
+    Ok(Json(json!({ "snapshot": s.id, "photos": d.photos })))
+}
+
 #[derive(Debug, Deserialize)]
 pub struct FileQuery {
     domain: String,

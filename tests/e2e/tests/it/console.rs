@@ -336,6 +336,17 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     let (_h, calls_db) = device_db(&registry, &udid, "HomeDomain", "Library/CallHistoryDB/CallHistory.storedata");
     let calls: i64 = calls_db.query_row("SELECT count(*) FROM ZCALLRECORD", [], |r| r.get(0)).unwrap();
     assert_eq!(first_text.as_deref(), Some(HOSTILE_MESSAGE), "message 1 is the hostile one");
+    let (_p, photos_db) = device_db(&registry, &udid, "CameraRollDomain", "Media/PhotoData/Photos.sqlite");
+    let page_photos: Vec<(String, String)> = photos_db
+        .prepare(
+            "SELECT 'Media/' || ZDIRECTORY || '/' || ZFILENAME, ZUNIFORMTYPEIDENTIFIER FROM ZASSET \
+             WHERE ZTRASHEDSTATE = 0 ORDER BY ZDATECREATED DESC, Z_PK LIMIT 60",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
 
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts/console");
     std::fs::create_dir_all(&shots).unwrap();
@@ -412,6 +423,47 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     assert_eq!(p.texts("#calls tr.call").await.len() as i64, calls);
     p.shot("09-calls").await;
 
+    // The camera roll: every JPEG of the page decodes in the browser; HEIC is listed.
+    p.goto(&format!("/snapshots/{snapshot}/photos")).await;
+    assert_eq!(p.texts("#photos li.photo").await.len(), page_photos.len());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let widths = loop {
+        let v =
+            p.c.execute(
+                "const imgs = Array.from(document.querySelectorAll('#photos img.thumb')); \
+                 imgs.forEach(i => { i.loading = 'eager'; }); \
+                 return imgs.every(i => i.complete) ? imgs.map(i => i.naturalWidth) : null;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if let Some(list) = v.as_array() {
+            break list.iter().map(|w| w.as_u64().unwrap()).collect::<Vec<_>>();
+        }
+        assert!(Instant::now() < deadline, "the photo grid's images did not load");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let jpegs = page_photos.iter().filter(|(_, uti)| uti == "public.jpeg").count();
+    assert!(jpegs > 0);
+    assert_eq!(widths, vec![160; jpegs], "each JPEG thumbnail decodes");
+    p.shot("10-photos").await;
+
+    // Search one snapshot: hostile text is found and still only text; a phone number finds
+    // every contact that has it.
+    p.goto(&format!("/snapshots/{snapshot}")).await;
+    p.fill("#snapshot-search", "onerror").await;
+    p.click("#snapshot-search-go").await;
+    assert_eq!(p.texts("#found-messages .body").await, [HOSTILE_MESSAGE]);
+    p.nothing_ran().await;
+    let number = device_cards[0].1.iter().next().unwrap().clone();
+    p.fill("#snapshot-search", &number).await;
+    p.click("#snapshot-search-go").await;
+    let with_number = device_cards.iter().filter(|(_, phones)| phones.contains(&number)).count();
+    let found = p.texts("#found-contacts li").await;
+    assert_eq!(found.len(), with_number, "{found:?}");
+    assert!(found.iter().any(|f| f.starts_with(&device_cards[0].0)), "{found:?}");
+    p.shot("10b-search").await;
+
     // A restore onto the new phone: picked among attached ones, pre-flight shown, watched
     // until it ends. The agent's service reports the new phone, backs it up and carries
     // the restore out.
@@ -428,7 +480,7 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     p.goto(&format!("/snapshots/{snapshot}")).await;
     p.click("#open-restore").await;
     assert_eq!(p.texts("#targets tbody tr").await.len(), 2, "both phones are attached");
-    p.shot("10-restore").await;
+    p.shot("11-restore").await;
     p.c.find(Locator::Css(&format!("#target-{}", new_phone.udid))).await.unwrap().click().await.unwrap();
     p.click("#start-restore").await;
     assert!(p.path().await.starts_with("/restores/"));
@@ -444,7 +496,7 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
         assert!(Instant::now() < deadline, "the restore did not end (status {status:?}):\n{}", service.log());
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    p.shot("11-restored").await;
+    p.shot("12-restored").await;
     assert_eq!(status, "succeeded", "{}", service.log());
     let (a, b) = (registry.state_by_udid(&udid).unwrap(), registry.state_by_udid(&new_phone.udid).unwrap());
     same(&b.expect().unwrap(), &a.expect().unwrap(), "the new phone after the restore");
@@ -466,6 +518,19 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     assert_eq!(photo.status, 200);
     assert_eq!(photo.body, device_file(&registry, &udid, "MediaDomain", &attachment_path));
     assert!(photo.header("content-disposition").unwrap().starts_with("attachment;"));
+    let (photo_path, _) = page_photos.iter().find(|(_, uti)| uti == "public.jpeg").unwrap().clone();
+    let original = get(
+        addr,
+        &format!("/snapshots/{snapshot}/file?domain=CameraRollDomain&path={}", photo_path.replace('/', "%2F")),
+        &cookie,
+    )
+    .await;
+    assert_eq!(original.status, 200);
+    assert_eq!(
+        original.body,
+        device_file(&registry, &udid, "CameraRollDomain", &photo_path),
+        "the original, byte for byte"
+    );
 
     // Sign out: the session is gone.
     p.click("#sign-out").await;
@@ -473,7 +538,7 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     p.goto("/").await;
     assert_eq!(p.path().await, "/login?next=/");
     assert_eq!(get(addr, "/", &cookie).await.status, 303, "the old cookie is dead");
-    p.shot("12-signed-out").await;
+    p.shot("13-signed-out").await;
     browser.close().await.unwrap();
 
     // A state-changing request without the CSRF token, or from another site, is refused.
@@ -560,7 +625,12 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     // Each thumbnail the browser loaded is a view of its own, of one of the thread's files.
     let (views, anna): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e["action"] == "file.view");
     for v in &views {
-        assert!(v["object"].as_str().unwrap().starts_with("MediaDomain/Library/SMS/Attachments/"), "{v}");
+        let object = v["object"].as_str().unwrap();
+        assert!(
+            object.starts_with("MediaDomain/Library/SMS/Attachments/")
+                || object.starts_with("CameraRollDomain/Media/DCIM/"),
+            "{v}"
+        );
         assert_eq!(v["reason"], REASON);
     }
     let actions: Vec<&str> = anna.iter().rev().map(|e| e["action"].as_str().unwrap()).collect();
@@ -574,8 +644,12 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
             "messages.view",
             "contacts.view",
             "calls.view",
+            "photos.view",
+            "snapshot.search",
+            "snapshot.search",
             "restore.create",
             "contacts.export",
+            "file.download",
             "file.download",
             "sign-out",
             "sign-in",
@@ -593,9 +667,21 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
     let objects: Vec<&str> = anna.iter().rev().filter_map(|e| e["object"].as_str()).collect();
     assert_eq!(
         objects,
-        ["chat 1", &format!("chat {attachment_chat}"), new_phone.udid.as_str(), "vcard", file_object.as_str()]
+        [
+            "chat 1",
+            &format!("chat {attachment_chat}"),
+            "page 1",
+            "query \"onerror\"",
+            &format!("query {number:?}"),
+            new_phone.udid.as_str(),
+            "vcard",
+            file_object.as_str(),
+            &format!("CameraRollDomain/{photo_path}"),
+        ]
     );
-    assert!(anna.iter().all(|e| !e.to_string().contains("onerror")), "no content in the log");
+    // No content in the log: only the words the user searched for.
+    let not_searches = anna.iter().filter(|e| e["action"] != "snapshot.search");
+    assert!(not_searches.into_iter().all(|e| !e.to_string().contains("onerror")), "no content in the log");
     let script: Vec<(&str, &str)> = events["events"]
         .as_array()
         .unwrap()
