@@ -34,12 +34,12 @@ struct AccessPage {
 }
 
 /// The snapshot, if the viewer may open its content now; else the page that asks why.
-enum Access {
+pub(super) enum Access {
     Open(SnapshotRow, Grant),
     Ask(Response),
 }
 
-async fn access(app: &App, v: &Viewer, id: SnapshotId, next: &str) -> Result<Access, ConsoleError> {
+pub(super) async fn access(app: &App, v: &Viewer, id: SnapshotId, next: &str) -> Result<Access, ConsoleError> {
     v.require(Role::Helpdesk)?;
     let client = app.db.get().await.map_err(|e| ConsoleError::internal("getting a database connection", e))?;
     let s = store::snapshots::get(&client, v.caller.tenant, id)
@@ -68,7 +68,7 @@ async fn access(app: &App, v: &Viewer, id: SnapshotId, next: &str) -> Result<Acc
 }
 
 /// Records that `v` looked at `dataset` (`object`, if one item) of the snapshot.
-async fn audit(
+pub(super) async fn audit(
     app: &App,
     v: &Viewer,
     s: &SnapshotRow,
@@ -92,11 +92,11 @@ async fn audit(
     Ok(())
 }
 
-async fn datasets(app: &App, v: &Viewer, s: &SnapshotRow) -> Result<Arc<Datasets>, ConsoleError> {
+pub(super) async fn datasets(app: &App, v: &Viewer, s: &SnapshotRow) -> Result<Arc<Datasets>, ConsoleError> {
     preview::datasets(app, v.caller.tenant, SnapshotId(s.id)).await.map_err(|e| preview_error(e, v))
 }
 
-fn preview_error(e: PreviewError, v: &Viewer) -> ConsoleError {
+pub(super) fn preview_error(e: PreviewError, v: &Viewer) -> ConsoleError {
     match e {
         PreviewError::NotFound(_) | PreviewError::NoFile(_) => ConsoleError::not_found(e.to_string()).framed(v),
         PreviewError::Read(m) => ConsoleError::internal("reading the snapshot", m).framed(v),

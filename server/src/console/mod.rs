@@ -19,6 +19,7 @@
 
 mod admin;
 mod content;
+mod export;
 mod pages;
 mod restore;
 mod session;
@@ -48,6 +49,8 @@ pub fn router() -> Router<Arc<App>> {
         .route("/snapshots/{id}/messages/{chat}", get(content::thread))
         .route("/snapshots/{id}/calls", get(content::calls))
         .route("/snapshots/{id}/photos", get(content::photos))
+        .route("/snapshots/{id}/photos.zip", get(export::photos))
+        .route("/snapshots/{id}/backup.zip", get(export::backup))
         .route("/snapshots/{id}/search", get(content::search))
         .route("/snapshots/{id}/file", get(content::download))
         .route("/snapshots/{id}/restore", get(restore::page).post(restore::start))

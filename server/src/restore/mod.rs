@@ -6,6 +6,7 @@
 //! Never here: writing to storage or changing the chunk index.
 
 pub mod agent;
+pub mod export;
 pub mod preview;
 pub mod read;
 pub mod verify;

@@ -25,7 +25,7 @@ fn read_err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> PreviewError + '_ 
     move |e| PreviewError::Read(format!("{what}: {e}"))
 }
 
-async fn manifest(app: &App, tenant: TenantId, snapshot: SnapshotId) -> Result<Manifest, PreviewError> {
+pub async fn manifest(app: &App, tenant: TenantId, snapshot: SnapshotId) -> Result<Manifest, PreviewError> {
     let client = app.db.get().await.map_err(|e| read_err("getting a database connection")(&e))?;
     let row = store::snapshots::get(&client, tenant, snapshot)
         .await
@@ -50,6 +50,14 @@ async fn file_bytes(
     let client = app.db.get().await.map_err(|e| read_err("getting a database connection")(&e))?;
     let keys = app.tenant_keys(tenant).await.map_err(|e| read_err("loading the tenant's keys")(&e))?;
     crate::restore::read::file(&client, &app.storage, &keys, entry).await.map(Some).map_err(|e| read_err(path)(&e))
+}
+
+/// A stored file of the snapshot's backup directory by its path (`Manifest.plist`).
+pub async fn file_of(app: &App, tenant: TenantId, manifest: &Manifest, path: &str) -> Result<Vec<u8>, PreviewError> {
+    let entry = manifest.files.iter().find(|f| f.path == path).ok_or_else(|| PreviewError::NoFile(path.to_owned()))?;
+    let client = app.db.get().await.map_err(|e| read_err("getting a database connection")(&e))?;
+    let keys = app.tenant_keys(tenant).await.map_err(|e| read_err("loading the tenant's keys")(&e))?;
+    crate::restore::read::file(&client, &app.storage, &keys, entry).await.map_err(|e| read_err(path)(&e))
 }
 
 /// One file of a snapshot, by the phone's domain and path.

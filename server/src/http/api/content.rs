@@ -166,6 +166,57 @@ pub async fn photos(State(app): State<Arc<App>>, caller: Caller, Path(id): Path<
     Ok(Json(json!({ "snapshot": s.id, "photos": d.photos })))
 }
 
+fn zip_body(stream: crate::restore::export::Stream) -> Response {
+    let body = axum::body::Body::from_stream(futures_util::stream::unfold(stream, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    ([(header::CONTENT_TYPE, "application/zip")], body).into_response()
+}
+
+/// `GET /api/v1/snapshots/{id}/photos.zip`: every original, named and dated as taken.
+pub async fn photos_zip(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (s, _) = open(&app, &caller, &id, "photos.export", "photos", Some("zip")).await?;
+    let d = datasets(&app, &caller, &s).await?;
+    let manifest = preview::manifest(&app, caller.tenant, SnapshotId(s.id)).await.map_err(preview_error)?;
+    let by_path: std::collections::HashMap<&str, &lifeboat_shared::manifest::FileEntry> =
+        manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut entries = Vec::new();
+    for p in &d.photos {
+        let stored = crate::ios::backup_path(&crate::ios::file_id(&p.domain, &p.path));
+        let Some(f) = by_path.get(stored.as_str()) else { continue };
+        // The console renames clashes as `name (2).ext`; here the backup's own name breaks the tie.
+        let name = if seen.insert(p.name.to_lowercase()) { p.name.clone() } else { p.path.replace('/', "_") };
+        entries.push(crate::restore::export::Entry { name, file: (*f).clone(), mtime: p.taken as i64, replace: None });
+    }
+    Ok(zip_body(crate::restore::export::zip(app.clone(), caller.tenant, entries)))
+}
+
+/// `GET /api/v1/snapshots/{id}/backup.zip`: the snapshot as a Finder backup folder, decrypted.
+pub async fn backup_zip(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (s, _) = open(&app, &caller, &id, "snapshot.export", "snapshot", Some("finder backup zip")).await?;
+    let manifest = preview::manifest(&app, caller.tenant, SnapshotId(s.id)).await.map_err(preview_error)?;
+    let plist = if s.encrypted {
+        let bytes = preview::file_of(&app, caller.tenant, &manifest, "Manifest.plist").await.map_err(preview_error)?;
+        Some(
+            lifeboat_shared::ios_backup::plist_without_encryption(&bytes)
+                .map_err(|e| internal("reading Manifest.plist", e))?,
+        )
+    } else {
+        None
+    };
+    let entries = crate::restore::export::finder_backup(&manifest, plist);
+    Ok(zip_body(crate::restore::export::zip(app.clone(), caller.tenant, entries)))
+}
+
 #[derive(Debug, Deserialize)]
 pub struct FileQuery {
     domain: String,

@@ -34,6 +34,8 @@ pub fn router() -> Router<Arc<App>> {
         .route("/api/v1/snapshots/{id}/messages/{chat}", get(content::thread))
         .route("/api/v1/snapshots/{id}/calls", get(content::calls))
         .route("/api/v1/snapshots/{id}/photos", get(content::photos))
+        .route("/api/v1/snapshots/{id}/photos.zip", get(content::photos_zip))
+        .route("/api/v1/snapshots/{id}/backup.zip", get(content::backup_zip))
         .route("/api/v1/snapshots/{id}/file", get(content::file))
         .route("/api/v1/audit", get(fleet::audit))
         .route("/api/v1/snapshots/{id}", get(snapshots::get))

@@ -347,6 +347,17 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
         .unwrap()
         .map(Result::unwrap)
         .collect();
+    let photo_names: Vec<(String, String)> = photos_db
+        .prepare(
+            "SELECT coalesce(x.ZORIGINALFILENAME, a.ZFILENAME), 'Media/' || a.ZDIRECTORY || '/' || a.ZFILENAME \
+             FROM ZASSET a LEFT JOIN ZADDITIONALASSETATTRIBUTES x ON x.Z_PK = a.ZADDITIONALATTRIBUTES \
+             WHERE a.ZTRASHEDSTATE = 0",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
 
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts/console");
     std::fs::create_dir_all(&shots).unwrap();
@@ -532,6 +543,42 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
         "the original, byte for byte"
     );
 
+    // Exports stream as ZIPs: the originals under the names they were taken with; the whole
+    // snapshot as a Finder backup folder, decrypted, that says so.
+    let zipped = get(addr, &format!("/snapshots/{snapshot}/photos.zip"), &cookie).await;
+    assert_eq!((zipped.status, zipped.header("content-type")), (200, Some("application/zip")));
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zipped.body)).unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    for i in 0..archive.len() {
+        let mut f = archive.by_index(i).unwrap();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        got.insert(f.name().unwrap().into_owned(), bytes);
+    }
+    let mut want = std::collections::BTreeMap::new();
+    for (name, path) in &photo_names {
+        want.insert(name.clone(), device_file(&registry, &udid, "CameraRollDomain", path));
+    }
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    assert!(got == want, "every original, byte for byte");
+    let zipped = get(addr, &format!("/snapshots/{snapshot}/backup.zip"), &cookie).await;
+    assert_eq!(zipped.status, 200);
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zipped.body)).unwrap();
+    let (_, listing) = http_get(addr, &format!("/api/v1/snapshots/{snapshot}"), Some(&desk_api)).await.unwrap();
+    let listing: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(archive.len() as u64, listing["file_count"].as_u64().unwrap());
+    let mut plist = Vec::new();
+    archive.by_name(&format!("{udid}/Manifest.plist")).unwrap().read_to_end(&mut plist).unwrap();
+    let plist = plist::Value::from_reader(std::io::Cursor::new(plist)).unwrap();
+    assert_eq!(plist.as_dictionary().unwrap().get("IsEncrypted").and_then(|v| v.as_boolean()), Some(false));
+    let mut sms_bytes = Vec::new();
+    archive
+        .by_name(&format!("{udid}/3d/3d0d7e5fb2ce288813306e4d4636395e047a3d28"))
+        .unwrap()
+        .read_to_end(&mut sms_bytes)
+        .unwrap();
+    assert_eq!(sms_bytes, device_file(&registry, &udid, "HomeDomain", "Library/SMS/sms.db"), "sms.db in the clear");
+
     // Sign out: the session is gone.
     p.click("#sign-out").await;
     assert_eq!(p.path().await, "/login");
@@ -651,6 +698,8 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
             "contacts.export",
             "file.download",
             "file.download",
+            "photos.export",
+            "snapshot.export",
             "sign-out",
             "sign-in",
             "access.grant",
@@ -677,6 +726,8 @@ async fn the_help_desk_reads_a_phone_in_a_real_browser_and_every_look_is_audited
             "vcard",
             file_object.as_str(),
             &format!("CameraRollDomain/{photo_path}"),
+            &format!("zip of {} photos", photo_names.len()),
+            "finder backup zip",
         ]
     );
     // No content in the log: only the words the user searched for.

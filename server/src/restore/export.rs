@@ -1,0 +1,178 @@
+//! Exports streamed as ZIP archives: chosen files of a snapshot under the names people
+//! know them by (photos as they were taken), or the whole snapshot as a Finder backup
+//! folder. Entries are stored (photos and backups do not compress), each file read a
+//! group of chunks at a time and every chunk verified, so a 20 GB snapshot is never held
+//! in memory or on disk: only the group being written. ZIP64 where a file or the
+//! archive needs it.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lifeboat_shared::ids::{ChunkId, TenantId};
+use lifeboat_shared::manifest::{FileEntry, Manifest};
+use tokio::sync::mpsc;
+
+use crate::app::App;
+use crate::keys::TenantKeys;
+
+/// Plaintext read per request to storage while a file is written.
+const GROUP_BYTES: u64 = 32 << 20;
+/// Bytes handed to the HTTP body at a time.
+const OUT_BYTES: usize = 1 << 20;
+
+/// One file of the archive.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its name in the archive (`/`-separated).
+    pub name: String,
+    pub file: FileEntry,
+    /// Unix seconds, the entry's modification time.
+    pub mtime: i64,
+    /// Bytes written instead of the file's (a rewritten Manifest.plist).
+    pub replace: Option<Vec<u8>>,
+}
+
+/// The archive's bytes as they are made, `OUT_BYTES` at a time; an error ends the stream
+/// (the client sees a truncated download, never a well-formed wrong one).
+pub type Stream = mpsc::Receiver<Result<Bytes, std::io::Error>>;
+
+struct ChannelWriter {
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= OUT_BYTES {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(OUT_BYTES)));
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| std::io::Error::other("the download was closed"))
+    }
+}
+
+/// A civil UTC time for a ZIP entry (1980 to 2107, else the nearest end).
+fn zip_time(unix: i64) -> zip::DateTime {
+    let days = unix.div_euclid(86_400);
+    let rem = unix.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let clamp = |v: i64, lo: i64, hi: i64| v.clamp(lo, hi) as u8;
+    zip::DateTime::from_date_and_time(
+        y.clamp(1980, 2107) as u16,
+        clamp(m, 1, 12),
+        clamp(d, 1, 31),
+        clamp(rem / 3600, 0, 23),
+        clamp(rem % 3600 / 60, 0, 59),
+        clamp(rem % 60, 0, 59),
+    )
+    .unwrap_or_default()
+}
+
+/// Writes `entries` as a ZIP archive into the returned stream, on the blocking pool.
+pub fn zip(app: Arc<App>, tenant: TenantId, entries: Vec<Entry>) -> Stream {
+    let (tx, rx) = mpsc::channel(4);
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let err_tx = tx.clone();
+        if let Err(e) =
+            write_zip(&app, &handle, tenant, entries, ChannelWriter { tx, buf: Vec::with_capacity(OUT_BYTES) })
+        {
+            tracing::warn!(error = %e, "a ZIP export stopped");
+            let _ = err_tx.blocking_send(Err(std::io::Error::other(e)));
+        }
+    });
+    rx
+}
+
+fn write_zip(
+    app: &App,
+    handle: &tokio::runtime::Handle,
+    tenant: TenantId,
+    entries: Vec<Entry>,
+    out: ChannelWriter,
+) -> Result<(), String> {
+    let keys: Arc<TenantKeys> = handle.block_on(app.tenant_keys(tenant)).map_err(|e| e.to_string())?;
+    let mut z = zip::ZipWriter::new_stream(out);
+    for e in entries {
+        let size = e.replace.as_ref().map_or(e.file.size, |r| r.len() as u64);
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .last_modified_time(zip_time(e.mtime))
+            .large_file(size >= u64::from(u32::MAX));
+        z.start_file(e.name.as_str(), options).map_err(|err| format!("{}: {err}", e.name))?;
+        if let Some(bytes) = &e.replace {
+            z.write_all(bytes).map_err(|err| err.to_string())?;
+            continue;
+        }
+        let mut group: Vec<ChunkId> = Vec::new();
+        let mut group_bytes = 0u64;
+        let chunks = &e.file.chunks;
+        for (i, c) in chunks.iter().enumerate() {
+            group.push(c.id);
+            group_bytes += u64::from(c.length);
+            if group_bytes >= GROUP_BYTES || i + 1 == chunks.len() {
+                let client = handle.block_on(app.db.get()).map_err(|err| err.to_string())?;
+                let plain = handle
+                    .block_on(super::read::plain(&client, &app.storage, &keys, &group))
+                    .map_err(|err| format!("{}: {err}", e.file.path))?;
+                drop(client);
+                for id in &group {
+                    let bytes = plain.get(id).ok_or_else(|| format!("{}: chunk {id} missing", e.file.path))?;
+                    z.write_all(bytes).map_err(|err| err.to_string())?;
+                }
+                group.clear();
+                group_bytes = 0;
+            }
+        }
+    }
+    let mut out = z.finish().map_err(|e| e.to_string())?.into_inner();
+    out.flush().map_err(|e| e.to_string())
+}
+
+/// The whole snapshot as a Finder backup folder `<UDID>/…` — the stored files in their
+/// plaintext, with a Manifest.plist that says the backup is not encrypted when the phone
+/// had encrypted it (what `lifeboat-agent export --decrypted` writes).
+pub fn finder_backup(manifest: &Manifest, manifest_plist: Option<Vec<u8>>) -> Vec<Entry> {
+    let udid = manifest.device.udid.as_str();
+    manifest
+        .files
+        .iter()
+        .map(|f| Entry {
+            name: format!("{udid}/{}", f.path),
+            mtime: f.mtime_unix_seconds,
+            replace: (f.path == "Manifest.plist").then(|| manifest_plist.clone()).flatten(),
+            file: f.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zip_times_are_civil_utc() {
+        let t = super::zip_time(1_735_689_600 + 59 * 86_400 + 3_722);
+        assert_eq!(
+            (t.year(), t.month(), t.day(), t.hour(), t.minute(), t.second()),
+            (2025, 3, 1, 1, 2, 2),
+            "DOS times count seconds in twos"
+        );
+        assert_eq!(super::zip_time(0).year(), 1980, "before ZIP's epoch: its first day");
+    }
+}
