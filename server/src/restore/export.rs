@@ -101,8 +101,95 @@ pub fn zip(app: Arc<App>, tenant: TenantId, entries: Vec<Entry>) -> Stream {
     rx
 }
 
+/// Chunks fetched from storage at once for a run of small files.
+const GROUP_CHUNKS: usize = 4096;
+
+/// What the writer does with one fetched group of chunks.
+enum Step {
+    /// A new entry begins.
+    Start(String, u64, i64),
+    /// Bytes of their own (a rewritten Manifest.plist).
+    Bytes(Vec<u8>),
+    /// These chunks of the group, in order.
+    Chunks(Vec<ChunkId>),
+}
+
+/// One fetch from storage — a run of small files, or a part of a large one — and the
+/// writing it feeds.
+struct Unit {
+    ids: Vec<ChunkId>,
+    what: String,
+    steps: Vec<Step>,
+}
+
+/// Cuts the entries into fetches of about `GROUP_BYTES` (or `GROUP_CHUNKS` chunks): runs
+/// of small files share one pass over the index and storage (a backup is tens of
+/// thousands of them); a large file takes as many as it needs.
+fn plan(entries: Vec<Entry>) -> Vec<Unit> {
+    let mut units = Vec::new();
+    let mut run = Unit { ids: Vec::new(), what: String::new(), steps: Vec::new() };
+    let mut run_bytes = 0u64;
+    let close = |run: &mut Unit, units: &mut Vec<Unit>| {
+        if !run.steps.is_empty() {
+            units.push(std::mem::replace(run, Unit { ids: Vec::new(), what: String::new(), steps: Vec::new() }));
+        }
+    };
+    for e in entries {
+        let size = e.replace.as_ref().map_or(e.file.size, |r| r.len() as u64);
+        let start = Step::Start(e.name.clone(), size, e.mtime);
+        if let Some(bytes) = e.replace {
+            run.steps.extend([start, Step::Bytes(bytes)]);
+            continue;
+        }
+        let ids: Vec<ChunkId> = e.file.chunks.iter().map(|c| c.id).collect();
+        if e.file.size < GROUP_BYTES {
+            if run.what.is_empty() {
+                run.what.clone_from(&e.file.path);
+            }
+            run.ids.extend_from_slice(&ids);
+            run.steps.extend([start, Step::Chunks(ids)]);
+            run_bytes += e.file.size;
+            if run_bytes >= GROUP_BYTES || run.ids.len() >= GROUP_CHUNKS {
+                close(&mut run, &mut units);
+                run_bytes = 0;
+            }
+            continue;
+        }
+        close(&mut run, &mut units);
+        run_bytes = 0;
+        let mut first = Some(start);
+        let (mut group, mut group_bytes) = (Vec::new(), 0u64);
+        for (i, c) in e.file.chunks.iter().enumerate() {
+            group.push(c.id);
+            group_bytes += u64::from(c.length);
+            if group_bytes >= GROUP_BYTES || i + 1 == e.file.chunks.len() {
+                let mut steps: Vec<Step> = first.take().into_iter().collect();
+                steps.push(Step::Chunks(group.clone()));
+                units.push(Unit { ids: std::mem::take(&mut group), what: e.file.path.clone(), steps });
+                group_bytes = 0;
+            }
+        }
+    }
+    close(&mut run, &mut units);
+    units
+}
+
+type Fetched = tokio::task::JoinHandle<Result<std::collections::HashMap<ChunkId, Vec<u8>>, String>>;
+
+/// Starts reading a unit's chunks (index, storage, verification) on the runtime.
+fn fetch(app: &Arc<App>, keys: &Arc<TenantKeys>, handle: &tokio::runtime::Handle, u: &Unit) -> Fetched {
+    let (app, keys, ids, what) = (app.clone(), keys.clone(), u.ids.clone(), u.what.clone());
+    handle.spawn(async move {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let client = app.db.get().await.map_err(|e| e.to_string())?;
+        super::read::plain(&client, &app.storage, &keys, &ids).await.map_err(|e| format!("{what}: {e}"))
+    })
+}
+
 fn write_zip(
-    app: &App,
+    app: &Arc<App>,
     handle: &tokio::runtime::Handle,
     tenant: TenantId,
     entries: Vec<Entry>,
@@ -110,35 +197,29 @@ fn write_zip(
 ) -> Result<(), String> {
     let keys: Arc<TenantKeys> = handle.block_on(app.tenant_keys(tenant)).map_err(|e| e.to_string())?;
     let mut z = zip::ZipWriter::new_stream(out);
-    for e in entries {
-        let size = e.replace.as_ref().map_or(e.file.size, |r| r.len() as u64);
-        let options = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored)
-            .last_modified_time(zip_time(e.mtime))
-            .large_file(size >= u64::from(u32::MAX));
-        z.start_file(e.name.as_str(), options).map_err(|err| format!("{}: {err}", e.name))?;
-        if let Some(bytes) = &e.replace {
-            z.write_all(bytes).map_err(|err| err.to_string())?;
-            continue;
-        }
-        let mut group: Vec<ChunkId> = Vec::new();
-        let mut group_bytes = 0u64;
-        let chunks = &e.file.chunks;
-        for (i, c) in chunks.iter().enumerate() {
-            group.push(c.id);
-            group_bytes += u64::from(c.length);
-            if group_bytes >= GROUP_BYTES || i + 1 == chunks.len() {
-                let client = handle.block_on(app.db.get()).map_err(|err| err.to_string())?;
-                let plain = handle
-                    .block_on(super::read::plain(&client, &app.storage, &keys, &group))
-                    .map_err(|err| format!("{}: {err}", e.file.path))?;
-                drop(client);
-                for id in &group {
-                    let bytes = plain.get(id).ok_or_else(|| format!("{}: chunk {id} missing", e.file.path))?;
-                    z.write_all(bytes).map_err(|err| err.to_string())?;
+    // The next unit is read while this one is written: storage and decryption on one
+    // core, the archive on the other.
+    let mut units = plan(entries).into_iter();
+    let mut ahead = units.next().map(|u| (fetch(app, &keys, handle, &u), u));
+    while let Some((fetched, unit)) = ahead.take() {
+        ahead = units.next().map(|u| (fetch(app, &keys, handle, &u), u));
+        let plain = handle.block_on(fetched).map_err(|e| e.to_string())??;
+        for step in unit.steps {
+            match step {
+                Step::Start(name, size, mtime) => {
+                    let options = zip::write::SimpleFileOptions::default()
+                        .compression_method(zip::CompressionMethod::Stored)
+                        .last_modified_time(zip_time(mtime))
+                        .large_file(size >= u64::from(u32::MAX));
+                    z.start_file(name.as_str(), options).map_err(|err| format!("{name}: {err}"))?;
                 }
-                group.clear();
-                group_bytes = 0;
+                Step::Bytes(bytes) => z.write_all(&bytes).map_err(|err| err.to_string())?,
+                Step::Chunks(ids) => {
+                    for id in &ids {
+                        let bytes = plain.get(id).ok_or_else(|| format!("{}: chunk {id} missing", unit.what))?;
+                        z.write_all(bytes).map_err(|err| err.to_string())?;
+                    }
+                }
             }
         }
     }
@@ -165,6 +246,47 @@ pub fn finder_backup(manifest: &Manifest, manifest_plist: Option<Vec<u8>>) -> Ve
 
 #[cfg(test)]
 mod tests {
+    use lifeboat_shared::ids::ChunkId;
+    use lifeboat_shared::manifest::{ChunkRef, FileEntry};
+
+    use super::{Entry, GROUP_BYTES, Step, plan};
+
+    fn entry(name: &str, chunks: &[(u8, u32)]) -> Entry {
+        let file = FileEntry {
+            path: name.into(),
+            size: chunks.iter().map(|(_, l)| u64::from(*l)).sum(),
+            mode: 0o644,
+            mtime_unix_seconds: 0,
+            chunks: chunks.iter().map(|(b, l)| ChunkRef { id: ChunkId([*b; 32]), length: *l }).collect(),
+            ios_key: None,
+        };
+        Entry { name: name.into(), file, mtime: 0, replace: None }
+    }
+
+    #[test]
+    fn small_files_share_a_fetch_and_a_large_one_takes_several() {
+        let big = (GROUP_BYTES / 2) as u32;
+        let entries = vec![
+            entry("a", &[(1, 10)]),
+            Entry { replace: Some(b"plist".to_vec()), ..entry("Manifest.plist", &[(2, 5)]) },
+            entry("b", &[(3, 10), (4, 10)]),
+            entry("big", &[(5, big), (6, big), (7, big)]),
+            entry("c", &[(8, 1)]),
+        ];
+        let units = plan(entries);
+        let ids: Vec<Vec<u8>> = units.iter().map(|u| u.ids.iter().map(|i| i.0[0]).collect()).collect();
+        assert_eq!(ids, [vec![1, 3, 4], vec![5, 6], vec![7], vec![8]]);
+        let starts: Vec<Vec<&str>> = units
+            .iter()
+            .map(|u| {
+                u.steps
+                    .iter()
+                    .filter_map(|s| if let Step::Start(n, ..) = s { Some(n.as_str()) } else { None })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(starts, [vec!["a", "Manifest.plist", "b"], vec!["big"], vec![], vec!["c"]]);
+    }
     #[test]
     fn zip_times_are_civil_utc() {
         let t = super::zip_time(1_735_689_600 + 59 * 86_400 + 3_722);
