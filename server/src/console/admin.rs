@@ -35,7 +35,7 @@ struct AuditPage {
 
 fn csv_field(s: &str) -> String {
     // A leading = + - @ would be a formula in a spreadsheet: quote it as text.
-    let s = if s.starts_with(['=', '+', '-', '@']) { format!("'{s}") } else { s.to_owned() };
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{s}") } else { s.to_owned() };
     if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
 }
 

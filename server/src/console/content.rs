@@ -149,8 +149,7 @@ pub async fn grant(
     store::console::grant(&mut client, id, v.caller.tenant, v.caller.user, &udid, reason, minutes, &event)
         .await
         .map_err(|e| ConsoleError::internal("giving access", e))?;
-    let next = form.next.as_deref().filter(|n| n.starts_with('/') && !n.starts_with("//")).unwrap_or("/");
-    Ok(Redirect::to(next).into_response())
+    Ok(Redirect::to(&super::session::safe_next(form.next.as_deref())).into_response())
 }
 
 #[derive(Template)]

@@ -32,17 +32,30 @@ fn zip_response(stream: export::Stream, name: &str) -> Response {
     resp
 }
 
-/// `name`, or `name (2).ext`, … when an earlier entry took it.
-fn unique(taken: &mut HashMap<String, u32>, name: &str) -> String {
-    let n = taken.entry(name.to_lowercase()).or_insert(0);
-    *n += 1;
-    if *n == 1 {
-        return name.to_owned();
+/// A name from the phone made safe to extract: its last component, without control
+/// characters or a leading dot, never empty.
+fn plain_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let clean: String = base.chars().filter(|c| !c.is_control()).collect();
+    let clean = clean.trim_start_matches('.').trim();
+    if clean.is_empty() { "photo".to_owned() } else { clean.to_owned() }
+}
+
+/// `name` made safe, or `name (2).ext`, … when an earlier entry took it (case-insensitively,
+/// as Finder and Windows compare), every name given out remembered.
+fn unique(taken: &mut std::collections::HashSet<String>, name: &str) -> String {
+    let name = plain_name(name);
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => (stem.to_owned(), format!(".{ext}")),
+        _ => (name.clone(), String::new()),
+    };
+    let mut candidate = name.clone();
+    let mut n = 1;
+    while !taken.insert(candidate.to_lowercase()) {
+        n += 1;
+        candidate = format!("{stem} ({n}){ext}");
     }
-    match name.rsplit_once('.') {
-        Some((stem, ext)) => format!("{stem} ({n}).{ext}"),
-        None => format!("{name} ({n})"),
-    }
+    candidate
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,7 +98,7 @@ pub async fn photos(
         preview::manifest(&app, v.caller.tenant, SnapshotId(s.id)).await.map_err(|e| preview_error(e, &v))?;
     let by_path: HashMap<&str, &lifeboat_shared::manifest::FileEntry> =
         manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
-    let mut taken = HashMap::new();
+    let mut taken = std::collections::HashSet::new();
     let mut entries = Vec::new();
     for p in d.photos.iter().filter(|p| chosen.as_ref().is_none_or(|c| c.contains(&p.id))) {
         let stored = ios::backup_path(&ios::file_id(&p.domain, &p.path));
@@ -97,7 +110,12 @@ pub async fn photos(
             replace: None,
         });
     }
-    let object = format!("zip of {} photos", entries.len());
+    let object = match &chosen {
+        Some(ids) => {
+            format!("zip of {} photos: {}", entries.len(), ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
+        }
+        None => format!("zip of {} photos", entries.len()),
+    };
     audit(&app, &v, &s, &g, "photos.export", "photos", Some(&object)).await?;
     Ok(zip_response(export::zip(app.clone(), v.caller.tenant, entries), &format!("photos-{}.zip", s.udid)))
 }
@@ -130,11 +148,15 @@ pub async fn backup(State(app): State<Arc<App>>, v: Viewer, Path(id): Path<Strin
 #[cfg(test)]
 mod tests {
     #[test]
-    fn names_in_an_archive_are_unique() {
-        let mut taken = std::collections::HashMap::new();
+    fn names_in_an_archive_are_unique_and_stay_in_their_folder() {
+        let mut taken = std::collections::HashSet::new();
         assert_eq!(super::unique(&mut taken, "IMG_0001.JPG"), "IMG_0001.JPG");
         assert_eq!(super::unique(&mut taken, "img_0001.jpg"), "img_0001 (2).jpg");
-        assert_eq!(super::unique(&mut taken, "IMG_0001.JPG"), "IMG_0001 (3).JPG");
+        assert_eq!(super::unique(&mut taken, "IMG_0001 (3).JPG"), "IMG_0001 (3).JPG");
+        assert_eq!(super::unique(&mut taken, "IMG_0001.JPG"), "IMG_0001 (4).JPG", "a name given out stays taken");
         assert_eq!(super::unique(&mut taken, "README"), "README");
+        assert_eq!(super::unique(&mut taken, "../../etc/passwd"), "passwd");
+        assert_eq!(super::unique(&mut taken, "C:\\x\\..\\a\nb.jpg"), "ab.jpg");
+        assert_eq!(super::unique(&mut taken, ".."), "photo");
     }
 }

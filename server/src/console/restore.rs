@@ -119,12 +119,30 @@ pub async fn start(
         return Err(ConsoleError::forbidden("give a reason for this phone's content first").framed(&v));
     };
     let mut client = app.db.get().await.map_err(|e| ConsoleError::internal("getting a database connection", e))?;
-    if !store::devices::exists(&**client, v.caller.tenant, &form.target)
+    let target = store::devices::get(&client, v.caller.tenant, &form.target)
         .await
         .map_err(|e| ConsoleError::internal("finding a device", e))?
-    {
-        return Err(ConsoleError::not_found(format!("no device {}", form.target)).framed(&v));
+        .ok_or_else(|| ConsoleError::not_found(format!("no device {}", form.target)).framed(&v))?;
+    // The page's checks, again: the form may be old or made by hand.
+    let conflict = |m: String| ConsoleError::status(axum::http::StatusCode::CONFLICT, m).framed(&v);
+    if target.seen_secs_ago > ATTACHED_SECS {
+        return Err(conflict(format!("{} is not attached to a workstation now", form.target)));
     }
+    if let Some(refused) = preflight(&s, &target).into_iter().find(|w| w.contains("iOS refuses")) {
+        return Err(conflict(refused));
+    }
+    // Audited before the job exists: a restore nobody can account for never runs.
+    let actor = v.actor();
+    let event = store::audit::Event {
+        udid: Some(&s.udid),
+        snapshot: Some(s.id),
+        dataset: Some("snapshot"),
+        object: Some(&form.target),
+        reason: Some(&reason),
+        detail: serde_json::json!({ "target": form.target }),
+        ..v.event(&actor, "restore.create")
+    };
+    store::audit::record(&**client, &event).await.map_err(|e| ConsoleError::internal("writing the audit log", e))?;
     let job = match store::restore_jobs::create(&mut client, v.caller.tenant, id, &form.target, v.caller.user)
         .await
         .map_err(|e| ConsoleError::internal("queuing the restore", e))?
@@ -138,17 +156,6 @@ pub async fn start(
             .framed(&v));
         }
     };
-    let actor = v.actor();
-    let event = store::audit::Event {
-        udid: Some(&s.udid),
-        snapshot: Some(s.id),
-        dataset: Some("snapshot"),
-        object: Some(&form.target),
-        reason: Some(&reason),
-        detail: serde_json::json!({ "job": job, "target": form.target }),
-        ..v.event(&actor, "restore.create")
-    };
-    store::audit::record(&**client, &event).await.map_err(|e| ConsoleError::internal("writing the audit log", e))?;
     tracing::info!(user.id = %v.caller.user, restore.id = %job, snapshot.id = %id, device.udid = %form.target, "restore queued from the console");
     Ok(Redirect::to(&format!("/restores/{job}")).into_response())
 }

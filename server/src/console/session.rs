@@ -167,10 +167,15 @@ pub struct NextQuery {
     next: Option<String>,
 }
 
-/// Only a path of this site: never `//elsewhere` or `https://…`.
-fn safe_next(next: Option<&str>) -> String {
+/// Only a path of this site: never `//elsewhere`, `https://…`, or what a browser turns
+/// into one (it drops tabs and newlines, reads `\\` as `/`): a leading `/`, not `//`,
+/// and nothing but URL characters after it.
+pub(super) fn safe_next(next: Option<&str>) -> String {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "/-_.~%?=&+:".contains(c);
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && n.len() <= 2000 && n.chars().all(allowed) => {
+            n.to_owned()
+        }
         _ => "/".to_owned(),
     }
 }
@@ -214,16 +219,26 @@ pub async fn login(
             "Too many failed sign-ins. Wait 15 minutes, or ask an administrator.",
         );
     }
-    let caller = users::sign_in(&client, &form.name, &form.password)
+    // Counted before the password is checked, so that parallel guesses all count; taken
+    // back when it was right.
+    let attempt = store::console::record_failure(&client, &form.name, ip.as_deref())
         .await
-        .map_err(|e| ConsoleError::internal("checking a password", e))?;
-    let Some(caller) = caller else {
-        store::console::record_failure(&client, &form.name, ip.as_deref())
+        .map_err(|e| ConsoleError::internal("recording a sign-in attempt", e))?;
+    let caller = {
+        // At most a few argon2 checks (19 MiB each) at once, whoever asks.
+        static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+        let _permit = CHECKS.acquire().await.map_err(|e| ConsoleError::internal("checking a password", e))?;
+        users::sign_in(&client, &form.name, &form.password)
             .await
-            .map_err(|e| ConsoleError::internal("recording a failed sign-in", e))?;
+            .map_err(|e| ConsoleError::internal("checking a password", e))?
+    };
+    let Some(caller) = caller else {
         tracing::info!(user.name = %form.name, client.ip = ip.as_deref().unwrap_or("-"), "console sign-in failed");
         return login_again(StatusCode::UNAUTHORIZED, &form, "Wrong name or password.");
     };
+    store::console::forget_attempt(&client, attempt)
+        .await
+        .map_err(|e| ConsoleError::internal("recording a sign-in", e))?;
     let token = crate::keys::random_32().map_err(|e| ConsoleError::internal("making a session", e))?;
     let csrf =
         URL_SAFE_NO_PAD.encode(crate::keys::random_32().map_err(|e| ConsoleError::internal("making a session", e))?);
@@ -264,6 +279,18 @@ pub async fn login(
         HeaderValue::from_str(&set).map_err(|e| ConsoleError::internal("setting a cookie", e))?,
     );
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn next_stays_on_this_site() {
+        for bad in ["//evil.example", "/\t/evil.example", "/\\evil.example", "https://evil.example", "/a\nb", "x"] {
+            assert_eq!(super::safe_next(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(super::safe_next(Some("/devices/00008030-0A?x=1&y=%2F")), "/devices/00008030-0A?x=1&y=%2F");
+        assert_eq!(super::safe_next(None), "/");
+    }
 }
 
 #[derive(Debug, Deserialize)]

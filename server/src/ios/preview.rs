@@ -412,17 +412,24 @@ pub struct Datasets {
 /// looked at goes first.
 #[derive(Debug, Default)]
 pub struct Cache {
-    entries: std::sync::Mutex<std::collections::VecDeque<(uuid::Uuid, std::sync::Arc<Datasets>)>>,
+    entries: std::sync::Mutex<std::collections::VecDeque<(CacheKey, std::sync::Arc<Datasets>)>>,
 }
+
+/// (tenant, snapshot): a snapshot id never answers for another tenant.
+pub type CacheKey = (uuid::Uuid, uuid::Uuid);
 
 impl Cache {
     pub const CAPACITY: usize = 16;
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(uuid::Uuid, std::sync::Arc<Datasets>)>> {
+    #[allow(clippy::type_complexity)]
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<((uuid::Uuid, uuid::Uuid), std::sync::Arc<Datasets>)>>
+    {
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn get(&self, snapshot: uuid::Uuid) -> Option<std::sync::Arc<Datasets>> {
+    pub fn get(&self, snapshot: CacheKey) -> Option<std::sync::Arc<Datasets>> {
         let mut e = self.lock();
         let i = e.iter().position(|(id, _)| *id == snapshot)?;
         let hit = e.remove(i)?;
@@ -431,7 +438,7 @@ impl Cache {
         Some(d)
     }
 
-    pub fn put(&self, snapshot: uuid::Uuid, d: std::sync::Arc<Datasets>) {
+    pub fn put(&self, snapshot: CacheKey, d: std::sync::Arc<Datasets>) {
         let mut e = self.lock();
         e.retain(|(id, _)| *id != snapshot);
         if e.len() >= Self::CAPACITY {

@@ -83,7 +83,7 @@ enum Parsed {
 /// The snapshot's contacts, messages, calls and photos, parsed on first use and then
 /// cached. A database the snapshot lacks is an empty dataset.
 pub async fn datasets(app: &App, tenant: TenantId, snapshot: SnapshotId) -> Result<Arc<Datasets>, PreviewError> {
-    if let Some(d) = app.previews.get(snapshot.0) {
+    if let Some(d) = app.previews.get((tenant.0, snapshot.0)) {
         return Ok(d);
     }
     let m = manifest(app, tenant, snapshot).await?;
@@ -121,6 +121,6 @@ pub async fn datasets(app: &App, tenant: TenantId, snapshot: SnapshotId) -> Resu
         calls = d.calls.len(), photos = d.photos.len(), seconds = start.elapsed().as_secs_f64(), "parsed a snapshot's datasets"
     );
     let d = Arc::new(d);
-    app.previews.put(snapshot.0, d.clone());
+    app.previews.put((tenant.0, snapshot.0), d.clone());
     Ok(d)
 }

@@ -97,8 +97,17 @@ pub async fn recent_failures(
     Ok((row.get(0), row.get(1)))
 }
 
-pub async fn record_failure(client: &Client, name: &str, ip: Option<&str>) -> Result<(), Error> {
-    client.execute("INSERT INTO login_failures (name, ip) VALUES ($1, $2)", &[&name, &ip]).await?;
+/// Records a sign-in attempt as failed until [`forget_attempt`] says it succeeded; its id.
+pub async fn record_failure(client: &Client, name: &str, ip: Option<&str>) -> Result<i64, Error> {
+    Ok(client
+        .query_one("INSERT INTO login_failures (name, ip) VALUES ($1, $2) RETURNING id", &[&name, &ip])
+        .await?
+        .get(0))
+}
+
+/// A recorded attempt that turned out right.
+pub async fn forget_attempt(client: &Client, id: i64) -> Result<(), Error> {
+    client.execute("DELETE FROM login_failures WHERE id = $1", &[&id]).await?;
     Ok(())
 }
 

@@ -190,7 +190,13 @@ pub async fn photos_zip(
         let stored = crate::ios::backup_path(&crate::ios::file_id(&p.domain, &p.path));
         let Some(f) = by_path.get(stored.as_str()) else { continue };
         // The console renames clashes as `name (2).ext`; here the backup's own name breaks the tie.
-        let name = if seen.insert(p.name.to_lowercase()) { p.name.clone() } else { p.path.replace('/', "_") };
+        let base = p.name.rsplit(['/', '\\']).next().unwrap_or_default().replace(|c: char| c.is_control(), "");
+        let base = base.trim_start_matches('.');
+        let name = if !base.is_empty() && seen.insert(base.to_lowercase()) {
+            base.to_owned()
+        } else {
+            p.path.replace('/', "_")
+        };
         entries.push(crate::restore::export::Entry { name, file: (*f).clone(), mtime: p.taken as i64, replace: None });
     }
     Ok(zip_body(crate::restore::export::zip(app.clone(), caller.tenant, entries)))
