@@ -5,15 +5,19 @@
 //! in memory or on disk: only the group being written. ZIP64 where a file or the
 //! archive needs it.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use lifeboat_shared::ids::{ChunkId, TenantId};
-use lifeboat_shared::manifest::{FileEntry, Manifest};
+
+use lifeboat_shared::ids::{ChunkId, SnapshotId, TenantId};
+use lifeboat_shared::manifest::FileEntry;
 use tokio::sync::mpsc;
 
+use super::preview::{self, PreviewError};
 use crate::app::App;
+use crate::ios::{self, preview::Photo};
 use crate::keys::TenantKeys;
 
 /// Plaintext read per request to storage while a file is written.
@@ -60,8 +64,9 @@ impl Write for ChannelWriter {
     }
 }
 
-/// A civil UTC time for a ZIP entry (1980 to 2107, else the nearest end).
-fn zip_time(unix: i64) -> zip::DateTime {
+/// Unix seconds as a civil UTC time: year, month, day, hour, minute, second (Howard
+/// Hinnant's days-from-civil, inverted).
+pub fn civil(unix: i64) -> [i64; 6] {
     let days = unix.div_euclid(86_400);
     let rem = unix.rem_euclid(86_400);
     let z = days + 719_468;
@@ -73,16 +78,103 @@ fn zip_time(unix: i64) -> zip::DateTime {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
+    [y, m, d, rem / 3600, rem % 3600 / 60, rem % 60]
+}
+
+/// A civil UTC time for a ZIP entry (1980 to 2107, else the nearest end).
+fn zip_time(unix: i64) -> zip::DateTime {
+    let [y, m, d, h, mi, sec] = civil(unix);
     let clamp = |v: i64, lo: i64, hi: i64| v.clamp(lo, hi) as u8;
     zip::DateTime::from_date_and_time(
         y.clamp(1980, 2107) as u16,
         clamp(m, 1, 12),
         clamp(d, 1, 31),
-        clamp(rem / 3600, 0, 23),
-        clamp(rem % 3600 / 60, 0, 59),
-        clamp(rem % 60, 0, 59),
+        clamp(h, 0, 23),
+        clamp(mi, 0, 59),
+        clamp(sec, 0, 59),
     )
     .unwrap_or_default()
+}
+
+/// A name from the phone made safe to extract: its last component, without control
+/// characters or a leading dot, never empty.
+fn plain_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let clean: String = base.chars().filter(|c| !c.is_control()).collect();
+    let clean = clean.trim_start_matches('.').trim();
+    if clean.is_empty() { "photo".to_owned() } else { clean.to_owned() }
+}
+
+/// `name` made safe, or `name (2).ext`, … when an earlier entry took it (case-insensitively,
+/// as Finder and Windows compare), every name given out remembered.
+fn unique(taken: &mut std::collections::HashSet<String>, name: &str) -> String {
+    let name = plain_name(name);
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => (stem.to_owned(), format!(".{ext}")),
+        _ => (name.clone(), String::new()),
+    };
+    let mut candidate = name.clone();
+    let mut n = 1;
+    while !taken.insert(candidate.to_lowercase()) {
+        n += 1;
+        candidate = format!("{stem} ({n}){ext}");
+    }
+    candidate
+}
+
+/// The originals of `photos` in the snapshot, named (made unique) and dated as taken; a
+/// photo whose file the snapshot lacks is left out.
+pub async fn photo_entries(
+    app: &App,
+    tenant: TenantId,
+    snapshot: SnapshotId,
+    photos: &[&Photo],
+) -> Result<Vec<Entry>, PreviewError> {
+    let manifest = preview::manifest(app, tenant, snapshot).await?;
+    let by_path: HashMap<&str, &FileEntry> = manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let mut taken = std::collections::HashSet::new();
+    let mut entries = Vec::new();
+    for p in photos {
+        let stored = ios::backup_path(&ios::file_id(&p.domain, &p.path));
+        let Some(f) = by_path.get(stored.as_str()) else { continue };
+        entries.push(Entry {
+            name: unique(&mut taken, &p.name),
+            file: (*f).clone(),
+            mtime: p.taken as i64,
+            replace: None,
+        });
+    }
+    Ok(entries)
+}
+
+/// The whole snapshot as a Finder backup folder `<UDID>/…` — the stored files in their
+/// plaintext, with a Manifest.plist that says the backup is not encrypted when the phone
+/// had encrypted it (what `lifeboat-agent export --decrypted` writes): plaintext under a
+/// Manifest.plist that says encrypted opens nowhere.
+pub async fn finder_backup(
+    app: &App,
+    tenant: TenantId,
+    snapshot: SnapshotId,
+    encrypted: bool,
+) -> Result<Vec<Entry>, PreviewError> {
+    let manifest = preview::manifest(app, tenant, snapshot).await?;
+    let plist = if encrypted {
+        let bytes = preview::file_of(app, tenant, &manifest, "Manifest.plist").await?;
+        Some(lifeboat_shared::ios_backup::plist_without_encryption(&bytes).map_err(PreviewError::Read)?)
+    } else {
+        None
+    };
+    let udid = manifest.device.udid.as_str();
+    Ok(manifest
+        .files
+        .iter()
+        .map(|f| Entry {
+            name: format!("{udid}/{}", f.path),
+            mtime: f.mtime_unix_seconds,
+            replace: (f.path == "Manifest.plist").then(|| plist.clone()).flatten(),
+            file: f.clone(),
+        })
+        .collect())
 }
 
 /// Writes `entries` as a ZIP archive into the returned stream, on the blocking pool.
@@ -174,7 +266,7 @@ fn plan(entries: Vec<Entry>) -> Vec<Unit> {
     units
 }
 
-type Fetched = tokio::task::JoinHandle<Result<std::collections::HashMap<ChunkId, Vec<u8>>, String>>;
+type Fetched = tokio::task::JoinHandle<Result<HashMap<ChunkId, Vec<u8>>, String>>;
 
 /// Starts reading a unit's chunks (index, storage, verification) on the runtime.
 fn fetch(app: &Arc<App>, keys: &Arc<TenantKeys>, handle: &tokio::runtime::Handle, u: &Unit) -> Fetched {
@@ -227,29 +319,26 @@ fn write_zip(
     out.flush().map_err(|e| e.to_string())
 }
 
-/// The whole snapshot as a Finder backup folder `<UDID>/…` — the stored files in their
-/// plaintext, with a Manifest.plist that says the backup is not encrypted when the phone
-/// had encrypted it (what `lifeboat-agent export --decrypted` writes).
-pub fn finder_backup(manifest: &Manifest, manifest_plist: Option<Vec<u8>>) -> Vec<Entry> {
-    let udid = manifest.device.udid.as_str();
-    manifest
-        .files
-        .iter()
-        .map(|f| Entry {
-            name: format!("{udid}/{}", f.path),
-            mtime: f.mtime_unix_seconds,
-            replace: (f.path == "Manifest.plist").then(|| manifest_plist.clone()).flatten(),
-            file: f.clone(),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use lifeboat_shared::ids::ChunkId;
     use lifeboat_shared::manifest::{ChunkRef, FileEntry};
 
     use super::{Entry, GROUP_BYTES, Step, plan};
+
+    #[test]
+    fn names_in_an_archive_are_unique_and_stay_in_their_folder() {
+        let mut taken = std::collections::HashSet::new();
+        let mut unique = |n: &str| super::unique(&mut taken, n);
+        assert_eq!(unique("IMG_0001.JPG"), "IMG_0001.JPG");
+        assert_eq!(unique("img_0001.jpg"), "img_0001 (2).jpg");
+        assert_eq!(unique("IMG_0001 (3).JPG"), "IMG_0001 (3).JPG");
+        assert_eq!(unique("IMG_0001.JPG"), "IMG_0001 (4).JPG", "a name given out stays taken");
+        assert_eq!(unique("README"), "README");
+        assert_eq!(unique("../../etc/passwd"), "passwd");
+        assert_eq!(unique("C:\\x\\..\\a\nb.jpg"), "ab.jpg");
+        assert_eq!(unique(".."), "photo");
+    }
 
     fn entry(name: &str, chunks: &[(u8, u32)]) -> Entry {
         let file = FileEntry {

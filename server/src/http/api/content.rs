@@ -19,6 +19,7 @@ use crate::app::App;
 use crate::http::caller::require;
 use crate::http::error::{ApiError, bad_request, internal, not_found};
 use crate::ios::preview::Datasets;
+use crate::restore::export;
 use crate::restore::preview::{self, PreviewError};
 use crate::store;
 use crate::store::console::Grant;
@@ -166,13 +167,6 @@ pub async fn photos(State(app): State<Arc<App>>, caller: Caller, Path(id): Path<
     Ok(Json(json!({ "snapshot": s.id, "photos": d.photos })))
 }
 
-fn zip_body(stream: crate::restore::export::Stream) -> Response {
-    let body = axum::body::Body::from_stream(futures_util::stream::unfold(stream, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }));
-    ([(header::CONTENT_TYPE, "application/zip")], body).into_response()
-}
-
 /// `GET /api/v1/snapshots/{id}/photos.zip`: every original, named and dated as taken.
 pub async fn photos_zip(
     State(app): State<Arc<App>>,
@@ -181,25 +175,10 @@ pub async fn photos_zip(
 ) -> Result<Response, ApiError> {
     let (s, _) = open(&app, &caller, &id, "photos.export", "photos", Some("zip")).await?;
     let d = datasets(&app, &caller, &s).await?;
-    let manifest = preview::manifest(&app, caller.tenant, SnapshotId(s.id)).await.map_err(preview_error)?;
-    let by_path: std::collections::HashMap<&str, &lifeboat_shared::manifest::FileEntry> =
-        manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
-    let mut seen = std::collections::HashSet::new();
-    let mut entries = Vec::new();
-    for p in &d.photos {
-        let stored = crate::ios::backup_path(&crate::ios::file_id(&p.domain, &p.path));
-        let Some(f) = by_path.get(stored.as_str()) else { continue };
-        // The console renames clashes as `name (2).ext`; here the backup's own name breaks the tie.
-        let base = p.name.rsplit(['/', '\\']).next().unwrap_or_default().replace(|c: char| c.is_control(), "");
-        let base = base.trim_start_matches('.');
-        let name = if !base.is_empty() && seen.insert(base.to_lowercase()) {
-            base.to_owned()
-        } else {
-            p.path.replace('/', "_")
-        };
-        entries.push(crate::restore::export::Entry { name, file: (*f).clone(), mtime: p.taken as i64, replace: None });
-    }
-    Ok(zip_body(crate::restore::export::zip(app.clone(), caller.tenant, entries)))
+    let photos: Vec<_> = d.photos.iter().collect();
+    let entries = export::photo_entries(&app, caller.tenant, SnapshotId(s.id), &photos).await.map_err(preview_error)?;
+    let stream = export::zip(app.clone(), caller.tenant, entries);
+    Ok(crate::console::zip_response(stream, &format!("photos-{}.zip", s.udid)))
 }
 
 /// `GET /api/v1/snapshots/{id}/backup.zip`: the snapshot as a Finder backup folder, decrypted.
@@ -209,18 +188,10 @@ pub async fn backup_zip(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let (s, _) = open(&app, &caller, &id, "snapshot.export", "snapshot", Some("finder backup zip")).await?;
-    let manifest = preview::manifest(&app, caller.tenant, SnapshotId(s.id)).await.map_err(preview_error)?;
-    let plist = if s.encrypted {
-        let bytes = preview::file_of(&app, caller.tenant, &manifest, "Manifest.plist").await.map_err(preview_error)?;
-        Some(
-            lifeboat_shared::ios_backup::plist_without_encryption(&bytes)
-                .map_err(|e| internal("reading Manifest.plist", e))?,
-        )
-    } else {
-        None
-    };
-    let entries = crate::restore::export::finder_backup(&manifest, plist);
-    Ok(zip_body(crate::restore::export::zip(app.clone(), caller.tenant, entries)))
+    let entries =
+        export::finder_backup(&app, caller.tenant, SnapshotId(s.id), s.encrypted).await.map_err(preview_error)?;
+    let stream = export::zip(app.clone(), caller.tenant, entries);
+    Ok(crate::console::zip_response(stream, &format!("{}-{}.zip", s.udid, s.id)))
 }
 
 #[derive(Debug, Deserialize)]
